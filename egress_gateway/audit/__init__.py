@@ -1,0 +1,1 @@
+"""Audit adapters: spans, decision log lines, metrics, and the trail reader. Never imported by the engine."""

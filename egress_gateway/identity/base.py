@@ -1,0 +1,38 @@
+"""The identity contract shared by static, pod-IP and ServiceAccount-token identification.
+
+`IdentityResolver.identify` gets the client's source address and the raw `Proxy-Authorization` header (or None)
+and returns an `Identity`, or None when it cannot say (the next resolver is tried; none left = `unknown_client`).
+`AuthenticationFailed` means credentials were presented and rejected or required and missing: the proxy answers
+407 with `Proxy-Authenticate`, and opens no upstream connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from egress_gateway.policy.decision import Identity
+
+
+class AuthenticationFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class IdentityResolver(Protocol):
+    async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None: ...
+
+
+class ChainResolver:
+    """Tries resolvers in order; the first answer wins."""
+
+    def __init__(self, resolvers: Sequence[IdentityResolver]) -> None:
+        self._resolvers = tuple(resolvers)
+
+    async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
+        for resolver in self._resolvers:
+            identity = await resolver.identify(client_ip, proxy_authorization)
+            if identity is not None:
+                return identity
+        return None

@@ -1,0 +1,110 @@
+"""Facts in, decision out: the value types the engine exchanges with its adapters.
+
+Owns: `Identity`, `Facts`, `Decision`, `PolicyRef`, `Reason`. Pure data; no I/O and no imports of the proxy,
+sources, identity or audit packages. Adapters build `Facts` and read `Decision`; nothing else crosses the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from ipaddress import IPv4Address, IPv6Address
+from types import MappingProxyType
+
+IPAddress = IPv4Address | IPv6Address
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class Reason(StrEnum):
+    """Reason codes. The engine produces the first group; the proxy and sources add the second."""
+
+    # engine
+    INVALID_TARGET = "invalid_target"
+    SNI_MISMATCH = "sni_mismatch"
+    HOST_MISMATCH = "host_mismatch"
+    UNKNOWN_CLIENT = "unknown_client"
+    BLOCKED_ADDRESS = "blocked_address"
+    PRIVATE_ADDRESS = "private_address"
+    DENIED_BY_RULE = "denied_by_rule"
+    ALLOWED_BY_RULE = "allowed_by_rule"
+    NO_MATCHING_RULE = "no_matching_rule"
+    NO_POLICY = "no_policy"
+    # adapters (proxy, sources, identity)
+    POLICIES_NOT_LOADED = "policies_not_loaded"
+    DNS_ERROR = "dns_error"
+    DNS_TIMEOUT = "dns_timeout"
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECTION_TIMEOUT = "connection_timeout"
+    REVOKED = "revoked"
+    AUTH_REQUIRED = "auth_required"
+    RATE_LIMITED = "rate_limited"
+    CONNECTION_LIMIT = "connection_limit"
+    BAD_REQUEST = "bad_request"
+    CLIENT_TIMEOUT = "client_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The workload behind a connection."""
+
+    namespace: str
+    pod: str | None = None
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    namespace_labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    service_account: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What one connection (or one plain-HTTP request) presents to the engine.
+
+    `target` is the host as requested (CONNECT authority or absolute-URI host): a name or an IP literal in any
+    form a client may send (the engine normalizes it). `destination_ip` is the address the gateway resolved and
+    will connect to; None when not known yet (then CIDR rules and address safety are not evaluated).
+    `host_header` is set for plain HTTP only (its presence marks the request as plain HTTP).
+    """
+
+    identity: Identity | None
+    target: str
+    port: int
+    sni: str | None = None
+    host_header: str | None = None
+    destination_ip: IPAddress | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRef:
+    kind: str
+    namespace: str | None
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        where = f"{self.namespace}/" if self.namespace else ""
+        return f"{self.kind}/{where}{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason
+    message: str
+    policy: PolicyRef | None = None
+    rule: str | None = None
+    matched: str | None = None
+    logged: bool = False
+    would_deny: bool = False
+    audit_reason: Reason | None = None
+    audit_policy: PolicyRef | None = None
+    audit_rule: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "allow" if self.allowed else "deny"
+
+
+def adapter_denial(reason: Reason, message: str) -> Decision:
+    """A deny decided outside the engine (resolver failure, readiness, limits), in the same shape."""
+    return Decision(allowed=False, reason=reason, message=message)

@@ -1,0 +1,133 @@
+"""Validation of one policy object: schema (pydantic) plus the checks that span fields.
+
+Owns: `validate_object(data) -> PolicyObject`, the one validator shared by the file source, the Kubernetes
+watcher and `lint`. Every problem comes back as a `FieldError` with a path like `spec.rules[2].hosts[0]`.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from egress_gateway.policy.errors import FieldError, PolicyValidationError
+from egress_gateway.policy.model import GROUP_VERSION, KINDS, PolicyObject, Rule
+
+_HINTS = {
+    "extra_forbidden": "remove the field or check its spelling against docs/policy-reference.md",
+    "missing": "add the field",
+    "literal_error": "",
+    "enum": "",
+    "string_pattern_mismatch": "use lower-case letters, digits and '-' (at most 63 characters)",
+}
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """('spec', 'rules', 2, 'hosts', 0) -> 'spec.rules[2].hosts[0]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _from_pydantic(exc: ValidationError) -> list[FieldError]:
+    errors: list[FieldError] = []
+    for err in exc.errors(include_url=False):
+        # Skip the union/annotated wrapper segments pydantic inserts (e.g. 'int', 'str', 'function-before[...]').
+        loc = [p for p in err["loc"] if isinstance(p, int) or not _is_wrapper(p)]
+        message = err["msg"].removeprefix("Value error, ")
+        errors.append(FieldError(field_path(loc), message, _HINTS.get(err["type"], "")))
+    return _dedupe(errors)
+
+
+def _is_wrapper(part: str) -> bool:
+    return part in ("int", "str") or "[" in part
+
+
+def _dedupe(errors: list[FieldError]) -> list[FieldError]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for e in errors:
+        if (e.field, e.message) not in seen:
+            seen.add((e.field, e.message))
+            out.append(e)
+    return out
+
+
+def _rule_errors(index: int, rule: Rule) -> list[FieldError]:
+    base = f"spec.rules[{index}]"
+    errors: list[FieldError] = []
+    if not rule.hosts and not rule.cidrs:
+        errors.append(
+            FieldError(base, "a rule needs `hosts` or `cidrs` (it would match nothing)", "add hosts or cidrs")
+        )
+    networks = [ipaddress.ip_network(c) for c in rule.cidrs or []]
+    for j, text in enumerate(rule.except_ or []):
+        carve = ipaddress.ip_network(text)
+        if not any(carve.version == n.version and carve.subnet_of(n) for n in networks):  # type: ignore[arg-type]
+            errors.append(
+                FieldError(
+                    f"{base}.except[{j}]",
+                    f"{text} is not inside any of the rule's cidrs",
+                    "an except entry carves a hole in one of `cidrs`; add the enclosing range to `cidrs`",
+                )
+            )
+    return errors
+
+
+def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
+    errors: list[FieldError] = []
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(policy.spec.rules):
+        if rule.name in seen:
+            errors.append(
+                FieldError(
+                    f"spec.rules[{i}].name",
+                    f"duplicate rule name {rule.name!r} (also spec.rules[{seen[rule.name]}])",
+                    "rule names must be unique within a policy",
+                )
+            )
+        seen.setdefault(rule.name, i)
+        errors.extend(_rule_errors(i, rule))
+    if policy.kind == "EgressPolicy" and not policy.metadata.namespace:
+        errors.append(FieldError("metadata.namespace", "an EgressPolicy needs a namespace", "set metadata.namespace"))
+    if policy.kind == "ClusterEgressPolicy" and policy.metadata.namespace:
+        errors.append(
+            FieldError(
+                "metadata.namespace",
+                "a ClusterEgressPolicy is cluster-scoped and takes no namespace",
+                "remove metadata.namespace, or use kind EgressPolicy",
+            )
+        )
+    return errors
+
+
+def validate_object(data: Any) -> PolicyObject:
+    """Validate one decoded object (a dict from YAML or the API server). Raises `PolicyValidationError`."""
+    if not isinstance(data, Mapping):
+        raise PolicyValidationError([FieldError("", f"expected a mapping (object), got {type(data).__name__}")])
+    api_version = data.get("apiVersion")
+    kind = data.get("kind")
+    if api_version != GROUP_VERSION:
+        raise PolicyValidationError(
+            [FieldError("apiVersion", f"expected {GROUP_VERSION!r}, got {api_version!r}", f"set apiVersion: {GROUP_VERSION}")]
+        )
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise PolicyValidationError(
+            [FieldError("kind", f"expected one of {sorted(KINDS)}, got {kind!r}", "set kind: EgressPolicy")]
+        )
+    try:
+        policy = model.model_validate(data)
+    except ValidationError as exc:
+        raise PolicyValidationError(_from_pydantic(exc)) from None
+    errors = _semantic_errors(policy)
+    if errors:
+        raise PolicyValidationError(errors)
+    return policy

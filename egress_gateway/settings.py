@@ -1,0 +1,180 @@
+"""Gateway configuration: one pydantic-settings model.
+
+Precedence, highest first: command-line flags, `EGRESS_GATEWAY_*` environment variables (nested keys with `__`,
+e.g. `EGRESS_GATEWAY_RESOLVER__TIMEOUT_S=1`), the YAML file given with `--config`, then the defaults below.
+Every key is documented in docs/configuration.md. Owns configuration only; imports nothing from the adapters.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class DefaultAction(StrEnum):
+    ALLOW = "Allow"
+    DENY = "Deny"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_cidrs(values: list[str]) -> list[str]:
+    return [str(ipaddress.ip_network(v, strict=False)) for v in values]
+
+
+class StaticIdentity(_Section):
+    """Maps client source addresses to a workload when there is no cluster."""
+
+    cidr: str
+    namespace: str
+    pod: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    namespace_labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        return str(ipaddress.ip_network(value, strict=False))
+
+
+IdentityMode = Literal["static", "pod-ip", "service-account-token"]
+
+
+class IdentitySettings(_Section):
+    # Tried in order; the first that identifies the client wins. "service-account-token" before "pod-ip".
+    mode: list[IdentityMode] = Field(default_factory=lambda: ["static"])
+    static: list[StaticIdentity] = Field(default_factory=list)
+    token_audience: str = "egress-gateway"
+    token_cache_size: int = Field(default=10_000, ge=1)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+class ResolverSettings(_Section):
+    hosts: dict[str, list[str]] = Field(default_factory=dict)
+    nameservers: list[str] = Field(default_factory=list)  # "ip" or "ip:port"; empty = system resolver
+    timeout_s: float = Field(default=2.0, gt=0)
+
+
+class TimeoutSettings(_Section):
+    connect_s: float = Field(default=10.0, gt=0)
+    client_hello_s: float = Field(default=10.0, gt=0)
+    client_request_s: float = Field(default=30.0, gt=0)
+    idle_s: float = Field(default=600.0, gt=0)
+
+
+class NamespaceRate(_Section):
+    per_second: float = Field(default=0.0, ge=0)  # 0 = unlimited
+    burst: int = Field(default=100, ge=1)
+
+
+class LimitSettings(_Section):
+    max_connections: int = Field(default=10_000, ge=1)
+    namespace_rate: NamespaceRate = Field(default_factory=NamespaceRate)
+
+
+class AuditSettings(_Section):
+    file: Path | None = None
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["http", "grpc"] = "http"
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    console: bool = False
+    max_queue_size: int = Field(default=8192, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class KubernetesSettings(_Section):
+    kubeconfig: Path | None = None
+    context: str | None = None
+    lease_name: str = "egress-gateway-status"
+    lease_namespace: str | None = None  # default: the gateway's own namespace (POD_NAMESPACE)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EGRESS_GATEWAY_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+    config_file: ClassVar[Path | None] = None
+
+    listen: str = "127.0.0.1:3128"
+    admin_listen: str = "127.0.0.1:9901"
+    policy_source: Literal["files", "kubernetes"] = "files"
+    policies_path: Path = Path("policies")
+    default_action: DefaultAction = DefaultAction.DENY
+    require_sni_match: bool = True
+    revoke_open_tunnels: bool = True
+    allowed_ranges: list[str] = Field(default_factory=list)
+    shutdown_grace_s: float = Field(default=25.0, ge=0)
+    workers: int | Literal["auto"] = 1
+    data_dir: Path | None = None
+
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    resolver: ResolverSettings = Field(default_factory=ResolverSettings)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+
+    @field_validator("allowed_ranges")
+    @classmethod
+    def _ranges(cls, values: list[str]) -> list[str]:
+        return _check_cidrs(values)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=cls.config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from a YAML file, the environment and explicit overrides (CLI flags)."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        pass
+
+    _FileSettings.config_file = config_file
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return Settings.model_validate(_FileSettings(**values).model_dump())
+
+
+def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
+    """'127.0.0.1:3128' -> ('127.0.0.1', 3128); '[::1]:3128' -> ('::1', 3128)."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{value!r}: expected HOST:PORT")
+        return value.strip("[]"), default_port
+    return host.strip("[]"), int(port)
