@@ -1,0 +1,374 @@
+"""The decision engine: compiled policies + facts -> decision, exactly as docs/policy-reference.md states it.
+
+Owns: `compile_policy` (one object -> indexes), `PolicySet` (an immutable snapshot of everything in force, grouped
+by namespace), `Engine.decide`. Pure: no I/O, no mitmproxy, no kubernetes imports. The clock is an argument.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from egress_gateway.policy.addresses import AddressClass, AddressPolicy, IPNetwork
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, PolicyRef, Reason
+from egress_gateway.policy.errors import InvalidTarget
+from egress_gateway.policy.hostnames import parse_host_pattern
+from egress_gateway.policy.indexes import CidrIndex, HostIndex
+from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject
+from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
+from egress_gateway.policy.targets import NormalizedHost, canonical_ip, normalize_host, parse_authority
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    low: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    name: str
+    action: Action
+    ports: tuple[PortRange, ...] | None
+    expires_at: float | None  # POSIX seconds
+    excepts: tuple[IPNetwork, ...]
+    order: int
+    policy: CompiledPolicy
+
+    def port_matches(self, port: int) -> bool:
+        if self.ports is None:
+            return True
+        return any(r.low <= port <= r.high for r in self.ports)
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    def excepted(self, address: IPAddress) -> bool:
+        return any(address.version == n.version and address in n for n in self.excepts)
+
+
+@dataclass(eq=False, slots=True)
+class CompiledPolicy:
+    ref: PolicyRef
+    source: PolicyObject
+    mode: Mode
+    namespace: str | None  # None for ClusterEgressPolicy
+    pod_selector: Selector
+    namespace_selector: Selector
+    rules: tuple[CompiledRule, ...] = ()
+    hosts: HostIndex[CompiledRule] = field(default_factory=HostIndex)
+    cidrs: CidrIndex[CompiledRule] = field(default_factory=CidrIndex)
+
+    @property
+    def sort_key(self) -> tuple[str, str, str]:
+        return (self.ref.kind, self.ref.namespace or "", self.ref.name)
+
+    def selects(self, identity: Identity) -> bool:
+        if self.namespace is not None and self.namespace != identity.namespace:
+            return False
+        if not self.namespace_selector.selects_all and not self.namespace_selector.matches(
+            _namespace_labels(identity)
+        ):
+            return False
+        return self.pod_selector.matches(identity.labels)
+
+
+def _namespace_labels(identity: Identity) -> Mapping[str, str]:
+    if NAMESPACE_NAME_LABEL in identity.namespace_labels:
+        return identity.namespace_labels
+    return {**identity.namespace_labels, NAMESPACE_NAME_LABEL: identity.namespace}
+
+
+def _port_ranges(ports: list[int | str] | None) -> tuple[PortRange, ...] | None:
+    if ports is None or len(ports) == 0:
+        return None
+    out = []
+    for port in ports:
+        if isinstance(port, int):
+            out.append(PortRange(port, port))
+        else:
+            low, _, high = port.partition("-")
+            out.append(PortRange(int(low), int(high or low)))
+    return tuple(out)
+
+
+def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
+    """Compile one validated object. `version` is its generation (Kubernetes) or content hash (files)."""
+    is_cluster = isinstance(policy, ClusterEgressPolicy)
+    compiled = CompiledPolicy(
+        ref=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version),
+        source=policy,
+        mode=policy.spec.mode,
+        namespace=None if is_cluster else policy.metadata.namespace,
+        pod_selector=compile_selector(policy.spec.pod_selector),
+        namespace_selector=(
+            compile_selector(policy.spec.namespace_selector) if isinstance(policy, ClusterEgressPolicy) else SELECT_ALL
+        ),
+    )
+    rules = []
+    for order, rule in enumerate(policy.spec.rules):
+        compiled_rule = CompiledRule(
+            name=rule.name,
+            action=rule.action,
+            ports=_port_ranges(rule.ports),
+            expires_at=rule.expires.timestamp() if rule.expires else None,
+            excepts=tuple(ipaddress.ip_network(e) for e in rule.except_ or ()),
+            order=order,
+            policy=compiled,
+        )
+        rules.append(compiled_rule)
+        for host in rule.hosts or ():
+            compiled.hosts.add(parse_host_pattern(host), compiled_rule)
+        for cidr in rule.cidrs or ():
+            compiled.cidrs.add(ipaddress.ip_network(cidr), compiled_rule)
+    compiled.rules = tuple(rules)
+    return compiled
+
+
+class PolicySet:
+    """An immutable snapshot of the policies in force. Build a new one for every change."""
+
+    _SELECTION_CACHE_LIMIT = 4096
+
+    def __init__(
+        self, by_namespace: dict[str, tuple[CompiledPolicy, ...]], cluster: tuple[CompiledPolicy, ...], generation: int
+    ) -> None:
+        self._by_namespace = by_namespace
+        self._cluster = cluster
+        self.generation = generation
+        self._selection_cache: dict[int, tuple[Identity, tuple[CompiledPolicy, ...]]] = {}
+
+    @classmethod
+    def build(cls, policies: Iterable[CompiledPolicy], previous: PolicySet | None = None) -> PolicySet:
+        by_namespace: dict[str, list[CompiledPolicy]] = {}
+        cluster: list[CompiledPolicy] = []
+        for policy in sorted(policies, key=lambda p: p.sort_key):
+            if policy.namespace is None:
+                cluster.append(policy)
+            else:
+                by_namespace.setdefault(policy.namespace, []).append(policy)
+        generation = previous.generation + 1 if previous is not None else 0
+        return cls({k: tuple(v) for k, v in by_namespace.items()}, tuple(cluster), generation)
+
+    @property
+    def policies(self) -> tuple[CompiledPolicy, ...]:
+        return tuple(p for group in self._by_namespace.values() for p in group) + self._cluster
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_namespace.values()) + len(self._cluster)
+
+    def select(self, identity: Identity) -> tuple[CompiledPolicy, ...]:
+        """Namespaced policies of the client's namespace whose podSelector matches, then matching cluster policies."""
+        cached = self._selection_cache.get(id(identity))
+        if cached is not None and cached[0] is identity:
+            return cached[1]
+        selected = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity)) + tuple(
+            p for p in self._cluster if p.selects(identity)
+        )
+        if len(self._selection_cache) >= self._SELECTION_CACHE_LIMIT:
+            self._selection_cache.clear()
+        self._selection_cache[id(identity)] = (identity, selected)
+        return selected
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    default_allow: bool = False
+    allowed_ranges: tuple[IPNetwork, ...] = ()
+    own_addresses: frozenset[IPAddress] = frozenset()
+    require_sni_match: bool = True
+
+
+@dataclass(slots=True)
+class _Matches:
+    deny: tuple[CompiledRule, str] | None = None
+    allow: tuple[CompiledRule, str] | None = None
+    log: tuple[CompiledRule, str] | None = None
+    allow_by_cidr: bool = False  # an Allow/Log rule covered the destination IP through an explicit `cidrs` entry
+
+
+def _deny(reason: Reason, message: str, **kwargs: object) -> Decision:
+    return Decision(allowed=False, reason=reason, message=message, **kwargs)  # type: ignore[arg-type]
+
+
+class Engine:
+    """Decides one connection. Swap `policies` for a new `PolicySet` at any time; decisions read it once."""
+
+    def __init__(self, config: EngineConfig | None = None, policies: PolicySet | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.addresses = AddressPolicy(self.config.allowed_ranges, self.config.own_addresses)
+        self.policies = policies if policies is not None else PolicySet.build(())
+
+    # ---- step 1 and 2 -------------------------------------------------------------------------------------
+    def _normalize(self, facts: Facts) -> tuple[NormalizedHost, str | None, IPAddress | None] | Decision:
+        if not 1 <= facts.port <= 65535:
+            return _deny(Reason.INVALID_TARGET, f"port {facts.port} is outside 1..65535")
+        try:
+            target = normalize_host(facts.target)
+        except InvalidTarget as exc:
+            return _deny(Reason.INVALID_TARGET, f"invalid target {facts.target!r}: {exc}")
+        sni: str | None = None
+        if facts.sni:
+            try:
+                sni_host = normalize_host(facts.sni)
+            except InvalidTarget as exc:
+                return _deny(Reason.INVALID_TARGET, f"invalid TLS SNI {facts.sni!r}: {exc}")
+            sni = str(sni_host)
+        destination = canonical_ip(facts.destination_ip) if facts.destination_ip is not None else target.ip
+        if target.ip is not None and destination != target.ip:
+            return _deny(
+                Reason.INVALID_TARGET, f"destination {destination} differs from the requested IP literal {target.ip}"
+            )
+        return target, sni, destination
+
+    def _consistency(self, facts: Facts, target: NormalizedHost, sni: str | None) -> Decision | None:
+        if not self.config.require_sni_match:
+            return None
+        if target.name is not None and sni is not None and sni != target.name:
+            return _deny(
+                Reason.SNI_MISMATCH,
+                f"TLS SNI {sni!r} differs from the requested host {target.name!r} (domain fronting is not allowed)",
+            )
+        if facts.host_header is not None:
+            try:
+                host, port = parse_authority(facts.host_header, default_port=facts.port)
+                header = normalize_host(host)
+            except InvalidTarget as exc:
+                return _deny(Reason.HOST_MISMATCH, f"invalid Host header {facts.host_header!r}: {exc}")
+            if header != target or port != facts.port:
+                return _deny(
+                    Reason.HOST_MISMATCH,
+                    f"Host header {facts.host_header!r} differs from the request target {target}:{facts.port}",
+                )
+        return None
+
+    # ---- steps 4 to 7 -------------------------------------------------------------------------------------
+    @staticmethod
+    def _match(
+        policies: Iterable[CompiledPolicy],
+        name: str | None,
+        sni: str | None,
+        address: IPAddress | None,
+        port: int,
+        now: float,
+    ) -> _Matches:
+        found = _Matches()
+
+        def consider(rule: CompiledRule, matched: str, by_cidr: bool, sni_only: bool) -> None:
+            if not rule.port_matches(port) or not rule.active(now):
+                return
+            if rule.action is Action.DENY:
+                if found.deny is None:
+                    found.deny = (rule, matched)
+                return
+            if sni_only:
+                return  # the SNI is consulted for Deny rules only
+            if by_cidr:
+                found.allow_by_cidr = True
+            if rule.action is Action.LOG:
+                if found.log is None:
+                    found.log = (rule, matched)
+            elif found.allow is None:
+                found.allow = (rule, matched)
+
+        for policy in policies:
+            if name is not None:
+                for rule, pattern in policy.hosts.lookup(name):
+                    consider(rule, pattern, False, False)
+            if sni is not None and sni != name:
+                for rule, pattern in policy.hosts.lookup(sni):
+                    consider(rule, pattern, False, True)
+            if address is not None and policy.cidrs:
+                for rule, cidr in policy.cidrs.lookup(address):
+                    if not rule.excepted(address):
+                        consider(rule, cidr, True, False)
+        return found
+
+    def _evaluate(
+        self,
+        selected: tuple[CompiledPolicy, ...],
+        target: NormalizedHost,
+        sni: str | None,
+        address: IPAddress | None,
+        port: int,
+        now: float,
+    ) -> Decision:
+        found = self._match(selected, target.name, sni, address, port, now)
+        if address is not None:
+            verdict = self.addresses.classify(address)
+            if verdict.cls is AddressClass.BLOCKED:
+                return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
+            if verdict.cls is AddressClass.PRIVATE and not found.allow_by_cidr:
+                return _deny(
+                    Reason.PRIVATE_ADDRESS,
+                    f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
+                )
+        where = f"{target}:{port}"
+        if found.deny is not None:
+            rule, matched = found.deny
+            return _deny(
+                Reason.DENIED_BY_RULE,
+                f"{where} is denied by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
+                policy=rule.policy.ref,
+                rule=rule.name,
+                matched=matched,
+            )
+        chosen = found.log or found.allow
+        if chosen is not None:
+            rule, matched = chosen
+            return Decision(
+                allowed=True,
+                reason=Reason.ALLOWED_BY_RULE,
+                message=f"{where} is allowed by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
+                policy=rule.policy.ref,
+                rule=rule.name,
+                matched=matched,
+                logged=found.log is not None,
+            )
+        if selected:
+            names = ", ".join(str(p.ref) for p in selected)
+            return _deny(
+                Reason.NO_MATCHING_RULE,
+                f"{where} matches no rule of the policies selecting this client ({names})",
+                policy=selected[0].ref,
+            )
+        if self.config.default_allow:
+            return Decision(
+                allowed=True, reason=Reason.NO_POLICY, message=f"no policy selects this client; default action allows {where}"
+            )
+        return _deny(Reason.NO_POLICY, f"no policy selects this client; default action denies {where}")
+
+    def decide(self, facts: Facts, now: float | None = None) -> Decision:
+        normalized = self._normalize(facts)
+        if isinstance(normalized, Decision):
+            return normalized
+        target, sni, address = normalized
+        inconsistent = self._consistency(facts, target, sni)
+        if inconsistent is not None:
+            return inconsistent
+        if facts.identity is None:
+            return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
+        now = time.time() if now is None else now
+        selected = self.policies.select(facts.identity)
+        enforced_policies = tuple(p for p in selected if p.mode is Mode.ENFORCE)
+        enforced = self._evaluate(enforced_policies, target, sni, address, facts.port, now)
+        if len(enforced_policies) == len(selected) or not enforced.allowed:
+            return enforced
+        audit = self._evaluate(selected, target, sni, address, facts.port, now)
+        if audit.allowed:
+            return enforced
+        return Decision(
+            allowed=True,
+            reason=enforced.reason,
+            message=f"{enforced.message}; an Audit-mode policy would deny it: {audit.message}",
+            policy=enforced.policy,
+            rule=enforced.rule,
+            matched=enforced.matched,
+            logged=enforced.logged,
+            would_deny=True,
+            audit_reason=audit.reason,
+            audit_policy=audit.policy,
+            audit_rule=audit.rule,
+        )
