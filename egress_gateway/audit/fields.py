@@ -1,0 +1,164 @@
+"""Attribute names of the audit trail, and the mapping from `Facts`/`Decision` to them.
+
+Owns the vocabulary shared by spans, decision log lines, the JSON-lines trail reader and replay: semantic
+convention names where they exist (`client.address`, `server.address`, `tls.client.server_name`, ...), our own under
+`egress.*`. Pure: imports only the decision types; no OpenTelemetry, no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import Enum
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from egress_gateway.policy.decision import Decision, Facts, Identity, PolicyRef
+
+AttributeValue = str | bool | int | float
+
+# Semantic conventions (https://opentelemetry.io/docs/specs/semconv/).
+CLIENT_ADDRESS = "client.address"
+CLIENT_PORT = "client.port"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+NETWORK_PEER_ADDRESS = "network.peer.address"  # the IP the gateway pinned and connected to
+TLS_SERVER_NAME = "tls.client.server_name"
+HTTP_METHOD = "http.request.method"
+HTTP_STATUS = "http.response.status_code"
+K8S_NAMESPACE = "k8s.namespace.name"
+K8S_POD = "k8s.pod.name"
+K8S_POD_LABEL_PREFIX = "k8s.pod.label."
+K8S_NAMESPACE_LABEL_PREFIX = "k8s.namespace.label."
+
+# Ours.
+DECISION = "egress.decision"  # "allow" | "deny"
+REASON = "egress.reason"
+MESSAGE = "egress.message"
+POLICY = "egress.policy"  # "EgressPolicy/namespace/name"
+POLICY_VERSION = "egress.policy.version"
+RULE = "egress.rule"
+MATCHED = "egress.matched"
+LOGGED = "egress.logged"
+WOULD_DENY = "egress.would_deny"
+WOULD_DENY_REASON = "egress.would_deny.reason"
+WOULD_DENY_POLICY = "egress.would_deny.policy"
+WOULD_DENY_POLICY_VERSION = "egress.would_deny.policy.version"
+WOULD_DENY_RULE = "egress.would_deny.rule"
+TLS = "egress.tls"
+HOST_HEADER = "egress.host_header"
+SERVICE_ACCOUNT = "egress.service_account"
+BYTES_SENT = "egress.bytes_sent"
+BYTES_RECEIVED = "egress.bytes_received"
+
+MAX_LABELS = 32
+
+# Keys the proxy passes to `ConnectionRecord.set()` -> attribute names.
+PROXY_KEYS: Mapping[str, str] = {
+    "network_peer_address": NETWORK_PEER_ADDRESS,
+    "server_address": SERVER_ADDRESS,
+    "server_port": SERVER_PORT,
+    "tls_client_server_name": TLS_SERVER_NAME,
+    "http_response_status_code": HTTP_STATUS,
+    "http_request_method": HTTP_METHOD,
+    "egress_tls": TLS,
+    "tls": TLS,
+    "host_header": HOST_HEADER,
+}
+
+# Anything that smells like a credential is never recorded, whatever the caller passes.
+_SECRET_RE = re.compile(
+    r"authorization|proxy[_-]?auth|token|secret|password|passwd|cookie|credential|api[_-]?key", re.IGNORECASE
+)
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_RE.search(key))
+
+
+def to_attribute_value(value: Any) -> AttributeValue | None:
+    """Coerce a value to an OpenTelemetry attribute primitive; None means "leave unset"."""
+    if value is None:
+        return None
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, IPv4Address | IPv6Address | PolicyRef):
+        return str(value)
+    return str(value)
+
+
+def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
+    """Map `set(**values)` keys from the proxy to attribute names; secrets and None are dropped.
+
+    Unknown keys land under `egress.` so nothing the proxy reports is silently lost.
+    """
+    out: dict[str, AttributeValue] = {}
+    for key, value in values.items():
+        if is_secret_key(key):
+            continue
+        coerced = to_attribute_value(value)
+        if coerced is None:
+            continue
+        name = PROXY_KEYS.get(key)
+        if name is None:
+            name = key if key.startswith("egress.") else "egress." + key.removeprefix("egress_")
+        out[name] = coerced
+    return out
+
+
+def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
+    if identity is None:
+        return {}
+    out: dict[str, AttributeValue] = {K8S_NAMESPACE: identity.namespace}
+    if identity.pod:
+        out[K8S_POD] = identity.pod
+    if identity.service_account:
+        out[SERVICE_ACCOUNT] = identity.service_account
+    # Bounded so a pod with hundreds of labels cannot push the core attributes out of the span.
+    for key, value in sorted(identity.labels.items())[:MAX_LABELS]:
+        out[K8S_POD_LABEL_PREFIX + key] = value
+    for key, value in sorted(identity.namespace_labels.items())[:MAX_LABELS]:
+        out[K8S_NAMESPACE_LABEL_PREFIX + key] = value
+    return out
+
+
+def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
+    out = identity_attributes(facts.identity)
+    out[SERVER_ADDRESS] = facts.target
+    out[SERVER_PORT] = facts.port
+    if facts.sni is not None:
+        out[TLS_SERVER_NAME] = facts.sni
+    if facts.host_header is not None:
+        out[HOST_HEADER] = facts.host_header
+    if facts.destination_ip is not None:
+        out[NETWORK_PEER_ADDRESS] = str(facts.destination_ip)
+    return out
+
+
+def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:
+    out: dict[str, AttributeValue] = {
+        DECISION: decision.verdict,
+        REASON: str(decision.reason.value),
+        MESSAGE: decision.message,
+        LOGGED: decision.logged,
+        WOULD_DENY: decision.would_deny,
+    }
+    if decision.policy is not None:
+        out[POLICY] = str(decision.policy)
+        out[POLICY_VERSION] = decision.policy.version
+    if decision.rule is not None:
+        out[RULE] = decision.rule
+    if decision.matched is not None:
+        out[MATCHED] = decision.matched
+    if decision.would_deny:
+        if decision.audit_reason is not None:
+            out[WOULD_DENY_REASON] = str(decision.audit_reason.value)
+        if decision.audit_policy is not None:
+            out[WOULD_DENY_POLICY] = str(decision.audit_policy)
+            out[WOULD_DENY_POLICY_VERSION] = decision.audit_policy.version
+        if decision.audit_rule is not None:
+            out[WOULD_DENY_RULE] = decision.audit_rule
+    return out
+

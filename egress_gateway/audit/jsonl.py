@@ -1,0 +1,112 @@
+"""The JSON-lines audit trail: a SpanExporter writing one finished span per line, in OTLP/JSON field names.
+
+Each line is one OTLP `Span` object as the OTLP/JSON mapping writes it (`traceId`/`spanId` as hex, `kind` and
+`status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value: AnyValue}`),
+plus the `resource` and `scope` it came from. Spans are encoded by the OpenTelemetry SDK's own OTLP encoder and
+protobuf's JSON mapping, so the trail says exactly what an OTLP receiver would get.
+
+Runs on the batch processor's worker thread, never on the proxy's event loop. Follows external rotation: when the
+path no longer names the open file (logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def _hex_ids(obj: dict[str, Any]) -> None:
+    # protobuf's JSON mapping writes `bytes` as base64; OTLP/JSON requires trace and span ids as hex.
+    for key in _ID_FIELDS:
+        value = obj.get(key)
+        if isinstance(value, str):
+            obj[key] = base64.b64decode(value).hex()
+
+
+def spans_to_lines(spans: Sequence[ReadableSpan]) -> list[str]:
+    """Encode finished spans as JSON lines (without the trailing newline)."""
+    request = encode_spans(spans)
+    lines: list[str] = []
+    for resource_spans in request.resource_spans:
+        resource = MessageToDict(resource_spans.resource, use_integers_for_enums=True)
+        for scope_spans in resource_spans.scope_spans:
+            scope = MessageToDict(scope_spans.scope, use_integers_for_enums=True)
+            for span in scope_spans.spans:
+                obj = MessageToDict(span, use_integers_for_enums=True)
+                _hex_ids(obj)
+                for link in obj.get("links", []):
+                    _hex_ids(link)
+                obj["resource"] = resource
+                obj["scope"] = scope
+                lines.append(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+    return lines
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends spans to `path`. Opening happens in the constructor so a bad path fails at startup, not later."""
+
+    def __init__(self, path: Path, *, mode: int = 0o640) -> None:
+        self.path = Path(path)
+        self._mode = mode
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        self._closed = False
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+
+    def _rotated(self) -> bool:
+        assert self._file is not None
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        current = os.fstat(self._file.fileno())
+        return (on_disk.st_dev, on_disk.st_ino) != (current.st_dev, current.st_ino)
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not spans:
+            return SpanExportResult.SUCCESS
+        lines = spans_to_lines(spans)
+        with self._lock:
+            if self._closed:
+                return SpanExportResult.FAILURE
+            try:
+                if self._file is not None and self._rotated():
+                    self._file.close()
+                    self._file = None
+                if self._file is None:
+                    self._open()
+                assert self._file is not None
+                self._file.write("".join(line + "\n" for line in lines))
+                self._file.flush()
+            except (OSError, ValueError):
+                return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+        return True
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+                self._file = None

@@ -1,0 +1,159 @@
+"""`egress-gateway check`: what would the gateway decide for one connection, from the policy files alone.
+
+No DNS lookups unless `--resolve` is given (`--ip` stands in for resolution). Exit codes: 0 allow, 1 deny,
+2 usage error or invalid policies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import socket
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from egress_gateway.policy.decision import Decision, Facts, Identity
+from egress_gateway.policy.engine import Engine, EngineConfig
+from egress_gateway.policy.errors import InvalidTarget
+from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
+from egress_gateway.policy.store import PolicyStore
+from egress_gateway.policy.targets import normalize_host, parse_authority
+from egress_gateway.settings import DefaultAction, load_settings
+from egress_gateway.sources.files import load_into_store
+
+_SCHEME_PORTS = {"http": 80, "https": 443}
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value")
+    return key, value
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("check", help="decide one connection against policy files", description=__doc__)
+    parser.add_argument("target", metavar="TARGET", help="host:port, [v6]:port, or a URL (http://, https://)")
+    parser.add_argument("--policies", type=Path, action="append", help="policy directory or file (repeatable)")
+    parser.add_argument("--config", type=Path, help="gateway config file (default_action, allowed_ranges, ...)")
+    parser.add_argument("--namespace", help="client namespace (omit to test an unknown client)")
+    parser.add_argument("--pod", help="client pod name")
+    parser.add_argument("--label", type=_label, action="append", default=[], metavar="K=V", help="pod label")
+    parser.add_argument(
+        "--namespace-label", type=_label, action="append", default=[], metavar="K=V", help="namespace label"
+    )
+    parser.add_argument("--sni", help="TLS SNI the client sends")
+    parser.add_argument("--host-header", help="Host header of a plain-HTTP request")
+    parser.add_argument("--ip", action="append", default=[], help="destination IP (stands in for DNS; repeatable)")
+    parser.add_argument("--resolve", action="store_true", help="resolve the name with the system resolver")
+    parser.add_argument("--default-action", choices=[a.value for a in DefaultAction], help="override the config")
+    parser.add_argument("--allowed-range", action="append", default=[], metavar="CIDR", help="exempt from blocking")
+    parser.add_argument("--output", choices=("text", "json"), default="text")
+    parser.set_defaults(func=run)
+
+
+def _parse_target(text: str) -> tuple[str, int, str | None]:
+    """-> (host, port, host header for plain HTTP URLs)."""
+    if "://" in text:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        if scheme not in _SCHEME_PORTS or not parts.netloc:
+            raise InvalidTarget(f"unsupported URL {text!r} (use http:// or https://)")
+        host, port = parse_authority(parts.netloc, default_port=_SCHEME_PORTS[scheme])
+        return host, port, parts.netloc if scheme == "http" else None
+    host, port = parse_authority(text)
+    return host, port, None
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _print_text(decision: Decision, ip: str | None) -> None:
+    print(f"decision: {decision.verdict}")
+    print(f"reason:   {decision.reason}")
+    if ip:
+        print(f"ip:       {ip}")
+    if decision.policy:
+        print(f"policy:   {decision.policy} (version {decision.policy.version})")
+    if decision.rule:
+        print(f"rule:     {decision.rule}")
+    if decision.matched:
+        print(f"matched:  {decision.matched}")
+    if decision.logged:
+        print("logged:   yes (a Log rule matched; flagged for review)")
+    if decision.would_deny:
+        print(f"would_deny: {decision.audit_reason} by {decision.audit_policy} rule {decision.audit_rule}")
+    print(decision.message)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config) if args.config else None
+    except Exception as exc:
+        print(f"check: invalid config: {exc}", file=sys.stderr)
+        return 2
+    policy_paths = args.policies or [settings.policies_path if settings else Path("policies")]
+    store = PolicyStore()
+    errors = load_into_store(policy_paths, store)
+    if errors:
+        for err in errors:
+            print(f"check: invalid policy: {err}", file=sys.stderr)
+        return 2
+    try:
+        host, port, host_header = _parse_target(args.target)
+        normalize_host(host)
+    except InvalidTarget as exc:
+        print(f"check: invalid target: {exc}", file=sys.stderr)
+        return 2
+    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
+    ranges = [*(settings.allowed_ranges if settings else []), *args.allowed_range]
+    try:
+        config = EngineConfig(
+            default_allow=default_action == "Allow",
+            allowed_ranges=tuple(ipaddress.ip_network(r, strict=False) for r in ranges),
+            require_sni_match=settings.require_sni_match if settings else True,
+        )
+        ips = [ipaddress.ip_address(ip) for ip in args.ip]
+    except ValueError as exc:
+        print(f"check: {exc}", file=sys.stderr)
+        return 2
+    if args.resolve and not ips:
+        try:
+            ips = [ipaddress.ip_address(ip) for ip in _resolve(host, port)]
+        except OSError as exc:
+            print(f"check: cannot resolve {host!r}: {exc}", file=sys.stderr)
+            return 1
+    identity = None
+    if args.namespace:
+        ns_labels = {NAMESPACE_NAME_LABEL: args.namespace, **dict(args.namespace_label)}
+        identity = Identity(
+            namespace=args.namespace,
+            pod=args.pod,
+            labels=MappingProxyType(dict(args.label)),
+            namespace_labels=MappingProxyType(ns_labels),
+        )
+    engine = Engine(config, store.current)
+    header = args.host_header or host_header
+    candidates = ips or [None]
+    decisions = [
+        (ip, engine.decide(Facts(identity, host, port, sni=args.sni, host_header=header, destination_ip=ip)))
+        for ip in candidates
+    ]
+    ip, decision = next(((i, d) for i, d in decisions if d.allowed), decisions[0])
+    if args.output == "json":
+        payload = {k: (str(v) if v is not None and not isinstance(v, bool) else v) for k, v in asdict(decision).items()}
+        payload["decision"] = decision.verdict
+        payload["ip"] = str(ip) if ip else None
+        for key in ("policy", "audit_policy"):
+            ref = getattr(decision, key)
+            payload[key] = asdict(ref) if ref else None
+        print(json.dumps(payload, indent=2))
+    else:
+        _print_text(decision, str(ip) if ip else None)
+    return 0 if decision.allowed else 1
