@@ -1,1 +1,22 @@
-"""Audit adapters: spans, decision log lines, metrics, and the trail reader. Never imported by the engine."""
+"""Audit adapters: spans, decision log lines, metrics, and the trail reader. Never imported by the engine.
+
+`build_recorder(settings)` is the one entry point the gateway needs: it opens the exporters configured under
+`audit:` (a bad trail path fails here, at startup, with a clear error) and returns the `Recorder` the proxy
+uses. The OpenTelemetry SDK is imported lazily so that `egress_gateway.audit.recorder` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from egress_gateway.audit.spans import SpanRecorder
+    from egress_gateway.settings import Settings
+
+
+def build_recorder(settings: Settings) -> SpanRecorder:
+    from egress_gateway.audit.spans import SpanRecorder, build_exporters, build_tracer_provider
+
+    exporters = build_exporters(settings.audit)
+    provider = build_tracer_provider(exporters, max_queue_size=settings.audit.max_queue_size)
+    return SpanRecorder(provider)

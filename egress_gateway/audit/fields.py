@@ -1,8 +1,8 @@
 """Attribute names of the audit trail, and the mapping from `Facts`/`Decision` to them.
 
 Owns the vocabulary shared by spans, decision log lines, the JSON-lines trail reader and replay: semantic
-convention names where they exist (`client.address`, `server.address`, `tls.client.server_name`, ...), our own under
-`egress.*`. Pure: imports only the decision types; no OpenTelemetry, no I/O.
+convention names where they exist (`client.address`, `server.address`, `tls.client.server_name`, ...), our own
+under `egress.*`. Pure: imports only the decision types; no OpenTelemetry, no I/O.
 """
 
 from __future__ import annotations
@@ -161,4 +161,3 @@ def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:
         if decision.audit_rule is not None:
             out[WOULD_DENY_RULE] = decision.audit_rule
     return out
-

@@ -1,12 +1,13 @@
 """The JSON-lines audit trail: a SpanExporter writing one finished span per line, in OTLP/JSON field names.
 
 Each line is one OTLP `Span` object as the OTLP/JSON mapping writes it (`traceId`/`spanId` as hex, `kind` and
-`status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value: AnyValue}`),
-plus the `resource` and `scope` it came from. Spans are encoded by the OpenTelemetry SDK's own OTLP encoder and
-protobuf's JSON mapping, so the trail says exactly what an OTLP receiver would get.
+`status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value:
+AnyValue}`), plus the `resource` and `scope` it came from. Spans are encoded by the OpenTelemetry SDK's own
+OTLP encoder and protobuf's JSON mapping, so the trail says exactly what an OTLP receiver would get.
 
-Runs on the batch processor's worker thread, never on the proxy's event loop. Follows external rotation: when the
-path no longer names the open file (logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
+Runs on the batch processor's worker thread, never on the proxy's event loop. Follows external rotation: when
+the path no longer names the open file (logrotate `create`, `mv`), the next batch reopens it. Must not import
+the proxy.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def spans_to_lines(spans: Sequence[ReadableSpan]) -> list[str]:
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends spans to `path`. Opening happens in the constructor so a bad path fails at startup, not later."""
+    """Appends spans to `path`. It opens in the constructor, so a bad path fails at startup, not later."""
 
     def __init__(self, path: Path, *, mode: int = 0o640) -> None:
         self.path = Path(path)

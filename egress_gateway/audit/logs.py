@@ -1,8 +1,8 @@
 """structlog setup (the one place logging is configured) and the per-decision log line.
 
 `configure_logging(level, fmt)` renders JSON (production) or console (local) lines to stderr, with an ISO UTC
-timestamp, and a redaction step that drops credential-looking keys and `Basic`/`Bearer` values from every line.
-`log_decision` writes one `egress_decision` line with the span's attributes plus `trace_id`/`span_id`.
+timestamp, and a redaction step that drops credential-looking keys and `Basic`/`Bearer` values from every
+line. `log_decision` writes one `egress_decision` line with the span's attributes plus `trace_id`/`span_id`.
 Must not import the proxy or the engine.
 """
 
@@ -23,7 +23,9 @@ _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
 _decision_log = structlog.get_logger("egress_gateway.audit")
 
 
-def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: never let a credential reach a log line, whoever logged it."""
     for key in list(event_dict):
         if key != "event" and is_secret_key(key):

@@ -1,8 +1,10 @@
-"""Prometheus metrics of the gateway, on prometheus-client's default REGISTRY (served at the admin `/metrics`).
+"""Prometheus metrics of the gateway, on prometheus-client's default REGISTRY (served at the admin
+`/metrics`).
 
 Owns every metric definition and the small functions the proxy, the sources and the span pipeline call. Label
-cardinality is bounded on purpose: namespace, decision, reason, kind, direction, source, exporter; never a host,
-a pod or an address. Imports prometheus-client only; must not import the proxy, the sources or the engine.
+cardinality is bounded on purpose: namespace, decision, reason, kind, direction, source, exporter; never a
+host, a pod or an address. Imports prometheus-client only; must not import the proxy, the sources or the
+engine.
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ SOURCE_STALENESS = Gauge(
     "Seconds since the policy source last synced successfully (NaN before the first sync).",
     ["source"],
 )
-SOURCE_READY = Gauge("egress_gateway_policy_source_ready", "1 once the policy source's first load finished.", ["source"])
+SOURCE_READY = Gauge(
+    "egress_gateway_policy_source_ready", "1 once the policy source's first load finished.", ["source"]
+)
 WATCH_RESTARTS = Counter(
     "egress_gateway_watch_restarts",
     "Restarts of a Kubernetes watch, by kind and reason (expired = 410 Gone relist, error, timeout).",
@@ -57,14 +61,18 @@ SPAN_EXPORT_DROPS = Counter(
     "Audit spans lost before reaching an exporter (queue_full) or rejected by it (export_failed).",
     ["exporter", "reason"],
 )
-SPANS_EXPORTED = Counter("egress_gateway_spans_exported", "Audit spans handed to an exporter successfully.", ["exporter"])
+SPANS_EXPORTED = Counter(
+    "egress_gateway_spans_exported", "Audit spans handed to an exporter successfully.", ["exporter"]
+)
 
 
 def namespace_label(namespace: str | None) -> str:
     return namespace or UNKNOWN_NAMESPACE
 
 
-def record_decision(namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None) -> None:
+def record_decision(
+    namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None
+) -> None:
     ns = namespace_label(namespace)
     DECISIONS.labels(namespace=ns, decision=decision, reason=reason).inc()
     if would_deny_reason is not None:
@@ -94,7 +102,9 @@ def set_policy_counts(kind: str, *, loaded: int, invalid: int) -> None:
     POLICIES.labels(kind=kind, state="invalid").set(invalid)
 
 
-def track_source(source: str, staleness_seconds: Callable[[], float | None], ready: Callable[[], bool]) -> None:
+def track_source(
+    source: str, staleness_seconds: Callable[[], float | None], ready: Callable[[], bool]
+) -> None:
     """Read staleness and readiness from the source at scrape time (`source` is "files" or "kubernetes")."""
 
     def _staleness() -> float:

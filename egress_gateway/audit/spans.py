@@ -1,0 +1,347 @@
+"""OpenTelemetry spans for the audit trail: tracer provider, exporters, and the `Recorder` the proxy uses.
+
+One span per CONNECT tunnel or plain-HTTP request, from accept to close, named `egress CONNECT` / `egress
+GET`; attributes as `audit/fields.py` names them; status ERROR when the final decision denies. Every exporter
+sits behind its own batch processor with a bounded queue, so a slow or unreachable OTLP endpoint never blocks
+the proxy nor starves the trail file; spans lost to a full queue or a failed export are counted (metric) and
+logged, rate-limited. `SpanRecorder` never raises into the data path. Must not import the proxy, the sources
+or the engine module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+import structlog
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, format_span_id, format_trace_id
+
+from egress_gateway import __version__
+from egress_gateway.audit import fields, metrics
+from egress_gateway.audit.logs import log_decision
+from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
+from egress_gateway.policy.decision import Decision, Facts
+from egress_gateway.settings import AuditSettings
+
+log = structlog.get_logger("egress_gateway.audit")
+
+SERVICE_NAME = "egress-gateway"
+TRACER_NAME = "egress_gateway.audit"
+MAX_EXPORT_BATCH = 512
+OTLP_TIMEOUT_S = 5.0
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _RateLimitedWarning:
+    """Logs a warning at most once per `interval` seconds, carrying how many occurrences it summarizes."""
+
+    def __init__(self, event: str, interval: float = 10.0) -> None:
+        self._event = event
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._last = 0.0
+
+    def __call__(self, count: int = 1, **fields: Any) -> None:
+        with self._lock:
+            self._pending += count
+            now = time.monotonic()
+            if now - self._last < self._interval:
+                return
+            pending, self._pending, self._last = self._pending, 0, now
+        log.warning(self._event, count=pending, **fields)
+
+
+_record_failure = _RateLimitedWarning("audit_record_failed")
+
+
+def _never_raise[**P, R](method: Callable[P, R | None]) -> Callable[P, R | None]:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:  # the audit trail must never break a connection
+            _record_failure(error=repr(exc), method=method.__name__)
+            return None
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+class CountingExporter(SpanExporter):
+    """Wraps an exporter: counts exported and failed spans, and turns exceptions into FAILURE."""
+
+    def __init__(self, inner: SpanExporter, name: str) -> None:
+        self.inner = inner
+        self.name = name
+        self._warn = _RateLimitedWarning("audit_export_failed")
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            metrics.spans_exported(self.name, len(spans))
+        else:
+            metrics.span_export_dropped(self.name, "export_failed", len(spans))
+            self._warn(len(spans), exporter=self.name)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        try:
+            return self.inner.force_flush(timeout_millis)
+        except Exception:
+            return False
+
+    def shutdown(self) -> None:
+        try:
+            self.inner.shutdown()
+        except Exception as exc:
+            log.warning("audit_exporter_shutdown_failed", exporter=self.name, error=repr(exc))
+
+
+class BoundedBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor (bounded deque, worker thread) plus a count of spans dropped on a full queue.
+
+    The SDK drops the oldest queued span when the queue is full and only logs it; we count it per exporter.
+    """
+
+    def __init__(self, exporter: SpanExporter, name: str, max_queue_size: int) -> None:
+        super().__init__(
+            CountingExporter(exporter, name),
+            max_queue_size=max_queue_size,
+            max_export_batch_size=min(MAX_EXPORT_BATCH, max_queue_size),
+        )
+        self.name = name
+        self._warn = _RateLimitedWarning("audit_queue_full")
+
+    def _queue_full(self) -> bool:
+        batch = getattr(self, "_batch_processor", None)
+        queue = getattr(batch, "_queue", None)
+        if queue is None or queue.maxlen is None:
+            return False
+        return len(queue) >= queue.maxlen
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._queue_full():
+            metrics.span_export_dropped(self.name, "queue_full")
+            self._warn(exporter=self.name)
+        super().on_end(span)
+
+
+def build_resource() -> Resource:
+    """`service.*` of this gateway instance, and its own pod/namespace when the Downward API provides them."""
+    attributes: dict[str, str] = {
+        "service.name": SERVICE_NAME,
+        "service.version": __version__,
+        "service.instance.id": os.environ.get("POD_UID") or str(uuid.uuid4()),
+    }
+    if os.environ.get("POD_NAME"):
+        attributes["k8s.pod.name"] = os.environ["POD_NAME"]
+    if os.environ.get("POD_NAMESPACE"):
+        attributes["k8s.namespace.name"] = os.environ["POD_NAMESPACE"]
+    return Resource.create(attributes)
+
+
+def otlp_http_traces_url(endpoint: str) -> str:
+    """`http://collector:4318` -> `http://collector:4318/v1/traces`; a URL with a path is kept as given."""
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"audit.otlp_endpoint {endpoint!r}: expected a URL like http://collector:4318")
+    if parts.path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
+    """The configured exporters by name ("file", "otlp", "console"). Raises ValueError on bad settings."""
+    exporters: list[tuple[str, SpanExporter]] = []
+    if audit.file is not None:
+        from egress_gateway.audit.jsonl import JsonLinesSpanExporter
+
+        try:
+            exporters.append(("file", JsonLinesSpanExporter(audit.file)))
+        except OSError as exc:
+            raise ValueError(f"audit.file {str(audit.file)!r} cannot be opened for appending: {exc}") from exc
+    if audit.otlp_endpoint:
+        if audit.otlp_protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+            exporters.append(
+                (
+                    "otlp",
+                    GrpcExporter(
+                        endpoint=audit.otlp_endpoint, headers=dict(audit.otlp_headers), timeout=OTLP_TIMEOUT_S
+                    ),
+                )
+            )
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            exporters.append(
+                (
+                    "otlp",
+                    HttpExporter(
+                        endpoint=otlp_http_traces_url(audit.otlp_endpoint),
+                        headers=dict(audit.otlp_headers),
+                        timeout=OTLP_TIMEOUT_S,
+                    ),
+                )
+            )
+    if audit.console:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        exporters.append(("console", ConsoleSpanExporter(service_name=SERVICE_NAME)))
+    return exporters
+
+
+def build_tracer_provider(
+    exporters: Sequence[tuple[str, SpanExporter]], *, max_queue_size: int, resource: Resource | None = None
+) -> TracerProvider:
+    # Always sample: an audit trail that samples is not an audit trail (OTEL_TRACES_SAMPLER is ignored here).
+    provider = TracerProvider(
+        resource=resource or build_resource(),
+        sampler=ALWAYS_ON,
+        span_limits=SpanLimits(max_span_attributes=256, max_event_attributes=64, max_events=64),
+    )
+    for name, exporter in exporters:
+        provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
+    return provider
+
+
+class SpanRecord:
+    """One connection's span. Attributes are gathered and applied at close, so a later decision (SNI after
+    CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed; each decision is an event.
+    """
+
+    def __init__(self, tracer: Tracer, kind: str, client_address: str, client_port: int) -> None:
+        self._kind = kind
+        self._opened = time.monotonic()
+        self._attributes: dict[str, fields.AttributeValue] = {
+            fields.CLIENT_ADDRESS: client_address,
+            fields.CLIENT_PORT: client_port,
+            fields.HTTP_METHOD: kind,
+        }
+        self._decision: dict[str, fields.AttributeValue] = {}
+        self._denied: str | None = None
+        self._namespace: str | None = None
+        self._decisions = 0
+        self._closed = False
+        self._closed_event = False
+        self._span: Span = tracer.start_span(
+            f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes
+        )
+        context = self._span.get_span_context()
+        self.trace_id = format_trace_id(context.trace_id)
+        self.span_id = format_span_id(context.span_id)
+        metrics.connection_opened(kind)
+
+    @_never_raise
+    def event(self, name: str, **attributes: Any) -> None:
+        if self._closed:
+            return
+        if name == "closed":
+            self._closed_event = True
+        values = {
+            key: value
+            for key, value in ((k, fields.to_attribute_value(v)) for k, v in attributes.items())
+            if value is not None and not fields.is_secret_key(key)
+        }
+        self._span.add_event(name, values)
+
+    @_never_raise
+    def set(self, **attributes: Any) -> None:
+        if not self._closed:
+            self._attributes.update(fields.proxy_attributes(attributes))
+
+    @_never_raise
+    def decided(self, facts: Facts, decision: Decision) -> None:
+        if self._closed:
+            return
+        self._decisions += 1
+        if self._decisions == 1:
+            metrics.observe_decision_latency(time.monotonic() - self._opened)
+        self._attributes.update(fields.facts_attributes(facts))
+        self._decision = fields.decision_attributes(decision)
+        self._namespace = facts.identity.namespace if facts.identity else None
+        self._denied = None if decision.allowed else decision.message
+        event = {
+            key: self._decision[key] for key in (fields.DECISION, fields.REASON) if key in self._decision
+        }
+        for key in (fields.POLICY, fields.RULE, fields.WOULD_DENY):
+            if key in self._decision:
+                event[key] = self._decision[key]
+        self._span.add_event("decided", event)
+        metrics.record_decision(
+            self._namespace,
+            decision.verdict,
+            str(decision.reason.value),
+            would_deny_reason=str(decision.audit_reason.value)
+            if decision.would_deny and decision.audit_reason
+            else None,
+        )
+        log_decision(
+            {**self._attributes, **self._decision},
+            trace_id=self.trace_id,
+            span_id=self.span_id,
+            name=f"egress {self._kind}",
+        )
+
+    @_never_raise
+    def close(self, *, bytes_sent: int = 0, bytes_received: int = 0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._closed_event:
+                self._span.add_event(
+                    "closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received}
+                )
+            self._span.set_attributes({**self._attributes, **self._decision})
+            self._span.set_attribute(fields.BYTES_SENT, bytes_sent)
+            self._span.set_attribute(fields.BYTES_RECEIVED, bytes_received)
+            if self._denied is not None:
+                self._span.set_status(Status(StatusCode.ERROR, self._denied))
+        finally:
+            self._span.end()
+            metrics.connection_closed(self._kind, self._namespace, bytes_sent, bytes_received)
+
+
+class SpanRecorder:
+    """The `Recorder` of the gateway: spans + decision log lines + metrics."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self._tracer = provider.get_tracer(TRACER_NAME, __version__)
+        self._shut = False
+
+    def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
+        try:
+            return SpanRecord(self._tracer, kind, client_address, client_port)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="open")
+            return NullRecord()
+
+    def force_flush(self, timeout_millis: int = 10_000) -> bool:
+        return self.provider.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        if self._shut:
+            return
+        self._shut = True
+        try:
+            self.provider.shutdown()
+        except Exception as exc:
+            log.warning("audit_shutdown_failed", error=repr(exc))
