@@ -14,7 +14,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from egress_gateway.policy.errors import FieldError, PolicyValidationError
-from egress_gateway.policy.model import GROUP_VERSION, KINDS, PolicyObject, Rule
+from egress_gateway.policy.model import (
+    GROUP_VERSION,
+    KINDS,
+    ClusterEgressPolicySpec,
+    LabelSelector,
+    LabelSelectorOperator,
+    PolicyObject,
+    Rule,
+)
 
 _HINTS = {
     "extra_forbidden": "remove the field or check its spelling against docs/policy-reference.md",
@@ -81,8 +89,29 @@ def _rule_errors(index: int, rule: Rule) -> list[FieldError]:
     return errors
 
 
-def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
+def _selector_errors(path: str, selector: LabelSelector | None) -> list[FieldError]:
     errors: list[FieldError] = []
+    for i, expr in enumerate((selector.match_expressions or []) if selector else []):
+        needs_values = expr.operator in (LabelSelectorOperator.IN, LabelSelectorOperator.NOT_IN)
+        if needs_values and not expr.values:
+            errors.append(
+                FieldError(f"{path}.matchExpressions[{i}].values", f"operator {expr.operator} needs values", "list values")
+            )
+        if not needs_values and expr.values:
+            errors.append(
+                FieldError(
+                    f"{path}.matchExpressions[{i}].values",
+                    f"operator {expr.operator} takes no values",
+                    "remove values, or use In/NotIn",
+                )
+            )
+    return errors
+
+
+def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
+    errors: list[FieldError] = _selector_errors("spec.podSelector", policy.spec.pod_selector)
+    if isinstance(policy.spec, ClusterEgressPolicySpec):
+        errors.extend(_selector_errors("spec.namespaceSelector", policy.spec.namespace_selector))
     seen: dict[str, int] = {}
     for i, rule in enumerate(policy.spec.rules):
         if rule.name in seen:
