@@ -54,7 +54,7 @@ IdentityMode = Literal["static", "pod-ip", "service-account-token"]
 
 class IdentitySettings(_Section):
     # Tried in order; the first that identifies the client wins. "service-account-token" before "pod-ip".
-    mode: list[IdentityMode] = Field(default_factory=lambda: ["static"])
+    mode: list[IdentityMode] = Field(default_factory=lambda: list[IdentityMode](["static"]))
     static: list[StaticIdentity] = Field(default_factory=list)
     token_audience: str = "egress-gateway"
     token_cache_size: int = Field(default=10_000, ge=1)
@@ -109,6 +109,13 @@ class KubernetesSettings(_Section):
     context: str | None = None
     lease_name: str = "egress-gateway-status"
     lease_namespace: str | None = None  # default: the gateway's own namespace (POD_NAMESPACE)
+    # Leader election for status writes (client-go defaults); lease > renew deadline > 1.2 x retry period.
+    lease_duration_s: float = Field(default=15.0, ge=2)
+    renew_deadline_s: float = Field(default=10.0, gt=1)
+    retry_period_s: float = Field(default=2.0, ge=1)
+    write_status: bool = True  # false: never write status (e.g. read-only RBAC)
+    watch_timeout_s: float = Field(default=300.0, ge=1)  # server-side timeoutSeconds, randomized x1..x2
+    backoff_max_s: float = Field(default=30.0, gt=0)  # cap of the jittered retry backoff
 
 
 class Settings(BaseSettings):

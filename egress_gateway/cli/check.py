@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from egress_gateway.policy.decision import Decision, Facts, Identity
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
 from egress_gateway.policy.engine import Engine, EngineConfig
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
@@ -140,14 +140,17 @@ def run(args: argparse.Namespace) -> int:
         )
     engine = Engine(config, store.current)
     header = args.host_header or host_header
-    candidates = ips or [None]
+    candidates: list[IPAddress | None] = list(ips) or [None]
     decisions = [
         (ip, engine.decide(Facts(identity, host, port, sni=args.sni, host_header=header, destination_ip=ip)))
         for ip in candidates
     ]
     ip, decision = next(((i, d) for i, d in decisions if d.allowed), decisions[0])
     if args.output == "json":
-        payload = {k: (str(v) if v is not None and not isinstance(v, bool) else v) for k, v in asdict(decision).items()}
+        payload: dict[str, object] = {
+            key: value if value is None or isinstance(value, bool) else str(value)
+            for key, value in asdict(decision).items()
+        }
         payload["decision"] = decision.verdict
         payload["ip"] = str(ip) if ip else None
         for key in ("policy", "audit_policy"):

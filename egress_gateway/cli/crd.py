@@ -22,7 +22,9 @@ def render_all() -> str:
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("crd", help="print the CustomResourceDefinitions", description=__doc__)
     parser.add_argument(
-        "--output-dir", type=Path, help="write <plural>.<group>.yaml files into this directory instead of stdout"
+        "--output-dir",
+        type=Path,
+        help="write <plural>.<group>.yaml files into this directory instead of stdout",
     )
     parser.set_defaults(func=run)
 

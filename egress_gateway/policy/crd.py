@@ -23,7 +23,10 @@ _CONDITION_SCHEMA: dict[str, Any] = {
         "type": {"type": "string", "description": "Condition type; the gateway writes 'Accepted'."},
         "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
         "reason": {"type": "string", "description": "CamelCase reason, e.g. Valid or InvalidSpec."},
-        "message": {"type": "string", "description": "Human-readable detail, naming the field path on errors."},
+        "message": {
+            "type": "string",
+            "description": "Human-readable detail, naming the field path on errors.",
+        },
         "observedGeneration": {"type": "integer", "format": "int64"},
         "lastTransitionTime": {"type": "string", "format": "date-time"},
     },
@@ -82,14 +85,21 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
 
 def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
-    return _resolve(schema, schema.get("$defs", {}))  # type: ignore[no-any-return]
+    resolved: dict[str, Any] = _resolve(schema, schema.get("$defs", {}))
+    return resolved
 
 
-def _crd(kind: str, plural: str, short: str, scope: str, spec_model: type[BaseModel], description: str) -> dict[str, Any]:
+def _crd(
+    kind: str, plural: str, short: str, scope: str, spec_model: type[BaseModel], description: str
+) -> dict[str, Any]:
     columns = [
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Rules", "type": "integer", "jsonPath": ".status.rules"},
-        {"name": "Accepted", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Accepted")].status'},
+        {
+            "name": "Accepted",
+            "type": "string",
+            "jsonPath": '.status.conditions[?(@.type=="Accepted")].status',
+        },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
     return {
@@ -97,7 +107,10 @@ def _crd(kind: str, plural: str, short: str, scope: str, spec_model: type[BaseMo
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{plural}.{API_GROUP}",
-            "labels": {"app.kubernetes.io/name": "egress-gateway", "app.kubernetes.io/part-of": "egress-gateway"},
+            "labels": {
+                "app.kubernetes.io/name": "egress-gateway",
+                "app.kubernetes.io/part-of": "egress-gateway",
+            },
         },
         "spec": {
             "group": API_GROUP,

@@ -68,9 +68,7 @@ class CompiledPolicy:
     def selects(self, identity: Identity) -> bool:
         if self.namespace is not None and self.namespace != identity.namespace:
             return False
-        if not self.namespace_selector.selects_all and not self.namespace_selector.matches(
-            _namespace_labels(identity)
-        ):
+        if not self.namespace_selector.selects_all and not self.namespace_selector.matches(_namespace_labels(identity)):
             return False
         return self.pod_selector.matches(identity.labels)
 
@@ -133,7 +131,10 @@ class PolicySet:
     _SELECTION_CACHE_LIMIT = 4096
 
     def __init__(
-        self, by_namespace: dict[str, tuple[CompiledPolicy, ...]], cluster: tuple[CompiledPolicy, ...], generation: int
+        self,
+        by_namespace: dict[str, tuple[CompiledPolicy, ...]],
+        cluster: tuple[CompiledPolicy, ...],
+        generation: int,
     ) -> None:
         self._by_namespace = by_namespace
         self._cluster = cluster
@@ -219,7 +220,8 @@ class Engine:
         destination = canonical_ip(facts.destination_ip) if facts.destination_ip is not None else target.ip
         if target.ip is not None and destination != target.ip:
             return _deny(
-                Reason.INVALID_TARGET, f"destination {destination} differs from the requested IP literal {target.ip}"
+                Reason.INVALID_TARGET,
+                f"destination {destination} differs from the requested IP literal {target.ip}",
             )
         return target, sni, destination
 
@@ -336,7 +338,9 @@ class Engine:
             )
         if self.config.default_allow:
             return Decision(
-                allowed=True, reason=Reason.NO_POLICY, message=f"no policy selects this client; default action allows {where}"
+                allowed=True,
+                reason=Reason.NO_POLICY,
+                message=f"no policy selects this client; default action allows {where}",
             )
         return _deny(Reason.NO_POLICY, f"no policy selects this client; default action denies {where}")
 

@@ -136,9 +136,7 @@ def parse_host_pattern(text: str) -> HostPattern:
     normalized_labels = normalized.split(".")
     if len(normalized_labels) != len(labels):
         raise InvalidName(f"{text!r} changes its label count when normalized; write it in A-label (punycode) form")
-    final = tuple(
-        original if original in ("*", "**") else normalized_labels[i] for i, original in enumerate(labels)
-    )
+    final = tuple(original if original in ("*", "**") else normalized_labels[i] for i, original in enumerate(labels))
     return HostPattern(text=".".join(final), labels=final)
 
 

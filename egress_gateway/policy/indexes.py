@@ -11,22 +11,19 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
 from egress_gateway.policy.decision import IPAddress
 from egress_gateway.policy.hostnames import HostPattern
 
-V = TypeVar("V")
-
 
 @dataclass(slots=True)
-class _Node(Generic[V]):
+class _Node[V]:
     children: dict[str, _Node[V]] = field(default_factory=dict)
     terminal: list[tuple[V, str]] = field(default_factory=list)  # pattern ends exactly here
     one_or_more: list[tuple[V, str]] = field(default_factory=list)  # a leading '**' sits left of here
 
 
-class HostIndex(Generic[V]):
+class HostIndex[V]:
     def __init__(self) -> None:
         self._exact: dict[str, list[tuple[V, str]]] = {}
         self._root: _Node[V] = _Node()
@@ -70,7 +67,7 @@ class HostIndex(Generic[V]):
             yield from self._walk(star, labels, depth + 1)
 
 
-class CidrIndex(Generic[V]):
+class CidrIndex[V]:
     def __init__(self) -> None:
         self._tables: dict[int, dict[int, dict[int, list[tuple[V, str]]]]] = {4: {}, 6: {}}
         self._lengths: dict[int, list[int]] = {4: [], 6: []}

@@ -61,7 +61,6 @@ def compile_selector(selector: LabelSelector | None) -> Selector:
         return SELECT_ALL
     labels = tuple(sorted((selector.match_labels or {}).items()))
     requirements = tuple(
-        Requirement(expr.key, expr.operator, frozenset(expr.values or ()))
-        for expr in selector.match_expressions or ()
+        Requirement(expr.key, expr.operator, frozenset(expr.values or ())) for expr in selector.match_expressions or ()
     )
     return Selector(labels, requirements)

@@ -95,7 +95,11 @@ def _selector_errors(path: str, selector: LabelSelector | None) -> list[FieldErr
         needs_values = expr.operator in (LabelSelectorOperator.IN, LabelSelectorOperator.NOT_IN)
         if needs_values and not expr.values:
             errors.append(
-                FieldError(f"{path}.matchExpressions[{i}].values", f"operator {expr.operator} needs values", "list values")
+                FieldError(
+                    f"{path}.matchExpressions[{i}].values",
+                    f"operator {expr.operator} needs values",
+                    "list values",
+                )
             )
         if not needs_values and expr.values:
             errors.append(
@@ -145,7 +149,13 @@ def validate_object(data: Any) -> PolicyObject:
     kind = data.get("kind")
     if api_version != GROUP_VERSION:
         raise PolicyValidationError(
-            [FieldError("apiVersion", f"expected {GROUP_VERSION!r}, got {api_version!r}", f"set apiVersion: {GROUP_VERSION}")]
+            [
+                FieldError(
+                    "apiVersion",
+                    f"expected {GROUP_VERSION!r}, got {api_version!r}",
+                    f"set apiVersion: {GROUP_VERSION}",
+                )
+            ]
         )
     model = KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:

@@ -133,7 +133,11 @@ def load_paths(paths: Iterable[Path]) -> dict[Path, LoadResult]:
                 key = object_key(item.policy)
                 if key in owners and owners[key] != path:
                     result.errors.append(
-                        LoadError(str(path), None, FieldError("metadata.name", f"{key} is also defined in {owners[key]}"))
+                        LoadError(
+                            str(path),
+                            None,
+                            FieldError("metadata.name", f"{key} is also defined in {owners[key]}"),
+                        )
                     )
                 owners.setdefault(key, path)
             results[path] = result

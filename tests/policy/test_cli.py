@@ -17,7 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     env_python = sys.executable
     return subprocess.run(
-        [env_python, "-m", "egress_gateway", *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+        [env_python, "-m", "egress_gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
 
@@ -51,16 +55,38 @@ def test_lint_json_output_and_usage_errors(tmp_path: Path) -> None:
 
 
 def test_check_allow_exit_0_with_policy_rule_and_sentence() -> None:
-    result = cli("check", "--policies", "policies", "--namespace", "shop", "--label", "app=payments",
-                 "--ip", "203.0.113.5", "api.stripe.com:443")
+    result = cli(
+        "check",
+        "--policies",
+        "policies",
+        "--namespace",
+        "shop",
+        "--label",
+        "app=payments",
+        "--ip",
+        "203.0.113.5",
+        "api.stripe.com:443",
+    )
     assert result.returncode == 0, result.stderr
     assert "decision: allow" in result.stdout and "rule:     stripe-api" in result.stdout
     assert "EgressPolicy/shop/payments" in result.stdout
 
 
 def test_check_deny_exit_1_json() -> None:
-    result = cli("check", "--policies", "policies", "--namespace", "shop", "--label", "app=payments",
-                 "--ip", "203.0.113.5", "--output", "json", "https://dashboard.stripe.com/login")
+    result = cli(
+        "check",
+        "--policies",
+        "policies",
+        "--namespace",
+        "shop",
+        "--label",
+        "app=payments",
+        "--ip",
+        "203.0.113.5",
+        "--output",
+        "json",
+        "https://dashboard.stripe.com/login",
+    )
     assert result.returncode == 1
     payload = json.loads(result.stdout)
     assert payload["decision"] == "deny" and payload["reason"] == "denied_by_rule"
@@ -75,14 +101,28 @@ def test_check_ip_literal_metadata_and_unknown_client() -> None:
 
 
 def test_check_sni_mismatch() -> None:
-    result = cli("check", "--policies", "policies", "--namespace", "shop", "--label", "app=payments",
-                 "--ip", "203.0.113.5", "--sni", "evil.example", "api.stripe.com:443")
+    result = cli(
+        "check",
+        "--policies",
+        "policies",
+        "--namespace",
+        "shop",
+        "--label",
+        "app=payments",
+        "--ip",
+        "203.0.113.5",
+        "--sni",
+        "evil.example",
+        "api.stripe.com:443",
+    )
     assert result.returncode == 1 and "sni_mismatch" in result.stdout
 
 
 def test_check_usage_and_invalid_policies_exit_2(tmp_path: Path) -> None:
     assert cli("check", "--policies", "policies", "--namespace", "shop", "no-port.example.com").returncode == 2
-    (tmp_path / "bad.yaml").write_text("apiVersion: egressgateway.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: a}\nspec: {}\n")
+    (tmp_path / "bad.yaml").write_text(
+        "apiVersion: egressgateway.io/v1alpha1\nkind: EgressPolicy\nmetadata: {name: a}\nspec: {}\n"
+    )
     result = cli("check", "--policies", str(tmp_path), "--namespace", "a", "x.example.com:443")
     assert result.returncode == 2 and "metadata.namespace" in result.stderr
 
@@ -113,8 +153,18 @@ def test_crds_have_status_subresource_short_names_and_columns(crds: list[dict]) 
     for crd in crds:
         version = crd["spec"]["versions"][0]
         assert version["subresources"] == {"status": {}}
-        assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Mode", "Rules", "Accepted", "Age"]
-    assert "namespaceSelector" in by_kind["ClusterEgressPolicy"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+            "Mode",
+            "Rules",
+            "Accepted",
+            "Age",
+        ]
+    assert (
+        "namespaceSelector"
+        in by_kind["ClusterEgressPolicy"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "properties"
+        ]
+    )
 
 
 def test_every_example_policy_validates_against_the_crd_schema(crds: list[dict]) -> None:
@@ -129,8 +179,12 @@ def test_every_example_policy_validates_against_the_crd_schema(crds: list[dict])
 
 def test_crd_schema_rejects_wrong_types(crds: list[dict]) -> None:
     schema = crds[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    bad = {"apiVersion": "egressgateway.io/v1alpha1", "kind": "EgressPolicy", "metadata": {},
-           "spec": {"rules": [{"name": "r", "hosts": "not-a-list"}]}}
+    bad = {
+        "apiVersion": "egressgateway.io/v1alpha1",
+        "kind": "EgressPolicy",
+        "metadata": {},
+        "spec": {"rules": [{"name": "r", "hosts": "not-a-list"}]},
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
 
@@ -138,5 +192,6 @@ def test_crd_schema_rejects_wrong_types(crds: list[dict]) -> None:
 def test_crd_output_dir_writes_one_file_per_crd(tmp_path: Path) -> None:
     assert cli("crd", "--output-dir", str(tmp_path)).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "clusteregresspolicies.egressgateway.io.yaml", "egresspolicies.egressgateway.io.yaml"
+        "clusteregresspolicies.egressgateway.io.yaml",
+        "egresspolicies.egressgateway.io.yaml",
     ]

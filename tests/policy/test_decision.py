@@ -52,7 +52,9 @@ def engine_for(*documents: str, **config: object) -> Engine:
     return Engine(EngineConfig(**config), store.current)  # type: ignore[arg-type]
 
 
-def decide(engine: Engine, target: str, port: int = 443, identity: Identity | None = PAYMENTS, **facts: object) -> Decision:
+def decide(
+    engine: Engine, target: str, port: int = 443, identity: Identity | None = PAYMENTS, **facts: object
+) -> Decision:
     facts.setdefault("destination_ip", PUBLIC if not target[0].isdigit() and ":" not in target else None)
     return engine.decide(Facts(identity, target, port, **facts))  # type: ignore[arg-type]
 
@@ -172,7 +174,11 @@ def test_5_cidr_matches_unless_excepted(engine: Engine) -> None:
 
 def test_5_deny_rules_check_the_sni_so_an_ip_literal_cannot_dodge_a_host_deny(engine: Engine) -> None:
     decision = decide(engine, "198.51.100.8", sni="dashboard.stripe.com")
-    assert (decision.allowed, decision.reason, decision.rule) == (False, Reason.DENIED_BY_RULE, "no-dashboard")
+    assert (decision.allowed, decision.reason, decision.rule) == (
+        False,
+        Reason.DENIED_BY_RULE,
+        "no-dashboard",
+    )
 
 
 def test_5_ip_literal_is_never_matched_by_hosts_of_an_allow_rule(engine: Engine) -> None:
@@ -183,8 +189,20 @@ def test_5_ip_literal_is_never_matched_by_hosts_of_an_allow_rule(engine: Engine)
 # 6. Address safety
 @pytest.mark.parametrize(
     "address",
-    ["127.0.0.1", "169.254.169.254", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "fe80::1", "ff02::1",
-     "::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:80ff:fffe"],
+    [
+        "127.0.0.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::1",
+        "fe80::1",
+        "ff02::1",
+        "::ffff:169.254.169.254",
+        "64:ff9b::a9fe:a9fe",
+        "2002:7f00:1::1",
+        "2001:0:4136:e378:8000:63bf:80ff:fffe",
+    ],
 )
 def test_6_blocked_addresses_are_denied_even_for_allowed_names(engine: Engine, address: str) -> None:
     decision = decide(engine, "api.stripe.com", destination_ip=ip(address))
@@ -216,13 +234,20 @@ def test_6_private_address_reachable_through_an_allow_cidr(engine: Engine) -> No
 # 7. Outcome
 def test_7_deny_rule_wins_over_allow(engine: Engine) -> None:
     decision = decide(engine, "dashboard.stripe.com")  # also matches *.stripe.com
-    assert (decision.reason, decision.rule, decision.matched) == (Reason.DENIED_BY_RULE, "no-dashboard", "dashboard.stripe.com")
+    assert (decision.reason, decision.rule, decision.matched) == (
+        Reason.DENIED_BY_RULE,
+        "no-dashboard",
+        "dashboard.stripe.com",
+    )
 
 
 def test_7_allow_names_policy_rule_and_pattern(engine: Engine) -> None:
     decision = decide(engine, "files.stripe.com")
     assert decision.allowed and decision.reason is Reason.ALLOWED_BY_RULE
-    assert (str(decision.policy), decision.policy.version if decision.policy else None) == ("EgressPolicy/shop/payments", "7")
+    assert (str(decision.policy), decision.policy.version if decision.policy else None) == (
+        "EgressPolicy/shop/payments",
+        "7",
+    )
     assert (decision.rule, decision.matched) == ("stripe", "*.stripe.com")
     assert "files.stripe.com:443" in decision.message
 
@@ -263,7 +288,10 @@ def test_8_audit_policy_marks_would_deny_without_changing_traffic() -> None:
     engine2 = engine_for(BASE.replace('"*.stripe.com"', '"**.stripe.com"'), AUDIT)
     flagged = decide(engine2, "eu.uploads.stripe.com")
     assert (flagged.allowed, flagged.would_deny, flagged.audit_reason, flagged.audit_rule) == (
-        True, True, Reason.DENIED_BY_RULE, "no-uploads"
+        True,
+        True,
+        Reason.DENIED_BY_RULE,
+        "no-uploads",
     )
     assert str(flagged.audit_policy) == "EgressPolicy/shop/tighten"
 
@@ -273,7 +301,10 @@ def test_8_audit_only_namespace_gets_the_default_action_and_would_deny() -> None
     engine = engine_for(audit_only, default_allow=True)
     decision = decide(engine, "example.org", identity=OTHER_POD)
     assert (decision.allowed, decision.reason, decision.would_deny, decision.audit_reason) == (
-        True, Reason.NO_POLICY, True, Reason.NO_MATCHING_RULE
+        True,
+        Reason.NO_POLICY,
+        True,
+        Reason.NO_MATCHING_RULE,
     )
 
 

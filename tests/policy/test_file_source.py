@@ -54,7 +54,9 @@ async def wait_until(predicate, timeout: float = 5.0) -> float:  # type: ignore[
 def test_load_into_store_reads_yaml_and_yml_and_multi_document(tmp_path: Path) -> None:
     (tmp_path / "a.yaml").write_text(POLICY.format(host="a.example.com"))
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "b.yml").write_text(POLICY.format(host="b.example.com").replace("name: p,", "name: q,") + "---\n")
+    (tmp_path / "sub" / "b.yml").write_text(
+        POLICY.format(host="b.example.com").replace("name: p,", "name: q,") + "---\n"
+    )
     (tmp_path / ".hidden.yaml").write_text("garbage: [")
     store = PolicyStore()
     assert load_into_store([tmp_path], store) == []

@@ -29,6 +29,7 @@ def patterns(draw: st.DrawFn) -> HostPattern:
 
 def reference_match(pattern: HostPattern, name: str) -> bool:
     """Independent reference: recursive label matching written from the grammar's wording."""
+
     def go(p: list[str], n: list[str]) -> bool:
         if not p:
             return not n
@@ -36,6 +37,7 @@ def reference_match(pattern: HostPattern, name: str) -> bool:
         if head == "**":
             return any(go(rest, n[k:]) for k in range(1, len(n) + 1))
         return bool(n) and (head == "*" or head == n[0]) and go(rest, n[1:])
+
     return go(list(pattern.labels), name.split("."))
 
 
@@ -61,18 +63,26 @@ def test_normalization_is_invariant_under_case_and_trailing_dot(name: str, upper
 
 v4_networks = st.builds(
     lambda addr, plen: ipaddress.IPv4Network((addr, plen), strict=False),
-    st.integers(0, 2**32 - 1), st.integers(0, 32),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 32),
 )
 v6_networks = st.builds(
     lambda addr, plen: ipaddress.IPv6Network((addr, plen), strict=False),
-    st.integers(0, 2**128 - 1), st.integers(0, 128),
+    st.integers(0, 2**128 - 1),
+    st.integers(0, 128),
 )
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.one_of(v4_networks, v6_networks), min_size=1, max_size=20),
-    st.lists(st.one_of(st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address), st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address)), max_size=20),
+    st.lists(
+        st.one_of(
+            st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address),
+            st.integers(0, 2**128 - 1).map(ipaddress.IPv6Address),
+        ),
+        max_size=20,
+    ),
 )
 def test_cidr_index_agrees_with_ipaddress(networks: list, addresses: list) -> None:  # type: ignore[type-arg]
     index: CidrIndex[int] = CidrIndex()

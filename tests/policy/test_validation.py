@@ -60,9 +60,16 @@ def test_except_must_lie_inside_cidrs() -> None:
     assert_error(data, "spec.rules[0].except[1]", "not inside any of the rule's cidrs")
 
 
-@pytest.mark.parametrize(("port", "fragment"), [(0, "outside"), (70000, "outside"), ("90-80", "empty range"), ("x", "not a port"), (True, "a port is")])
+@pytest.mark.parametrize(
+    ("port", "fragment"),
+    [(0, "outside"), (70000, "outside"), ("90-80", "empty range"), ("x", "not a port"), (True, "a port is")],
+)
 def test_bad_ports(port: Any, fragment: str) -> None:
-    assert_error(policy({"name": "r", "hosts": ["a.example.com"], "ports": [443, port]}), "spec.rules[0].ports[1]", fragment)
+    assert_error(
+        policy({"name": "r", "hosts": ["a.example.com"], "ports": [443, port]}),
+        "spec.rules[0].ports[1]",
+        fragment,
+    )
 
 
 def test_rule_names_are_required_unique_and_dns_labels() -> None:
@@ -70,7 +77,10 @@ def test_rule_names_are_required_unique_and_dns_labels() -> None:
     assert_error(policy({"name": "Bad_Name", "hosts": ["a.example.com"]}), "spec.rules[0].name", "pattern")
     assert_error(policy({"name": "x" * 64, "hosts": ["a.example.com"]}), "spec.rules[0].name", "at most 63")
     twice = policy()
-    twice["spec"]["rules"] = [{"name": "r", "hosts": ["a.example.com"]}, {"name": "r", "hosts": ["b.example.com"]}]
+    twice["spec"]["rules"] = [
+        {"name": "r", "hosts": ["a.example.com"]},
+        {"name": "r", "hosts": ["b.example.com"]},
+    ]
     assert_error(twice, "spec.rules[1].name", "duplicate rule name")
 
 
@@ -85,11 +95,22 @@ def test_unknown_fields_and_enums_are_rejected() -> None:
 
 
 def test_expires_needs_a_timezone() -> None:
-    assert_error(policy({"name": "r", "hosts": ["a.example.com"], "expires": "2026-12-31T00:00:00"}), "spec.rules[0].expires", "time zone")
+    assert_error(
+        policy({"name": "r", "hosts": ["a.example.com"], "expires": "2026-12-31T00:00:00"}),
+        "spec.rules[0].expires",
+        "time zone",
+    )
 
 
 def test_selector_operators_and_values() -> None:
-    bad = policy(podSelector={"matchExpressions": [{"key": "app", "operator": "In"}, {"key": "x", "operator": "Exists", "values": ["y"]}]})
+    bad = policy(
+        podSelector={
+            "matchExpressions": [
+                {"key": "app", "operator": "In"},
+                {"key": "x", "operator": "Exists", "values": ["y"]},
+            ]
+        }
+    )
     found = errors_of(bad)
     assert ("spec.podSelector.matchExpressions[0].values", "operator In needs values") in found
     assert ("spec.podSelector.matchExpressions[1].values", "operator Exists takes no values") in found
