@@ -86,6 +86,7 @@ class AddressPolicy:
     def __init__(self, allowed_ranges: Iterable[IPNetwork] = (), own_addresses: Iterable[IPAddress] = ()) -> None:
         self.allowed_ranges = tuple(allowed_ranges)
         self.own_addresses = frozenset(own_addresses)
+        self._cache: dict[IPAddress, AddressVerdict] = {}
 
     def _allowed(self, address: IPAddress) -> bool:
         return any(address.version == net.version and address in net for net in self.allowed_ranges)
@@ -104,6 +105,14 @@ class AddressPolicy:
         return AddressVerdict(AddressClass.PUBLIC)
 
     def classify(self, address: IPAddress) -> AddressVerdict:
+        cached = self._cache.get(address)
+        if cached is None:
+            if len(self._cache) >= 65536:
+                self._cache.clear()
+            cached = self._cache[address] = self._classify_uncached(address)
+        return cached
+
+    def _classify_uncached(self, address: IPAddress) -> AddressVerdict:
         verdict = self._classify_one(address)
         if verdict.cls is AddressClass.BLOCKED or not isinstance(address, ipaddress.IPv6Address):
             return verdict

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from egress_gateway.policy.addresses import AddressClass, AddressPolicy, IPNetwork
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, PolicyRef, Reason
 from egress_gateway.policy.errors import InvalidTarget
-from egress_gateway.policy.hostnames import parse_host_pattern
+from egress_gateway.policy.hostnames import HostPattern, parse_host_pattern
 from egress_gateway.policy.indexes import CidrIndex, HostIndex
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject
 from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
@@ -36,6 +36,8 @@ class CompiledRule:
     excepts: tuple[IPNetwork, ...]
     order: int
     policy: CompiledPolicy
+    host_patterns: tuple[HostPattern, ...]
+    networks: tuple[IPNetwork, ...]
 
     def port_matches(self, port: int) -> bool:
         if self.ports is None:
@@ -107,6 +109,8 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
     )
     rules = []
     for order, rule in enumerate(policy.spec.rules):
+        host_patterns = tuple(parse_host_pattern(host) for host in rule.hosts or ())
+        networks = tuple(ipaddress.ip_network(cidr) for cidr in rule.cidrs or ())
         compiled_rule = CompiledRule(
             name=rule.name,
             action=rule.action,
@@ -115,14 +119,37 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             excepts=tuple(ipaddress.ip_network(e) for e in rule.except_ or ()),
             order=order,
             policy=compiled,
+            host_patterns=host_patterns,
+            networks=networks,
         )
         rules.append(compiled_rule)
-        for host in rule.hosts or ():
-            compiled.hosts.add(parse_host_pattern(host), compiled_rule)
-        for cidr in rule.cidrs or ():
-            compiled.cidrs.add(ipaddress.ip_network(cidr), compiled_rule)
     compiled.rules = tuple(rules)
+    _index_rules(compiled, compiled.rules)
     return compiled
+
+
+def _index_rules(target: CompiledPolicy | RuleView, rules: Iterable[CompiledRule]) -> None:
+    for rule in rules:
+        for pattern in rule.host_patterns:
+            target.hosts.add(pattern, rule)
+        for network in rule.networks:
+            target.cidrs.add(network, rule)
+
+
+class RuleView:
+    """The merged indexes of several policies: what one client's selection compiles to.
+
+    Built once per distinct tuple of compiled policies and cached by the engine, so an update to one policy only
+    rebuilds the views that include it, and the cost of a decision does not grow with the number of selected policies.
+    """
+
+    __slots__ = ("cidrs", "hosts", "policies")
+
+    def __init__(self, policies: tuple[CompiledPolicy, ...]) -> None:
+        self.policies = policies
+        self.hosts: HostIndex[CompiledRule] = HostIndex()
+        self.cidrs: CidrIndex[CompiledRule] = CidrIndex()
+        _index_rules(self, (rule for policy in policies for rule in policy.rules))
 
 
 class PolicySet:
@@ -139,7 +166,7 @@ class PolicySet:
         self._by_namespace = by_namespace
         self._cluster = cluster
         self.generation = generation
-        self._selection_cache: dict[int, tuple[Identity, tuple[CompiledPolicy, ...]]] = {}
+        self._selection_cache: dict[int, tuple[Identity, Selection]] = {}
 
     @classmethod
     def build(cls, policies: Iterable[CompiledPolicy], previous: PolicySet | None = None) -> PolicySet:
@@ -160,7 +187,7 @@ class PolicySet:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_namespace.values()) + len(self._cluster)
 
-    def select(self, identity: Identity) -> tuple[CompiledPolicy, ...]:
+    def select(self, identity: Identity) -> Selection:
         """Namespaced policies of the client's namespace whose podSelector matches, then matching cluster policies."""
         cached = self._selection_cache.get(id(identity))
         if cached is not None and cached[0] is identity:
@@ -168,10 +195,26 @@ class PolicySet:
         selected = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity)) + tuple(
             p for p in self._cluster if p.selects(identity)
         )
+        selection = Selection(selected, tuple(p for p in selected if p.mode is Mode.ENFORCE))
         if len(self._selection_cache) >= self._SELECTION_CACHE_LIMIT:
             self._selection_cache.clear()
-        self._selection_cache[id(identity)] = (identity, selected)
-        return selected
+        self._selection_cache[id(identity)] = (identity, selection)
+        return selection
+
+
+@dataclass(eq=False, slots=True)
+class Selection:
+    """The policies selecting one client, split by mode, with their merged rule views (filled in by the engine)."""
+
+    policies: tuple[CompiledPolicy, ...]
+    enforce: tuple[CompiledPolicy, ...]
+    view_all: CompiledPolicy | RuleView | None = None
+    view_enforce: CompiledPolicy | RuleView | None = None
+    views_ready: bool = False
+
+    @property
+    def has_audit(self) -> bool:
+        return len(self.enforce) != len(self.policies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +244,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.addresses = AddressPolicy(self.config.allowed_ranges, self.config.own_addresses)
         self.policies = policies if policies is not None else PolicySet.build(())
+        self._views: dict[tuple[int, ...], RuleView] = {}
 
     # ---- step 1 and 2 -------------------------------------------------------------------------------------
     def _normalize(self, facts: Facts) -> tuple[NormalizedHost, str | None, IPAddress | None] | Decision:
@@ -247,9 +291,31 @@ class Engine:
         return None
 
     # ---- steps 4 to 7 -------------------------------------------------------------------------------------
+    _VIEW_CACHE_LIMIT = 1024
+
+    def _view(self, policies: tuple[CompiledPolicy, ...]) -> CompiledPolicy | RuleView | None:
+        if not policies:
+            return None
+        if len(policies) == 1:
+            return policies[0]
+        key = tuple(id(p) for p in policies)
+        view = self._views.get(key)
+        if view is None or view.policies != policies:
+            if len(self._views) >= self._VIEW_CACHE_LIMIT:
+                self._views.clear()
+            view = self._views[key] = RuleView(policies)
+        return view
+
+    def _with_views(self, selection: Selection) -> Selection:
+        if not selection.views_ready:
+            selection.view_enforce = self._view(selection.enforce)
+            selection.view_all = self._view(selection.policies) if selection.has_audit else selection.view_enforce
+            selection.views_ready = True
+        return selection
+
     @staticmethod
     def _match(
-        policies: Iterable[CompiledPolicy],
+        view: CompiledPolicy | RuleView | None,
         name: str | None,
         sni: str | None,
         address: IPAddress | None,
@@ -275,29 +341,31 @@ class Engine:
             elif found.allow is None:
                 found.allow = (rule, matched)
 
-        for policy in policies:
-            if name is not None:
-                for rule, pattern in policy.hosts.lookup(name):
-                    consider(rule, pattern, False, False)
-            if sni is not None and sni != name:
-                for rule, pattern in policy.hosts.lookup(sni):
-                    consider(rule, pattern, False, True)
-            if address is not None and policy.cidrs:
-                for rule, cidr in policy.cidrs.lookup(address):
-                    if not rule.excepted(address):
-                        consider(rule, cidr, True, False)
+        if view is None:
+            return found
+        if name is not None:
+            for rule, pattern in view.hosts.lookup(name):
+                consider(rule, pattern, False, False)
+        if sni is not None and sni != name:
+            for rule, pattern in view.hosts.lookup(sni):
+                consider(rule, pattern, False, True)
+        if address is not None and view.cidrs:
+            for rule, cidr in view.cidrs.lookup(address):
+                if not rule.excepted(address):
+                    consider(rule, cidr, True, False)
         return found
 
     def _evaluate(
         self,
         selected: tuple[CompiledPolicy, ...],
+        view: CompiledPolicy | RuleView | None,
         target: NormalizedHost,
         sni: str | None,
         address: IPAddress | None,
         port: int,
         now: float,
     ) -> Decision:
-        found = self._match(selected, target.name, sni, address, port, now)
+        found = self._match(view, target.name, sni, address, port, now)
         if address is not None:
             verdict = self.addresses.classify(address)
             if verdict.cls is AddressClass.BLOCKED:
@@ -330,7 +398,9 @@ class Engine:
                 logged=found.log is not None,
             )
         if selected:
-            names = ", ".join(str(p.ref) for p in selected)
+            names = ", ".join(str(p.ref) for p in selected[:3])
+            if len(selected) > 3:
+                names += f" and {len(selected) - 3} more"
             return _deny(
                 Reason.NO_MATCHING_RULE,
                 f"{where} matches no rule of the policies selecting this client ({names})",
@@ -355,12 +425,11 @@ class Engine:
         if facts.identity is None:
             return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
         now = time.time() if now is None else now
-        selected = self.policies.select(facts.identity)
-        enforced_policies = tuple(p for p in selected if p.mode is Mode.ENFORCE)
-        enforced = self._evaluate(enforced_policies, target, sni, address, facts.port, now)
-        if len(enforced_policies) == len(selected) or not enforced.allowed:
+        selection = self._with_views(self.policies.select(facts.identity))
+        enforced = self._evaluate(selection.enforce, selection.view_enforce, target, sni, address, facts.port, now)
+        if not selection.has_audit or not enforced.allowed:
             return enforced
-        audit = self._evaluate(selected, target, sni, address, facts.port, now)
+        audit = self._evaluate(selection.policies, selection.view_all, target, sni, address, facts.port, now)
         if audit.allowed:
             return enforced
         return Decision(

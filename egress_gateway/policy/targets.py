@@ -8,6 +8,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -104,8 +105,9 @@ def canonical_ip(address: IPAddress) -> IPAddress:
     return address
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize_host(host: str) -> NormalizedHost:
-    """A requested host as a canonical name or IP. Raises `InvalidTarget` with a reason."""
+    """A requested host as a canonical name or IP. Raises `InvalidTarget` with a reason. Pure, hence cached."""
     if not host:
         raise InvalidTarget("empty host")
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
