@@ -21,15 +21,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from egress_gateway.policy.decision import Facts, Identity  # noqa: E402
-from egress_gateway.policy.engine import Engine, EngineConfig  # noqa: E402
-from egress_gateway.policy.store import PolicyStore, Versioned  # noqa: E402
-from egress_gateway.policy.validation import validate_object  # noqa: E402
+from egress_gateway.policy.decision import Facts, Identity
+from egress_gateway.policy.engine import Engine, EngineConfig
+from egress_gateway.policy.store import PolicyStore, Versioned
+from egress_gateway.policy.validation import validate_object
 
 RULES_PER_POLICY = 100
+COLUMNS = ("rules", "layout", "p50 us", "p99 us", "max us", "compile s", "update 1 policy ms", "first decide ms")
 
 
 def make_policy(namespace: str, index: int, first_rule: int, count: int) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def main() -> int:
     sizes = [10, 1_000, 10_000] if args.quick else [10, 1_000, 10_000, 100_000]
     repeats = 2 if args.quick else 5
     table = Table(title="Engine decision time (microseconds per decision)")
-    for column in ("rules", "layout", "p50 us", "p99 us", "max us", "compile s", "update 1 policy ms", "first decide after update ms"):
+    for column in COLUMNS:
         table.add_column(column, justify="right")
     rows = []
     for size in sizes:
@@ -161,7 +162,7 @@ def main() -> int:
             table.add_row(*row)
     Console().print(table)
     if args.markdown:
-        header = "| rules | layout | p50 us | p99 us | max us | compile s | update 1 policy ms | first decide after update ms |"
+        header = "| " + " | ".join(COLUMNS) + " |"
         lines = [header, "|" + "---|" * 8] + ["| " + " | ".join(r) + " |" for r in rows]
         args.markdown.write_text("\n".join(lines) + "\n")
     return 0
