@@ -45,7 +45,7 @@ def make_policy(namespace: str, index: int, first_rule: int, count: int) -> dict
             rules.append({"name": f"r{r}", "hosts": [f"**.cdn{r}.example.org"], "ports": [443, "8000-8100"]})
         else:
             net = ipaddress.IPv4Network(((198 << 24) + (r << 8)) & 0xFFFFFF00, 24) if r < 65536 else None
-            rules.append({"name": f"r{r}", "cidrs": [str(net or f"2001:db8:{r:x}::/48")]})
+            rules.append({"name": f"r{r}", "cidrs": [str(net or f"2001:db8:{r >> 16:x}:{r & 0xFFFF:x}::/64")]})
     return {
         "apiVersion": "egressgateway.io/v1alpha1",
         "kind": "EgressPolicy",
