@@ -135,5 +135,5 @@ def test_template_guards_give_clear_errors(helm: Helm, tmp_path: Path) -> None:
     select_all.write_text("enforcement:\n  namespaceSelector:\n    matchLabels: {}\n")
     with pytest.raises(HelmError, match="would select every namespace"):
         helm.template(select_all)
-    with pytest.raises(HelmError, match="needs admin.service.enabled"):
+    with pytest.raises(HelmError, match=r"needs admin\.service\.enabled"):
         helm.template(set_values=("serviceMonitor.enabled=true", "admin.service.enabled=false"))
