@@ -1,0 +1,218 @@
+"""Wiring of `egress-gateway run`: settings -> store + source -> engine -> identity chain -> recorder -> proxy + admin.
+
+Owns the process lifecycle: start order (admin first so /healthz answers, then the proxy, then the policy source),
+the policy-change subscription (swap the engine's policies, revoke tunnels that became denied) and the SIGTERM
+drain (stop accepting, wait for open connections up to `shutdown_grace_s`, close the rest, exit 0).
+It is the only module that knows every adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import ipaddress
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from egress_gateway.admin import AdminServer
+from egress_gateway.audit.recorder import NullRecorder, Recorder
+from egress_gateway.identity.base import ChainResolver, IdentityResolver
+from egress_gateway.identity.static import StaticIdentityResolver
+from egress_gateway.policy.decision import IPAddress
+from egress_gateway.policy.engine import Engine, EngineConfig, PolicySet
+from egress_gateway.policy.store import PolicyStore
+from egress_gateway.proxy.addon import GatewayAddon, Timeouts
+from egress_gateway.proxy.embedded import EmbeddedProxy
+from egress_gateway.proxy.gate import Gate
+from egress_gateway.proxy.resolver import Resolver
+from egress_gateway.settings import DefaultAction, Settings, split_hostport
+from egress_gateway.sources.base import PolicySource
+
+log = structlog.get_logger("egress_gateway")
+
+# identity.mode -> module under egress_gateway.identity exposing `build(settings) -> IdentityResolver`
+_IDENTITY_MODULES = {"pod-ip": "pod_ip", "service-account-token": "service_account_token"}
+
+
+class ConfigurationError(Exception):
+    """A setting that cannot work; reported as one line and exit code 2."""
+
+
+def build_engine(settings: Settings) -> Engine:
+    listen_host, _ = split_hostport(settings.listen)
+    own: set[IPAddress] = set()
+    with contextlib.suppress(ValueError):
+        address = ipaddress.ip_address(listen_host)
+        if not address.is_unspecified:
+            own.add(address)
+    return Engine(
+        EngineConfig(
+            default_allow=settings.default_action is DefaultAction.ALLOW,
+            allowed_ranges=tuple(ipaddress.ip_network(r) for r in settings.allowed_ranges),
+            own_addresses=frozenset(own),
+            require_sni_match=settings.require_sni_match,
+        )
+    )
+
+
+def build_identity(settings: Settings) -> tuple[ChainResolver, list[Any]]:
+    """The resolver chain in `identity.mode` order, plus the resolvers that need start()/stop()."""
+    resolvers: list[IdentityResolver] = []
+    lifecycle: list[Any] = []
+    for mode in settings.identity.mode:
+        if mode == "static":
+            resolvers.append(StaticIdentityResolver(settings.identity.static))
+            continue
+        module_name = f"egress_gateway.identity.{_IDENTITY_MODULES[mode]}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            raise ConfigurationError(f"identity.mode {mode!r} is not available in this build ({module_name})") from None
+        resolver = module.build(settings)
+        resolvers.append(resolver)
+        if hasattr(resolver, "start"):
+            lifecycle.append(resolver)
+    return ChainResolver(resolvers), lifecycle
+
+
+def build_source(settings: Settings, store: PolicyStore) -> PolicySource:
+    if settings.policy_source == "kubernetes":
+        from egress_gateway.sources.kubernetes import KubernetesPolicySource
+
+        return KubernetesPolicySource(settings, store)
+    from egress_gateway.sources.files import FilePolicySource
+
+    return FilePolicySource(settings.policies_path, store)
+
+
+def build_recorder(settings: Settings) -> Recorder:
+    try:
+        from egress_gateway.audit import build_recorder as build_audit_recorder
+    except ImportError:
+        return NullRecorder()
+    return build_audit_recorder(settings)
+
+
+class Gateway:
+    """One running gateway. `start()` returns once it listens; `stop()` drains and shuts everything down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = PolicyStore()
+        self.engine = build_engine(settings)
+        self.source = build_source(settings, self.store)
+        try:
+            self.resolver = Resolver(
+                settings.resolver.hosts, settings.resolver.nameservers, settings.resolver.timeout_s
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.identity, self._identity_lifecycle = build_identity(settings)
+        self.recorder = build_recorder(settings)
+        self.gate = Gate(self.engine, self.identity, self.resolver, ready=lambda: self.store.loaded)
+        listen_host, listen_port = split_hostport(settings.listen)
+        self.proxy = EmbeddedProxy(
+            listen_host, listen_port, idle_timeout_s=settings.timeouts.idle_s, data_dir=settings.data_dir
+        )
+        self.addon = GatewayAddon(
+            self.gate,
+            self.recorder,
+            Timeouts(
+                connect_s=settings.timeouts.connect_s,
+                client_hello_s=settings.timeouts.client_hello_s,
+                client_request_s=settings.timeouts.client_request_s,
+            ),
+            settings.limits.max_connections,
+            self.proxy.close_client,
+        )
+        admin_host, admin_port = split_hostport(settings.admin_listen)
+        self.admin = AdminServer(admin_host, admin_port, self.readiness)
+        self.listen_addresses: list[tuple[str, int]] = []
+        self.admin_addresses: list[tuple[str, int]] = []
+        self.store.subscribe(self._policies_changed)
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.store.loaded:
+            return False, "policies_not_loaded"
+        if not self.listen_addresses:
+            return False, "proxy_not_listening"
+        return True, f"ready ({len(self.store.current)} policies)"
+
+    def _policies_changed(self, policies: PolicySet) -> None:
+        self.engine.policies = policies
+        if self.settings.revoke_open_tunnels:
+            revoked = self.addon.revoke()
+            if revoked:
+                log.info("tunnels_revoked", count=revoked, generation=policies.generation)
+
+    async def start(self) -> None:
+        self.admin_addresses = await self.admin.start()
+        for resolver in self._identity_lifecycle:
+            await resolver.start()
+        # Listen before the first load: until then every connection gets 503 policies_not_loaded.
+        self.listen_addresses = await self.proxy.start(self.addon)
+        await self.source.start()
+        self.engine.policies = self.store.current
+        log.info(
+            "gateway_listening",
+            listen=[f"{h}:{p}" for h, p in self.listen_addresses],
+            admin=[f"{h}:{p}" for h, p in self.admin_addresses],
+            policies_loaded=self.store.loaded,
+            policies=len(self.store.current),
+        )
+
+    async def stop(self) -> None:
+        grace = self.settings.shutdown_grace_s
+        log.info("gateway_draining", open_connections=self.proxy.open_connections, grace_s=grace)
+        await self.proxy.stop_accepting()
+        closed = await self.proxy.drain(grace)
+        await self.proxy.shutdown()
+        with contextlib.suppress(Exception):
+            await self.source.stop()
+        for resolver in self._identity_lifecycle:
+            with contextlib.suppress(Exception):
+                await resolver.stop()
+        await self.admin.stop()
+        self.recorder.shutdown()
+        log.info("gateway_stopped", closed_at_deadline=closed)
+
+
+async def serve(settings: Settings, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        gateway = Gateway(settings)
+    except ConfigurationError as exc:
+        log.error("configuration_error", error=str(exc))
+        return 2
+    try:
+        await gateway.start()
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        with contextlib.suppress(Exception):
+            await gateway.stop()
+        return 1
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+def run(settings: Settings, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
+    """Run the gateway on uvloop when available (the proxy's hot path is event-loop bound)."""
+    if loop_factory is None and sys.platform != "win32":
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(settings))

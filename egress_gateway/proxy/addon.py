@@ -1,0 +1,391 @@
+"""The mitmproxy addon that enforces decisions: one short hook per proxy event, each delegating to `Gate`.
+
+Owns the per-connection state (`ClientState`, `Tunnel`), the tunnel layer choice (`next_layer`), IP pinning
+(`server_connect` dials only an address the gate approved), the client timers (request, ClientHello, connect) and
+revocation of open tunnels after a policy change. TLS is never terminated: tunnels get `PassthroughLayer`.
+Imports mitmproxy, the gate, the recorder contract and the decision types; never the policy sources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from mitmproxy import connection, http
+from mitmproxy.net.http import url
+from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy.layers import HttpLayer
+from mitmproxy.proxy.layers.http import HTTPMode
+
+from egress_gateway.audit.recorder import ConnectionRecord, Recorder
+from egress_gateway.identity.base import AuthenticationFailed
+from egress_gateway.policy.decision import Decision, Facts, Reason, adapter_denial
+from egress_gateway.proxy import responses
+from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
+from egress_gateway.proxy.gate import Gate, Verdict
+from egress_gateway.proxy.layers import CloseClientLayer, PassthroughLayer
+
+_RECORD_KEY = "egress_gateway.record"
+# Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
+_HOP_BY_HOP = ("proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive", "te", "trailer")
+_KEEP_CONNECTION_TOKENS = frozenset({"close", "keep-alive", "upgrade"})
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 10.0
+    client_hello_s: float = 10.0
+    client_request_s: float = 30.0
+
+
+@dataclass(eq=False, slots=True)
+class Tunnel:
+    """A CONNECT tunnel from its 200 until the client leaves."""
+
+    record: ConnectionRecord
+    verdict: Verdict
+    opened: bool = False  # the ClientHello/first bytes were checked and the upstream was allowed
+    closed_reason: Reason | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    hello_timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False, slots=True)
+class ClientState:
+    client_id: str
+    address: str
+    port: int
+    tunnel: Tunnel | None = None
+    request_seen: bool = False
+    request_timer: asyncio.TimerHandle | None = None
+    pins: dict[tuple[str, int], str] = field(default_factory=dict)  # plain HTTP: (host, port) -> checked IP
+
+
+def _cancel(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
+
+
+class GatewayAddon:
+    def __init__(
+        self,
+        gate: Gate,
+        recorder: Recorder,
+        timeouts: Timeouts,
+        max_connections: int,
+        close_client: Callable[[str], bool],
+        log: Any = None,
+    ) -> None:
+        self.gate = gate
+        self.recorder = recorder
+        self.timeouts = timeouts
+        self.max_connections = max_connections
+        self.close_client = close_client
+        self.log = log or structlog.get_logger("egress_gateway.proxy")
+        self.clients: dict[str, ClientState] = {}
+        self._connect_timers: dict[str, asyncio.TimerHandle] = {}
+        self._timed_out: set[str] = set()
+
+    # ---- connection lifecycle ------------------------------------------------------------------------------
+    def client_connected(self, client: connection.Client) -> None:
+        host, port = client.peername[0], client.peername[1]
+        if len(self.clients) >= self.max_connections:
+            record = self.recorder.open("CONNECT", host, port)
+            decision = adapter_denial(
+                Reason.CONNECTION_LIMIT, f"the gateway already serves {self.max_connections} connections"
+            )
+            record.decided(Facts(identity=None, target="", port=0), decision)
+            record.close()
+            client.error = decision.message
+            return
+        state = ClientState(client.id, host, port)
+        state.request_timer = asyncio.get_running_loop().call_later(
+            self.timeouts.client_request_s, self._request_timeout, state
+        )
+        self.clients[client.id] = state
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        state = self.clients.pop(client.id, None)
+        if state is None:
+            return
+        _cancel(state.request_timer)
+        tunnel = state.tunnel
+        if tunnel is not None:
+            _cancel(tunnel.hello_timer)
+            tunnel.record.event("closed")
+            tunnel.record.close(bytes_sent=tunnel.bytes_sent, bytes_received=tunnel.bytes_received)
+
+    def _request_timeout(self, state: ClientState) -> None:
+        if not state.request_seen:
+            self.log.info("client_request_timeout", client=state.address, timeout_s=self.timeouts.client_request_s)
+            self.close_client(state.client_id)
+
+    # ---- which protocol layer comes next --------------------------------------------------------------------
+    def choose_layer(self, nextlayer: layer.NextLayer) -> None:
+        if nextlayer.layer is not None:
+            return
+        context = nextlayer.context
+        data = nextlayer.data_client()
+        if len(context.layers) <= 1:
+            # First bytes of a client connection: an HTTP proxy request. TLS to the proxy itself is not offered.
+            if starts_like_tls(data):
+                nextlayer.layer = CloseClientLayer(context)
+            else:
+                nextlayer.layer = HttpLayer(context, HTTPMode.regular)
+            return
+        state = self.clients.get(context.client.id)
+        tunnel = state.tunnel if state is not None else None
+        if tunnel is None or tunnel.closed_reason is not None:
+            nextlayer.layer = CloseClientLayer(context)
+            return
+        verdict = tunnel.verdict
+        record = tunnel.record
+        if starts_like_tls(data):
+            try:
+                hello = parse_client_hello(data)
+            except InvalidClientHello as exc:
+                verdict = Verdict(
+                    verdict.facts, adapter_denial(Reason.BAD_REQUEST, f"malformed TLS ClientHello: {exc}")
+                )
+            else:
+                if hello is None:
+                    return  # wait for the rest of the ClientHello
+                verdict = self.gate.decide_sni(verdict, hello.sni)
+                record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=",".join(hello.alpn) or None)
+            record.event("client_hello")
+            record.decided(verdict.facts, verdict.decision)
+        else:
+            record.set(tls=False)
+        _cancel(tunnel.hello_timer)
+        tunnel.verdict = verdict
+        if not verdict.decision.allowed or verdict.address is None:
+            tunnel.closed_reason = verdict.decision.reason
+            nextlayer.layer = CloseClientLayer(context)
+            return
+        context.server.address = (str(verdict.address), verdict.facts.port)
+        tunnel.opened = True
+        nextlayer.layer = PassthroughLayer(context, tunnel)
+
+    def _hello_timeout(self, state: ClientState, tunnel: Tunnel) -> None:
+        if tunnel.opened or tunnel.closed_reason is not None:
+            return
+        tunnel.closed_reason = Reason.CLIENT_TIMEOUT
+        decision = adapter_denial(
+            Reason.CLIENT_TIMEOUT,
+            f"the client sent no data within {self.timeouts.client_hello_s:g} s after the tunnel was established",
+        )
+        tunnel.record.decided(tunnel.verdict.facts, decision)
+        self.close_client(state.client_id)
+
+    # ---- CONNECT --------------------------------------------------------------------------------------------
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        state = self.clients.get(flow.client_conn.id)
+        if state is None:
+            flow.kill()
+            return
+        state.request_seen = True
+        _cancel(state.request_timer)
+        record = self.recorder.open("CONNECT", state.address, state.port)
+        request = flow.request
+        verdict = await self._decide(state, record, request, host_header=None)
+        if not verdict.decision.allowed:
+            self._deny(flow, record, verdict.decision)
+            return
+        tunnel = Tunnel(record=record, verdict=verdict)
+        state.tunnel = tunnel
+        tunnel.hello_timer = asyncio.get_running_loop().call_later(
+            self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
+        )
+
+    # ---- plain HTTP (absolute-form requests) ----------------------------------------------------------------
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        state = self.clients.get(flow.client_conn.id)
+        if state is None:
+            flow.kill()
+            return
+        state.request_seen = True
+        _cancel(state.request_timer)
+        request = flow.request
+        record = self.recorder.open(request.method, state.address, state.port)
+        flow.metadata[_RECORD_KEY] = record
+        if request.scheme != "http":
+            decision = adapter_denial(
+                Reason.BAD_REQUEST,
+                f"{request.scheme}:// URLs are not fetched by the gateway; use CONNECT (HTTPS_PROXY)",
+            )
+            record.decided(Facts(identity=None, target=request.host, port=request.port), decision)
+            self._deny(flow, record, decision)
+            return
+        host_header = request.host_header
+        if host_header is None:
+            host_header = url.hostport("http", request.host, request.port)
+        verdict = await self._decide(state, record, request, host_header=host_header)
+        if not verdict.decision.allowed or verdict.address is None:
+            self._deny(flow, record, verdict.decision)
+            return
+        state.pins[(request.host, request.port)] = str(verdict.address)
+        _strip_hop_by_hop(request.headers)
+        request.stream = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        record = flow.metadata.get(_RECORD_KEY)
+        if record is not None and flow.response is not None:
+            record.set(http_response_status_code=flow.response.status_code)
+            flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        record = flow.metadata.pop(_RECORD_KEY, None)
+        if record is not None:
+            if flow.response is not None:
+                record.set(http_response_status_code=flow.response.status_code)
+            record.close()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        record = flow.metadata.pop(_RECORD_KEY, None)
+        if record is not None:
+            if flow.error is not None:
+                record.set(error=flow.error.msg)
+            record.close()
+
+    # ---- upstream connections -------------------------------------------------------------------------------
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        state = self.clients.get(data.client.id)
+        address = data.server.address
+        pinned: str | None = None
+        if state is not None and address is not None:
+            tunnel = state.tunnel
+            if tunnel is not None:
+                if tunnel.opened and address == (str(tunnel.verdict.address), tunnel.verdict.facts.port):
+                    pinned = address[0]
+            else:
+                pinned = state.pins.get((address[0], address[1]))
+        if pinned is None or address is None:
+            # Defence in depth: mitmproxy never dials anything the gate did not approve and pin.
+            data.server.error = "egress-gateway: upstream address was not approved"
+            return
+        data.server.address = (pinned, address[1])
+        task = asyncio.current_task()
+        if task is not None:
+            self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
+                self.timeouts.connect_s, self._connect_timeout, data.server.id, task
+            )
+
+    def _connect_timeout(self, server_id: str, task: asyncio.Task[Any]) -> None:
+        self._connect_timers.pop(server_id, None)
+        self._timed_out.add(server_id)
+        task.cancel("connect timeout")
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        _cancel(self._connect_timers.pop(data.server.id, None))
+        tunnel = self._tunnel_of(data.client.id)
+        if tunnel is not None:
+            tunnel.record.event("upstream_connected")
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        _cancel(self._connect_timers.pop(data.server.id, None))
+        timed_out = data.server.id in self._timed_out
+        self._timed_out.discard(data.server.id)
+        tunnel = self._tunnel_of(data.client.id)
+        if tunnel is None or data.server.address is None or not tunnel.opened:
+            return
+        host, port = data.server.address[0], data.server.address[1]
+        if timed_out:
+            decision = adapter_denial(
+                Reason.CONNECTION_TIMEOUT, f"{host}:{port} did not accept within {self.timeouts.connect_s:g} s"
+            )
+        else:
+            decision = adapter_denial(
+                Reason.CONNECTION_REFUSED, f"cannot connect to {host}:{port}: {data.server.error}"
+            )
+        tunnel.closed_reason = decision.reason
+        tunnel.record.decided(tunnel.verdict.facts, decision)
+
+    def _tunnel_of(self, client_id: str) -> Tunnel | None:
+        state = self.clients.get(client_id)
+        return state.tunnel if state is not None else None
+
+    # ---- hot reload -----------------------------------------------------------------------------------------
+    def revoke(self) -> int:
+        """Re-decide every open tunnel against the policies now in force; close those that became denied."""
+        revoked = 0
+        for state in list(self.clients.values()):
+            tunnel = state.tunnel
+            if tunnel is None or tunnel.closed_reason is not None:
+                continue
+            decision = self.gate.redecide(tunnel.verdict.facts)
+            if decision.allowed:
+                tunnel.verdict = Verdict(tunnel.verdict.facts, decision, tunnel.verdict.candidates)
+                continue
+            tunnel.closed_reason = Reason.REVOKED
+            tunnel.record.decided(
+                tunnel.verdict.facts,
+                Decision(
+                    allowed=False,
+                    reason=Reason.REVOKED,
+                    message=f"a policy change denies this open tunnel ({decision.reason.value}: {decision.message})",
+                    policy=decision.policy,
+                    rule=decision.rule,
+                    matched=decision.matched,
+                ),
+            )
+            self.close_client(state.client_id)
+            revoked += 1
+        return revoked
+
+    # ---- shared -----------------------------------------------------------------------------------------------
+    async def _decide(
+        self, state: ClientState, record: ConnectionRecord, request: http.Request, host_header: str | None
+    ) -> Verdict:
+        started = time.perf_counter()
+        host, port = request.host, request.port
+        record.set(server_address=host, server_port=port)
+        facts = Facts(identity=None, target=host, port=port, host_header=host_header)
+        not_ready = self.gate.not_ready()
+        if not_ready is not None:
+            verdict = Verdict(facts, not_ready)
+        else:
+            try:
+                identity = await self.gate.identify(state.address, request.headers.get("Proxy-Authorization"))
+            except AuthenticationFailed as exc:
+                verdict = Verdict(facts, adapter_denial(Reason.AUTH_REQUIRED, exc.reason))
+            else:
+                verdict = await self.gate.decide_target(identity, host, port, host_header)
+        if verdict.address is not None:
+            record.set(network_peer_address=str(verdict.address))
+        record.event("decided", duration_s=time.perf_counter() - started)
+        record.decided(verdict.facts, verdict.decision)
+        return verdict
+
+    @staticmethod
+    def _deny(flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
+        flow.response = responses.denial(decision)
+        record.set(http_response_status_code=flow.response.status_code)
+        record.close()
+        flow.metadata.pop(_RECORD_KEY, None)
+
+
+def _strip_hop_by_hop(headers: http.Headers) -> None:
+    named = [
+        token.strip().lower()
+        for value in headers.get_all("connection")
+        for token in value.split(",")
+        if token.strip() and token.strip().lower() not in _KEEP_CONNECTION_TOKENS
+    ]
+    for name in (*_HOP_BY_HOP, *named):
+        if name in headers:
+            del headers[name]
+
+
+class NextLayer:
+    """Replaces mitmproxy's `nextlayer` addon (same name, so the proxy server finds it): HTTP proxy, then tunnels."""
+
+    def __init__(self, gateway: GatewayAddon) -> None:
+        self.gateway = gateway
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        self.gateway.choose_layer(nextlayer)

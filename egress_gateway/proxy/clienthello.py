@@ -1,0 +1,165 @@
+"""TLS ClientHello parsing, sans I/O: the first bytes of a tunnel in, the SNI (and ALPN) out.
+
+Owns: `starts_like_tls`, `parse_client_hello`. It never decrypts anything and never answers the client; it only
+reads the cleartext ClientHello, which may span several TLS records. Pure: no sockets, no mitmproxy, no engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECORD_HEADER = 5
+HANDSHAKE = 0x16
+CLIENT_HELLO = 0x01
+EXT_SERVER_NAME = 0x0000
+EXT_ALPN = 0x0010
+EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+# A ClientHello with post-quantum key shares is ~1.8 KB; 64 KiB is far beyond any real one.
+MAX_CLIENT_HELLO = 64 * 1024
+MAX_RECORD = 2**14 + 2048
+
+
+class InvalidClientHello(ValueError):
+    """The bytes start like TLS but are not a well-formed ClientHello (or carry an unusable SNI)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    sni: str | None
+    alpn: tuple[str, ...] = ()
+    ech: bool = False  # an encrypted_client_hello extension is present (the SNI is then the outer, public name)
+
+
+def starts_like_tls(data: bytes) -> bool:
+    """True if `data` (at least 3 bytes are needed to be sure) begins a TLS handshake record."""
+    if not data:
+        return False
+    if data[0] != HANDSHAKE:
+        return False
+    if len(data) >= 2 and data[1] != 0x03:
+        return False
+    return not (len(data) >= 3 and data[2] > 0x04)
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, size: int, what: str) -> bytes:
+        end = self.pos + size
+        if end > len(self.data):
+            raise InvalidClientHello(f"truncated {what}")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def uint(self, size: int, what: str) -> int:
+        return int.from_bytes(self.take(size, what), "big")
+
+    def vector(self, length_size: int, what: str) -> bytes:
+        return self.take(self.uint(length_size, f"{what} length"), what)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+
+def _handshake_bytes(data: bytes) -> bytes | None:
+    """Concatenate handshake record payloads until the ClientHello message is complete; None = need more data."""
+    payload = bytearray()
+    pos = 0
+    while True:
+        if len(payload) >= 4:
+            if payload[0] != CLIENT_HELLO:
+                raise InvalidClientHello(f"first handshake message is type {payload[0]}, not ClientHello")
+            needed = 4 + int.from_bytes(payload[1:4], "big")
+            if needed > MAX_CLIENT_HELLO:
+                raise InvalidClientHello(f"ClientHello of {needed} bytes exceeds {MAX_CLIENT_HELLO}")
+            if len(payload) >= needed:
+                return bytes(payload[:needed])
+        if len(data) - pos < RECORD_HEADER:
+            return None
+        if data[pos] != HANDSHAKE or data[pos + 1] != 0x03:
+            raise InvalidClientHello("not a TLS handshake record")
+        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
+        if length == 0 or length > MAX_RECORD:
+            raise InvalidClientHello(f"TLS record length {length} is invalid")
+        end = pos + RECORD_HEADER + length
+        if end > len(data):
+            return None
+        payload += data[pos + RECORD_HEADER : end]
+        pos = end
+
+
+def _server_name(body: bytes) -> str:
+    reader = _Reader(body)
+    names = _Reader(reader.vector(2, "server_name list"))
+    host: str | None = None
+    while names.remaining:
+        name_type = names.uint(1, "server_name type")
+        value = names.vector(2, "server_name")
+        if name_type != 0:
+            continue
+        if host is not None:
+            raise InvalidClientHello("more than one host_name in the server_name extension")
+        if not value:
+            raise InvalidClientHello("empty host_name in the server_name extension")
+        try:
+            host = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidClientHello("host_name in the server_name extension is not ASCII") from None
+        if not host.isprintable() or " " in host:
+            raise InvalidClientHello("host_name in the server_name extension has invalid characters")
+    if reader.remaining:
+        raise InvalidClientHello("trailing bytes in the server_name extension")
+    if host is None:
+        raise InvalidClientHello("server_name extension without a host_name")
+    return host
+
+
+def _alpn(body: bytes) -> tuple[str, ...]:
+    reader = _Reader(body)
+    protocols = _Reader(reader.vector(2, "ALPN list"))
+    out = []
+    while protocols.remaining:
+        out.append(protocols.vector(1, "ALPN protocol").decode("ascii", "replace"))
+    return tuple(out)
+
+
+def parse_client_hello(data: bytes) -> ClientHello | None:
+    """Parse the ClientHello at the start of `data`.
+
+    Returns None when more bytes are needed, raises `InvalidClientHello` when the bytes are not a usable
+    ClientHello. Callers check `starts_like_tls` first to tell TLS from other protocols.
+    """
+    message = _handshake_bytes(data)
+    if message is None:
+        return None
+    reader = _Reader(message[4:])
+    reader.take(2, "legacy_version")
+    reader.take(32, "random")
+    reader.vector(1, "session_id")
+    reader.vector(2, "cipher_suites")
+    reader.vector(1, "compression_methods")
+    if not reader.remaining:
+        return ClientHello(sni=None)
+    extensions = _Reader(reader.vector(2, "extensions"))
+    if reader.remaining:
+        raise InvalidClientHello("trailing bytes after the extensions")
+    seen: set[int] = set()
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    while extensions.remaining:
+        ext_type = extensions.uint(2, "extension type")
+        ext_body = extensions.vector(2, "extension")
+        if ext_type in seen:
+            raise InvalidClientHello(f"duplicate TLS extension {ext_type}")
+        seen.add(ext_type)
+        if ext_type == EXT_SERVER_NAME:
+            sni = _server_name(ext_body)
+        elif ext_type == EXT_ALPN:
+            alpn = _alpn(ext_body)
+    return ClientHello(sni=sni, alpn=alpn, ech=EXT_ENCRYPTED_CLIENT_HELLO in seen)

@@ -1,0 +1,104 @@
+"""The embedded mitmproxy: a `Master` with only the proxy server and our addon, no console, no CA, no flows kept.
+
+Owns starting the listener, closing one client connection by id, and the graceful stop (stop accepting, let open
+connections drain up to a grace period, close the rest, shut the master down). Must run inside a running event loop.
+Imports mitmproxy and the addon; knows nothing about policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from mitmproxy import options
+from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.master import Master
+
+from egress_gateway.proxy.addon import GatewayAddon, NextLayer
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedProxy:
+    def __init__(self, host: str, port: int, *, idle_timeout_s: float, data_dir: Path | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.idle_timeout_s = idle_timeout_s
+        self.data_dir = data_dir
+        self.master: Master | None = None
+        self.proxyserver = Proxyserver()
+        self._run_task: asyncio.Task[None] | None = None
+
+    async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
+        """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
+        opts = options.Options()
+        master = Master(opts, event_loop=asyncio.get_running_loop())
+        # mitmproxy's deprecated `add_log` bridge fires a hook per log record; we log through structlog instead.
+        master._legacy_log_events.uninstall()
+        # Our addon first: its `server_connect` pins the checked IP before the proxy server's self-connect check.
+        master.addons.add(addon, NextLayer(addon), self.proxyserver)
+        updates: dict[str, object] = {
+            "mode": ["regular"],
+            "listen_host": self.host,
+            "listen_port": self.port,
+            # Never dial before our checks: the upstream opens only when our `next_layer` hands over the tunnel.
+            "connection_strategy": "lazy",
+            "tcp_timeout": max(1, round(self.idle_timeout_s)),
+            "http2": False,
+        }
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            updates["confdir"] = str(self.data_dir)
+        opts.update(**updates)
+        self.master = master
+        if not await self.proxyserver.setup_servers():
+            errors = [str(s.last_exception) for s in self.proxyserver.servers if s.last_exception]
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {'; '.join(errors) or 'unknown error'}")
+        self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
+        return [(str(a[0]), int(a[1])) for a in self.proxyserver.listen_addrs()]
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.proxyserver.connections)
+
+    def close_client(self, client_id: str) -> bool:
+        """Close one client connection (and with it its upstream). False if it is already gone."""
+        handler = self.proxyserver.connections.get(client_id)
+        if handler is None:
+            return False
+        io = handler.transports.get(handler.client)
+        if io is None:
+            return False
+        if io.handler is not None:
+            io.handler.cancel("closed by egress-gateway")
+        elif io.writer is not None:
+            io.writer.close()
+        return True
+
+    async def stop_accepting(self) -> None:
+        await self.proxyserver.servers.update([])
+
+    async def drain(self, grace_s: float) -> int:
+        """Wait for open connections to finish, up to `grace_s`; close what is left. Returns how many were closed."""
+        deadline = time.monotonic() + grace_s
+        while self.proxyserver.connections and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        leftover = [str(client_id) for client_id in self.proxyserver.connections]
+        for client_id in leftover:
+            self.close_client(client_id)
+        close_deadline = time.monotonic() + 2.0
+        while self.proxyserver.connections and time.monotonic() < close_deadline:
+            await asyncio.sleep(0.02)
+        return len(leftover)
+
+    async def shutdown(self) -> None:
+        if self.master is None:
+            return
+        self.master.shutdown()
+        if self._run_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run_task
+        self.master = None

@@ -1,0 +1,107 @@
+"""The gateway's decision procedure around the engine: identity, target, resolution, pinning, SNI.
+
+Owns: `Gate.decide_target` (everything that can be decided before any byte reaches a destination: readiness,
+target, rules, DNS and address safety, choosing the one IP to connect to), `Gate.decide_sni` (the ClientHello
+checks) and `Gate.redecide` (hot reload). No mitmproxy imports: the addon translates hooks into these calls, which
+keeps this procedure testable with plain values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from egress_gateway.identity.base import IdentityResolver
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason, adapter_denial
+from egress_gateway.policy.engine import Engine
+from egress_gateway.policy.errors import InvalidTarget
+from egress_gateway.policy.targets import normalize_host
+from egress_gateway.proxy.resolver import ResolveError, Resolver
+
+# Denials that no destination address can turn into an allow: answered before any DNS query is sent.
+_ADDRESS_INDEPENDENT = frozenset(
+    {
+        Reason.UNKNOWN_CLIENT,
+        Reason.INVALID_TARGET,
+        Reason.DENIED_BY_RULE,
+        Reason.NO_POLICY,
+        Reason.SNI_MISMATCH,
+        Reason.HOST_MISMATCH,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The outcome of the pre-connect checks. `facts.destination_ip` is the pinned address when allowed."""
+
+    facts: Facts
+    decision: Decision
+    candidates: tuple[IPAddress, ...] = ()
+
+    @property
+    def address(self) -> IPAddress | None:
+        return self.facts.destination_ip
+
+
+class Gate:
+    def __init__(
+        self,
+        engine: Engine,
+        identity: IdentityResolver,
+        resolver: Resolver,
+        ready: Callable[[], bool],
+    ) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.resolver = resolver
+        self.ready = ready
+
+    async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
+        """May raise `AuthenticationFailed` (-> 407)."""
+        return await self.identity.identify(client_ip, proxy_authorization)
+
+    def not_ready(self) -> Decision | None:
+        if self.ready():
+            return None
+        return adapter_denial(
+            Reason.POLICIES_NOT_LOADED, "the gateway has not loaded its policies yet; every connection is denied"
+        )
+
+    async def decide_target(
+        self, identity: Identity | None, host: str, port: int, host_header: str | None = None
+    ) -> Verdict:
+        facts = Facts(identity=identity, target=host, port=port, host_header=host_header)
+        first = self.engine.decide(facts)
+        if not first.allowed and first.reason in _ADDRESS_INDEPENDENT:
+            return Verdict(facts, first)
+        try:
+            normalized = normalize_host(host)
+        except InvalidTarget:  # the engine has already said so; keep its wording
+            return Verdict(facts, first)
+        if normalized.ip is not None:
+            pinned = replace(facts, destination_ip=normalized.ip)
+            return Verdict(pinned, self.engine.decide(pinned), (normalized.ip,))
+        assert normalized.name is not None
+        try:
+            candidates = await self.resolver.resolve(normalized.name)
+        except ResolveError as exc:
+            return Verdict(facts, adapter_denial(exc.reason, exc.message))
+        first_denial: Verdict | None = None
+        for address in candidates:
+            pinned = replace(facts, destination_ip=address)
+            decision = self.engine.decide(pinned)
+            if decision.allowed:
+                return Verdict(pinned, decision, candidates)
+            if first_denial is None:
+                first_denial = Verdict(pinned, decision, candidates)
+        assert first_denial is not None
+        return first_denial
+
+    def decide_sni(self, verdict: Verdict, sni: str | None) -> Verdict:
+        """Re-decide a tunnel with the SNI its ClientHello carries (consistency and SNI deny rules)."""
+        facts = replace(verdict.facts, sni=sni)
+        return Verdict(facts, self.engine.decide(facts), verdict.candidates)
+
+    def redecide(self, facts: Facts) -> Decision:
+        return self.engine.decide(facts)

@@ -1,0 +1,1 @@
+"""Reusable test helpers: a test CA, TLS/plain origin servers, a fake DNS server, the gateway as a subprocess."""

@@ -1,0 +1,95 @@
+"""Origin servers for proxy tests: HTTP and HTTPS on a loopback address, recording every TCP accept.
+
+Each response is JSON describing what the origin saw (method, path, headers, TLS server name), so a test can
+assert both what reached a destination and that nothing did (`accepted == 0`).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OriginServer
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        sni = getattr(self.connection, "egress_test_sni", None)
+        seen = {
+            "method": self.command,
+            "path": self.path,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "sni": sni,
+            "body": body.decode("utf-8", "replace"),
+            "origin": self.server.name,
+        }
+        self.server.requests.append(seen)
+        payload = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class OriginServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str, tls: ssl.SSLContext | None = None, name: str = "origin") -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, 0), _Handler)
+        self.tls = tls
+        self.name = name
+        self.accepted = 0
+        self.peers: list[tuple[str, int]] = []
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        if tls is not None:
+            tls.sni_callback = self._sni
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @staticmethod
+    def _sni(sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _ctx: ssl.SSLContext) -> None:
+        sslobj.egress_test_sni = name  # type: ignore[union-attr]
+
+    @property
+    def host(self) -> str:
+        return str(self.server_address[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, peer = self.socket.accept()
+        with self._lock:
+            self.accepted += 1
+            self.peers.append(peer)
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            sock.settimeout(10)
+        return sock, peer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that hang up mid-handshake are expected in these tests
+
+    def start(self) -> OriginServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
