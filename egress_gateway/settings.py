@@ -110,7 +110,7 @@ class KubernetesSettings(_Section):
     lease_name: str = "egress-gateway-status"
     lease_namespace: str | None = None  # default: the gateway's own namespace (POD_NAMESPACE)
     # Leader election for status writes (client-go defaults); lease > renew deadline > 1.2 x retry period.
-    lease_duration_s: float = Field(default=15.0, ge=2)
+    lease_duration_s: int = Field(default=15, ge=2)  # Lease spec.leaseDurationSeconds is an integer
     renew_deadline_s: float = Field(default=10.0, gt=1)
     retry_period_s: float = Field(default=2.0, ge=1)
     write_status: bool = True  # false: never write status (e.g. read-only RBAC)

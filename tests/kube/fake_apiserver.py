@@ -1,20 +1,20 @@
-"""A fake Kubernetes API server over real HTTP that follows the list/watch protocol closely enough to test against.
+"""A fake Kubernetes API server over real HTTP, following the list/watch protocol closely enough to test against.
 
 What it implements, the way kube-apiserver does:
 - a cluster-wide resourceVersion counter; every write stamps `metadata.resourceVersion`; `metadata.generation`
   starts at 1 and grows only when `spec` changes (status writes do not bump it);
 - list with `metadata.resourceVersion`, `limit`/`continue` paging, `labelSelector` and `fieldSelector`;
 - watch (`?watch=true`) from a resourceVersion as a chunked stream of JSON lines, BOOKMARK events when
-  `allowWatchBookmarks=true`, `timeoutSeconds` ending the stream cleanly, an ERROR event with a 410 Status when the
-  requested resourceVersion was compacted away, and ADDED/DELETED synthesized when an object moves in or out of a
-  field/label selector;
+  `allowWatchBookmarks=true`, `timeoutSeconds` ending the stream cleanly, an ERROR event with a 410 Status when
+  the requested resourceVersion was compacted away, ADDED/DELETED synthesized when an object moves in or out of
+  a field/label selector;
 - the status subresource (merge-patch of `status` only), TokenReview, and coordination.k8s.io Leases with
   optimistic concurrency (409 on a stale resourceVersion);
 - bearer-token authentication (401 otherwise); every request is logged with the token that made it.
 
 Test controls (thread-safe, called from the test thread): `put`, `delete`, `compact`, `go_down`/`come_up`,
-`cut_watches(mid_event=True)`, `add_token`, `requests`. Runs on its own event loop in a daemon thread.
-Imports nothing from egress_gateway.
+`cut_watches(mid_event=True)`, `add_token`, `add_review_token`, `requests`. Runs its own event loop in a daemon
+thread. Imports nothing from egress_gateway.
 """
 
 from __future__ import annotations
@@ -45,8 +45,13 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "namespaces": ("v1", "Namespace", False),
     "leases": ("coordination.k8s.io/v1", "Lease", True),
 }
-_GROUP_PREFIX = {"egresspolicies": "/apis/egressgateway.io/v1alpha1", "clusteregresspolicies": "/apis/egressgateway.io/v1alpha1",
-                 "pods": "/api/v1", "namespaces": "/api/v1", "leases": "/apis/coordination.k8s.io/v1"}
+_GROUP_PREFIX = {
+    "egresspolicies": "/apis/egressgateway.io/v1alpha1",
+    "clusteregresspolicies": "/apis/egressgateway.io/v1alpha1",
+    "pods": "/api/v1",
+    "namespaces": "/api/v1",
+    "leases": "/apis/coordination.k8s.io/v1",
+}
 
 
 def _now_rfc3339() -> str:
@@ -54,8 +59,15 @@ def _now_rfc3339() -> str:
 
 
 def _status(code: int, reason: str, message: str) -> Obj:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def _lookup(obj: Obj, dotted: str) -> Any:
@@ -221,7 +233,9 @@ class FakeApiServer:
     def kubeconfig(self, path: Path, token: str = "test-token") -> Path:
         self.add_token(token)
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "fake", "user": {"token": token}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
@@ -269,12 +283,25 @@ class FakeApiServer:
         with self._lock:
             return sum(1 for w in self._watchers if resource is None or w.resource == resource)
 
-    def add_review_token(self, token: str, *, username: str, audiences: list[str], exp: float,
-                         extra: dict[str, list[str]] | None = None, uid: str = "") -> None:
+    def add_review_token(
+        self,
+        token: str,
+        *,
+        username: str,
+        audiences: list[str],
+        exp: float,
+        extra: dict[str, list[str]] | None = None,
+        uid: str = "",
+    ) -> None:
         """Register a ServiceAccount token TokenReview will accept (for the listed audiences, until `exp`)."""
         with self._lock:
-            self._review_tokens[token] = {"username": username, "audiences": audiences, "exp": exp,
-                                          "extra": extra or {}, "uid": uid or str(uuid.uuid4())}
+            self._review_tokens[token] = {
+                "username": username,
+                "audiences": audiences,
+                "exp": exp,
+                "extra": extra or {},
+                "uid": uid or str(uuid.uuid4()),
+            }
 
     def requests_matching(self, predicate: Callable[[RequestRecord], bool]) -> list[RequestRecord]:
         with self._lock:
@@ -336,8 +363,9 @@ class FakeApiServer:
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
         response = await self._handle(request, token)
         with self._lock:
-            self.requests.append(RequestRecord(request.method, request.path, dict(request.query), token,
-                                               response.status))
+            self.requests.append(
+                RequestRecord(request.method, request.path, dict(request.query), token, response.status)
+            )
         return response
 
     async def _handle(self, request: web.Request, token: str | None) -> web.StreamResponse:
@@ -408,7 +436,10 @@ class FakeApiServer:
                     return web.json_response(body, status=410)
                 rv, items = self._snapshots.pop(cont)
             else:
-                rv, items = self._rv, [copy.deepcopy(o) for o in self._selected(resource, namespace, request.query)]
+                rv, items = (
+                    self._rv,
+                    [copy.deepcopy(o) for o in self._selected(resource, namespace, request.query)],
+                )
             page, rest = (items[:limit], items[limit:]) if limit else (items, [])
             meta: Obj = {"resourceVersion": str(rv)}
             if rest:
@@ -416,20 +447,27 @@ class FakeApiServer:
                 self._snapshots[token] = (rv, rest)
                 meta["continue"] = token
                 meta["remainingItemCount"] = len(rest)
-        return web.json_response({"apiVersion": api_version, "kind": f"{kind}List", "metadata": meta, "items": page},
-                                 dumps=json.dumps)
+        return web.json_response(
+            {"apiVersion": api_version, "kind": f"{kind}List", "metadata": meta, "items": page},
+            dumps=json.dumps,
+        )
 
     async def _watch(self, request: web.Request, resource: str, namespace: str | None) -> web.StreamResponse:
         query = request.query
         since = query.get("resourceVersion") or "0"
         timeout = float(query.get("timeoutSeconds") or 1800)
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
-        watcher = _Watcher(resource, namespace, parse_selector(query.get("labelSelector")),
-                           parse_selector(query.get("fieldSelector")), request=request)
+        watcher = _Watcher(
+            resource,
+            namespace,
+            parse_selector(query.get("labelSelector")),
+            parse_selector(query.get("fieldSelector")),
+            request=request,
+        )
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         watcher.response = response
-        await response.prepare(request)
+        # Registered before the headers go out: a client that saw 200 is reachable by go_down/cut_watches.
         with self._lock:
             backlog: list[tuple[str, Obj | None, Obj | None]] = []
             gone = since != "0" and int(since) < self._compacted_rv
@@ -439,6 +477,7 @@ class FakeApiServer:
                 backlog = [(k, o, n) for rv, r, k, o, n in self._log if r == resource and rv > int(since)]
             self._watchers.append(watcher)
         try:
+            await response.prepare(request)
             if gone:
                 status = _status(410, "Expired", f"too old resource version: {since} ({self._compacted_rv})")
                 await response.write(json.dumps({"type": "ERROR", "object": status}).encode() + b"\n")
@@ -453,8 +492,11 @@ class FakeApiServer:
                 except TimeoutError:
                     if bookmarks and time.monotonic() < deadline:
                         api_version, kind, _ = RESOURCES[resource]
-                        mark = {"kind": kind, "apiVersion": api_version,
-                                "metadata": {"resourceVersion": str(self._rv)}}
+                        mark = {
+                            "kind": kind,
+                            "apiVersion": api_version,
+                            "metadata": {"resourceVersion": str(self._rv)},
+                        }
                         await response.write(json.dumps({"type": "BOOKMARK", "object": mark}).encode() + b"\n")
                     continue
                 if item_or_none is None:
@@ -496,11 +538,14 @@ class FakeApiServer:
             request.transport.abort()
             watcher.queue.put_nowait(None)
 
-    async def _patch_status(self, request: web.Request, resource: str, namespace: str | None,
-                            name: str | None) -> web.Response:
+    async def _patch_status(
+        self, request: web.Request, resource: str, namespace: str | None, name: str | None
+    ) -> web.Response:
         if request.content_type != "application/merge-patch+json":
-            msg = f"the body of the request was in an unknown format - accepted media types include: " \
-                  f"application/merge-patch+json (got {request.content_type})"
+            msg = (
+                f"the body of the request was in an unknown format - accepted media types include: "
+                f"application/merge-patch+json (got {request.content_type})"
+            )
             return web.json_response(_status(415, "UnsupportedMediaType", msg), status=415)
         patch = await request.json()
         with self._lock:
@@ -548,12 +593,23 @@ class FakeApiServer:
         elif wanted and not set(wanted) & set(known["audiences"]):
             status = {"authenticated": False, "error": "token audiences don't match"}
         else:
-            status = {"authenticated": True, "audiences": [a for a in known["audiences"] if not wanted or a in wanted],
-                      "user": {"username": known["username"], "uid": known["uid"],
-                               "groups": ["system:serviceaccounts", "system:authenticated"],
-                               "extra": known["extra"]}}
-        out = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {"creationTimestamp": None},
-               "spec": review.get("spec", {}), "status": status}
+            status = {
+                "authenticated": True,
+                "audiences": [a for a in known["audiences"] if not wanted or a in wanted],
+                "user": {
+                    "username": known["username"],
+                    "uid": known["uid"],
+                    "groups": ["system:serviceaccounts", "system:authenticated"],
+                    "extra": known["extra"],
+                },
+            }
+        out = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "metadata": {"creationTimestamp": None},
+            "spec": review.get("spec", {}),
+            "status": status,
+        }
         return web.json_response(out, status=201)
 
 

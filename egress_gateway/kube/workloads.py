@@ -1,0 +1,298 @@
+"""The cluster's workloads as the identity resolvers need them: pods by IP and by name, namespaces' labels.
+
+Owns: `WorkloadIndex`, fed by two reflectors (Pods in all namespaces with a server-side field selector that drops
+finished pods, and Namespaces). It keeps only what identity needs (name, labels, service account, IPs, phase,
+creation time) and indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the
+node's). When an IP is claimed by several pods (reuse during churn), the newest running, not terminating pod owns
+it. `WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one pair of watches).
+Imports the decision types, settings and the kube plumbing; never the proxy or the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
+
+import structlog
+from kubernetes.aio.client import ApiClient, CoreV1Api
+
+from egress_gateway.kube.client import connect
+from egress_gateway.kube.reflector import Backoff, RawObject, Reflector
+from egress_gateway.policy.decision import Identity
+from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
+from egress_gateway.settings import KubernetesSettings, Settings
+
+PodKey = tuple[str, str]  # (namespace, name)
+# Finished pods never own an address again; let the API server drop them (and send DELETED when a pod finishes).
+POD_FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def canonical_ip(text: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(text.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+@dataclass(frozen=True, slots=True)
+class PodRecord:
+    namespace: str
+    name: str
+    labels: Mapping[str, str]
+    service_account: str | None
+    ips: tuple[str, ...]
+    running: bool
+    terminating: bool
+    created: str  # RFC 3339, sorts chronologically
+    seen: int  # arrival order, breaks ties within one second
+
+    def rank(self) -> tuple[bool, bool, str, int]:
+        return (self.running, not self.terminating, self.created, self.seen)
+
+
+def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
+    meta = raw.get("metadata") or {}
+    spec = raw.get("spec") or {}
+    status = raw.get("status") or {}
+    if spec.get("hostNetwork"):
+        return None
+    ips = [entry.get("ip", "") for entry in status.get("podIPs") or [] if isinstance(entry, dict)]
+    if status.get("podIP"):
+        ips.append(status["podIP"])
+    canonical = tuple(dict.fromkeys(ip for ip in (canonical_ip(i) for i in ips if i) if ip))
+    phase = status.get("phase")
+    if phase in ("Succeeded", "Failed"):
+        return None
+    return PodRecord(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        labels=MappingProxyType(dict(meta.get("labels") or {})),
+        service_account=spec.get("serviceAccountName"),
+        ips=canonical,
+        running=phase == "Running",
+        terminating=bool(meta.get("deletionTimestamp")),
+        created=str(meta.get("creationTimestamp") or ""),
+        seen=seen,
+    )
+
+
+class WorkloadIndex:
+    _shared: ClassVar[dict[int, tuple[Settings, WorkloadIndex]]] = {}
+
+    def __init__(self, settings: KubernetesSettings, api: ApiClient | None = None) -> None:
+        self.settings = settings
+        self._api = api
+        self._own_api = api is None
+        self._log = structlog.get_logger("egress_gateway.kube.workloads")
+        self._pods: dict[PodKey, PodRecord] = {}
+        self._claims: dict[str, set[PodKey]] = {}  # ip -> pods that list it
+        self._owner: dict[str, PodKey] = {}  # ip -> the pod that owns it
+        self._namespaces: dict[str, Mapping[str, str]] = {}
+        self._identities: dict[PodKey, Identity] = {}
+        self._seen = itertools.count()
+        self.reflectors: dict[str, Reflector] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._users = 0
+
+    @classmethod
+    def shared(cls, settings: Settings) -> WorkloadIndex:
+        """One index per Settings object, shared by the resolvers built from it."""
+        entry = cls._shared.get(id(settings))
+        if entry is None or entry[0] is not settings:
+            entry = (settings, cls(settings.kubernetes))
+            cls._shared[id(settings)] = entry
+        return entry[1]
+
+    # ---------------------------------------------------------------- lifecycle
+    @property
+    def ready(self) -> bool:
+        return bool(self.reflectors) and all(r.synced for r in self.reflectors.values())
+
+    async def start(self) -> None:
+        self._users += 1
+        if self._tasks:
+            return
+        if self._api is None:
+            self._api = await connect(self.settings)
+        core = CoreV1Api(self._api)
+        backoff_cap = self.settings.backoff_max_s
+        self.reflectors = {
+            "Pod": Reflector(
+                "Pod",
+                core.list_pod_for_all_namespaces_without_preload_content,
+                on_replace=self._replace_pods,
+                on_event=self._pod_event,
+                watch_timeout_s=self.settings.watch_timeout_s,
+                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                selectors={"field_selector": POD_FIELD_SELECTOR},
+            ),
+            "Namespace": Reflector(
+                "Namespace",
+                core.list_namespace_without_preload_content,
+                on_replace=self._replace_namespaces,
+                on_event=self._namespace_event,
+                watch_timeout_s=self.settings.watch_timeout_s,
+                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+            ),
+        }
+        self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{n}") for n, r in self.reflectors.items()]
+
+    async def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users:
+            return
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._api is not None and self._own_api:
+            await self._api.close()
+            self._api = None
+
+    async def wait_ready(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(r.synced_event.wait() for r in self.reflectors.values()))
+        return self.ready
+
+    def staleness_seconds(self) -> float | None:
+        values = [r.staleness_seconds() for r in self.reflectors.values()]
+        if not values or any(v is None for v in values):
+            return None
+        return max(v for v in values if v is not None)
+
+    # ---------------------------------------------------------------- lookups (data path: dict reads only)
+    def owner_of(self, ip: str) -> PodRecord | None:
+        canonical = canonical_ip(ip)
+        key = self._owner.get(canonical) if canonical else None
+        return self._pods.get(key) if key else None
+
+    def identity_for_ip(self, ip: str) -> Identity | None:
+        canonical = canonical_ip(ip)
+        key = self._owner.get(canonical) if canonical else None
+        return self.identity_for_pod(*key) if key else None
+
+    def identity_for_pod(self, namespace: str, name: str) -> Identity | None:
+        key = (namespace, name)
+        identity = self._identities.get(key)
+        if identity is not None:
+            return identity
+        record = self._pods.get(key)
+        if record is None:
+            return None
+        identity = Identity(
+            namespace=namespace,
+            pod=name,
+            labels=record.labels,
+            namespace_labels=self.namespace_labels(namespace),
+            service_account=record.service_account,
+        )
+        self._identities[key] = identity
+        return identity
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str]:
+        labels = self._namespaces.get(namespace)
+        if labels is None:
+            return MappingProxyType({NAMESPACE_NAME_LABEL: namespace})
+        return labels
+
+    # ---------------------------------------------------------------- pods
+    def _replace_pods(self, items: list[RawObject]) -> None:
+        listed: dict[PodKey, RawObject] = {}
+        for raw in items:
+            meta = raw.get("metadata") or {}
+            listed[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = raw
+        for key in set(self._pods) - set(listed):
+            self._remove_pod(key)
+        for key, raw in listed.items():
+            self._upsert_pod(key, raw)
+        self._log.info("kube_pods_indexed", pods=len(self._pods), addresses=len(self._owner))
+
+    def _pod_event(self, event: str, raw: RawObject) -> None:
+        meta = raw.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        if event == "DELETED":
+            self._remove_pod(key)
+        else:
+            self._upsert_pod(key, raw)
+
+    def _upsert_pod(self, key: PodKey, raw: RawObject) -> None:
+        old = self._pods.get(key)
+        record = pod_record(raw, old.seen if old is not None else next(self._seen))
+        if record is None:
+            self._remove_pod(key)
+            return
+        if old == record:
+            return
+        self._pods[key] = record
+        self._identities.pop(key, None)
+        touched = set(record.ips) | set(old.ips if old else ())
+        for ip in set(old.ips if old else ()) - set(record.ips):
+            self._claims.get(ip, set()).discard(key)
+        for ip in record.ips:
+            self._claims.setdefault(ip, set()).add(key)
+        self._elect(touched)
+
+    def _remove_pod(self, key: PodKey) -> None:
+        old = self._pods.pop(key, None)
+        self._identities.pop(key, None)
+        if old is None:
+            return
+        for ip in old.ips:
+            self._claims.get(ip, set()).discard(key)
+        self._elect(set(old.ips))
+
+    def _elect(self, ips: set[str]) -> None:
+        for ip in ips:
+            claimants = self._claims.get(ip)
+            if not claimants:
+                self._claims.pop(ip, None)
+                self._owner.pop(ip, None)
+                continue
+            winner = max(claimants, key=lambda k: self._pods[k].rank())
+            if self._owner.get(ip) != winner:
+                self._owner[ip] = winner
+                if len(claimants) > 1:
+                    self._log.info(
+                        "kube_pod_ip_reassigned", ip=ip, pod=f"{winner[0]}/{winner[1]}", claimants=len(claimants)
+                    )
+
+    # ---------------------------------------------------------------- namespaces
+    def _replace_namespaces(self, items: list[RawObject]) -> None:
+        listed = {str((raw.get("metadata") or {}).get("name", "")): raw for raw in items}
+        for name in set(self._namespaces) - set(listed):
+            self._set_namespace(name, None)
+        for name, raw in listed.items():
+            self._set_namespace(name, raw)
+
+    def _namespace_event(self, event: str, raw: RawObject) -> None:
+        name = str((raw.get("metadata") or {}).get("name", ""))
+        self._set_namespace(name, None if event == "DELETED" else raw)
+
+    def _set_namespace(self, name: str, raw: RawObject | None) -> None:
+        if raw is None:
+            labels: Mapping[str, str] | None = None
+        else:
+            values: dict[str, Any] = dict((raw.get("metadata") or {}).get("labels") or {})
+            values.setdefault(NAMESPACE_NAME_LABEL, name)
+            labels = MappingProxyType(values)
+        if self._namespaces.get(name) == labels:
+            return
+        if labels is None:
+            self._namespaces.pop(name, None)
+        else:
+            self._namespaces[name] = labels
+        for key in [k for k in self._identities if k[0] == name]:
+            del self._identities[key]

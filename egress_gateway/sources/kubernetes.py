@@ -1,0 +1,230 @@
+"""Policy source: EgressPolicy (all namespaces) and ClusterEgressPolicy objects from the Kubernetes API.
+
+Owns: `KubernetesPolicySource(settings, store)`. One `Reflector` per kind lists and watches; every object is
+validated with `validate_object` (the same validator as `lint`) and applied to the `PolicyStore` one object at
+a time (`upsert`/`delete`; a full list or relist goes through `replace_group` plus deletes, one publish). An
+invalid object never replaces its last valid version; one that was never valid contributes nothing. What was
+decided about each generation goes to the `StatusWriter` (Accepted condition + observedGeneration), which only
+the Lease holder runs. The store is marked loaded once both kinds are listed; after that the gateway stays
+ready and keeps the last known policies whatever happens to the API server, exposing staleness instead.
+Imports the policy core, the kube plumbing and audit metrics; never the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from functools import partial
+from typing import Any
+
+import structlog
+from kubernetes.aio.client import ApiClient, CustomObjectsApi
+
+from egress_gateway.audit import metrics
+from egress_gateway.kube.client import connect
+from egress_gateway.kube.leader import StatusLeaderElection
+from egress_gateway.kube.reflector import Backoff, RawObject, Reflector
+from egress_gateway.kube.status import PLURALS, Acceptance, StatusWriter
+from egress_gateway.policy.errors import PolicyValidationError
+from egress_gateway.policy.model import API_GROUP, API_VERSION
+from egress_gateway.policy.store import ObjectKey, PolicyStore, Versioned
+from egress_gateway.policy.validation import validate_object
+from egress_gateway.settings import Settings
+
+KINDS = ("EgressPolicy", "ClusterEgressPolicy")
+
+
+def _key(kind: str, raw: RawObject) -> ObjectKey:
+    meta = raw.get("metadata") or {}
+    namespace = meta.get("namespace") if kind == "EgressPolicy" else None
+    return (kind, namespace, str(meta.get("name", "")))
+
+
+def _version(raw: RawObject) -> str:
+    generation = (raw.get("metadata") or {}).get("generation")
+    if isinstance(generation, int):
+        return str(generation)
+    digest = hashlib.sha256(json.dumps(raw.get("spec"), sort_keys=True, default=str).encode()).hexdigest()
+    return f"sha256:{digest[:12]}"
+
+
+def _name(key: ObjectKey) -> str:
+    kind, namespace, name = key
+    return f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
+
+
+class KubernetesPolicySource:
+    def __init__(self, settings: Settings, store: PolicyStore, log: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.log = log or structlog.get_logger("egress_gateway.sources.kubernetes")
+        self.api: ApiClient | None = None
+        self.reflectors: dict[str, Reflector] = {}
+        self.status_writer: StatusWriter | None = None
+        self.election: StatusLeaderElection | None = None
+        self.invalid: dict[ObjectKey, str] = {}  # key -> problem, for objects whose latest generation is invalid
+        self._good: dict[ObjectKey, Versioned] = {}  # last valid version of each object
+        self._seen: dict[ObjectKey, str] = {}  # last generation looked at (valid or not)
+        self._known: dict[str, set[ObjectKey]] = {kind: set() for kind in KINDS}
+        self._ready = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.applied_at: dict[ObjectKey, float] = {}  # monotonic time each object was last applied (benchmarks)
+
+    # ---------------------------------------------------------------- PolicySource
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def staleness_seconds(self) -> float | None:
+        values = [r.staleness_seconds() for r in self.reflectors.values()]
+        if not values or any(v is None for v in values):
+            return None
+        return max(v for v in values if v is not None)
+
+    @property
+    def watch_restarts(self) -> int:
+        return sum(r.watch_restarts + r.relists for r in self.reflectors.values())
+
+    @property
+    def leader(self) -> bool:
+        return self.election is not None and self.election.leader
+
+    async def start(self) -> None:
+        k = self.settings.kubernetes
+        self.api = await connect(k)
+        custom = CustomObjectsApi(self.api)
+        backoff_cap = k.backoff_max_s
+        for kind in KINDS:
+            call = partial(
+                custom.list_cluster_custom_object_without_preload_content,
+                API_GROUP,
+                API_VERSION,
+                PLURALS[kind],
+            )
+            self.reflectors[kind] = Reflector(
+                kind,
+                call,
+                on_replace=partial(self._on_replace, kind),
+                on_event=partial(self._on_event, kind),
+                watch_timeout_s=k.watch_timeout_s,
+                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                on_restart=partial(metrics.watch_restarted, kind),
+            )
+        self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{kind}") for kind, r in self.reflectors.items()]
+        if k.write_status:
+            writer = StatusWriter(custom, backoff=Backoff(base_s=0.5, cap_s=backoff_cap))
+            self.status_writer = writer
+            self.election = StatusLeaderElection(self.api, k, writer.set_leader)
+            self._tasks.append(asyncio.create_task(writer.run(), name="kube-status-writer"))
+            self._tasks.append(asyncio.create_task(self.election.run(), name="kube-leader-election"))
+        self.log.info("kube_policy_source_started", write_status=k.write_status)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self.api is not None:
+            await self.api.close()
+            self.api = None
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """For tools and tests: wait until both kinds are listed (or the timeout passes)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(r.synced_event.wait() for r in self.reflectors.values()))
+        return self._ready
+
+    # ---------------------------------------------------------------- handlers (run on the event loop)
+    def _on_replace(self, kind: str, items: list[RawObject]) -> None:
+        listed = {_key(kind, raw): raw for raw in items}
+        for key in self._known[kind] - listed.keys():
+            self._forget(key)
+        batch: list[Versioned] = []
+        now = time.monotonic()
+        for key, raw in listed.items():
+            if self._evaluate(key, raw):
+                self.applied_at[key] = now
+            good = self._good.get(key)
+            if good is not None:
+                batch.append(good)
+        self._known[kind] = set(listed)
+        self.store.replace_group(f"kubernetes/{kind}", batch)
+        self._report_counts(kind)
+        if not self._ready and all(r.synced or r.name == kind for r in self.reflectors.values()):
+            self._ready = True
+            self.store.mark_loaded()
+            self.log.info("kube_policies_loaded", policies=len(self._good), invalid=len(self.invalid))
+
+    def _on_event(self, kind: str, event: str, raw: RawObject) -> None:
+        key = _key(kind, raw)
+        if event == "DELETED":
+            self._known[kind].discard(key)
+            self._forget(key)
+        else:
+            self._known[kind].add(key)
+            if self._evaluate(key, raw):
+                good = self._good[key]
+                self.store.upsert(good.policy, good.version)
+                self.applied_at[key] = time.monotonic()
+        self._report_counts(kind)
+
+    def _evaluate(self, key: ObjectKey, raw: RawObject) -> bool:
+        """Validate one object if its generation is new. True when a new valid version must go to the store."""
+        version = _version(raw)
+        generation = (raw.get("metadata") or {}).get("generation")
+        changed = False
+        if self._seen.get(key) != version:
+            self._seen[key] = version
+            try:
+                policy = validate_object(raw)
+            except PolicyValidationError as exc:
+                self.invalid[key] = "; ".join(str(e) for e in exc.errors)
+                kept = self._good.get(key)
+                self.log.error(
+                    "policy_rejected",
+                    policy=_name(key),
+                    generation=generation,
+                    errors=[str(e) for e in exc.errors],
+                    kept_version=kept.version if kept else None,
+                )
+            else:
+                self.invalid.pop(key, None)
+                self._good[key] = Versioned(policy, version)
+                changed = True
+        if self.status_writer is not None:
+            self.status_writer.observe(key, raw.get("status"), self._acceptance(key, generation))
+        return changed
+
+    def _acceptance(self, key: ObjectKey, generation: Any) -> Acceptance:
+        gen = generation if isinstance(generation, int) else None
+        problem = self.invalid.get(key)
+        if problem is None:
+            return Acceptance(True, "Valid", "policy is valid and in force", gen)
+        kept = self._good.get(key)
+        tail = (
+            f" (generation {kept.version}, the last valid one, stays in force)"
+            if kept
+            else " (nothing from this policy is in force)"
+        )
+        return Acceptance(False, "Invalid", problem + tail, gen)
+
+    def _forget(self, key: ObjectKey) -> None:
+        self._seen.pop(key, None)
+        self.invalid.pop(key, None)
+        self.applied_at.pop(key, None)
+        if self.status_writer is not None:
+            self.status_writer.forget(key)
+        if self._good.pop(key, None) is not None:
+            self.store.delete(key)
+            self.log.info("policy_removed", policy=_name(key))
+
+    def _report_counts(self, kind: str) -> None:
+        loaded = sum(1 for k in self._good if k[0] == kind)
+        invalid = sum(1 for k in self.invalid if k[0] == kind)
+        metrics.set_policy_counts(kind, loaded=loaded, invalid=invalid)
