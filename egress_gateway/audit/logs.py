@@ -23,9 +23,7 @@ _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
 _decision_log = structlog.get_logger("egress_gateway.audit")
 
 
-def redact_secrets(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
+def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: never let a credential reach a log line, whoever logged it."""
     for key in list(event_dict):
         if key != "event" and is_secret_key(key):

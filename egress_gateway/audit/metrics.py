@@ -70,9 +70,7 @@ def namespace_label(namespace: str | None) -> str:
     return namespace or UNKNOWN_NAMESPACE
 
 
-def record_decision(
-    namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None
-) -> None:
+def record_decision(namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None) -> None:
     ns = namespace_label(namespace)
     DECISIONS.labels(namespace=ns, decision=decision, reason=reason).inc()
     if would_deny_reason is not None:
@@ -102,9 +100,7 @@ def set_policy_counts(kind: str, *, loaded: int, invalid: int) -> None:
     POLICIES.labels(kind=kind, state="invalid").set(invalid)
 
 
-def track_source(
-    source: str, staleness_seconds: Callable[[], float | None], ready: Callable[[], bool]
-) -> None:
+def track_source(source: str, staleness_seconds: Callable[[], float | None], ready: Callable[[], bool]) -> None:
     """Read staleness and readiness from the source at scrape time (`source` is "files" or "kubernetes")."""
 
     def _staleness() -> float:

@@ -240,9 +240,7 @@ class SpanRecord:
         self._decisions = 0
         self._closed = False
         self._closed_event = False
-        self._span: Span = tracer.start_span(
-            f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes
-        )
+        self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
         context = self._span.get_span_context()
         self.trace_id = format_trace_id(context.trace_id)
         self.span_id = format_span_id(context.span_id)
@@ -277,9 +275,7 @@ class SpanRecord:
         self._decision = fields.decision_attributes(decision)
         self._namespace = facts.identity.namespace if facts.identity else None
         self._denied = None if decision.allowed else decision.message
-        event = {
-            key: self._decision[key] for key in (fields.DECISION, fields.REASON) if key in self._decision
-        }
+        event = {key: self._decision[key] for key in (fields.DECISION, fields.REASON) if key in self._decision}
         for key in (fields.POLICY, fields.RULE, fields.WOULD_DENY):
             if key in self._decision:
                 event[key] = self._decision[key]
@@ -306,9 +302,7 @@ class SpanRecord:
         self._closed = True
         try:
             if not self._closed_event:
-                self._span.add_event(
-                    "closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received}
-                )
+                self._span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
             self._span.set_attributes({**self._attributes, **self._decision})
             self._span.set_attribute(fields.BYTES_SENT, bytes_sent)
             self._span.set_attribute(fields.BYTES_RECEIVED, bytes_received)

@@ -1,0 +1,57 @@
+"""Rendering rows for the `audit` command: an aligned plain-text table, JSON lines, or CSV.
+
+Plain text on purpose (no colours, no terminal-width tricks) so that output pasted in docs or piped to `less` and
+`grep` reads the same. Imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TextIO
+
+MAX_CELL = 48
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = str(value)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def write_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str]], out: TextIO) -> int:
+    """`columns` are (key, header). Returns the number of rows written."""
+    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    headers = [header for _, header in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n")
+    for row in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return len(cells)
+
+
+def write_json_lines(rows: Iterable[Mapping[str, Any]], out: TextIO) -> int:
+    count = 0
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        count += 1
+    return count
+
+
+def write_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None, out: TextIO) -> int:
+    """CSV with a header. Without `columns`, the union of keys in first-seen order (rows are buffered)."""
+    materialized = list(rows)
+    if columns is None:
+        seen: dict[str, None] = {}
+        for row in materialized:
+            seen.update(dict.fromkeys(row))
+        columns = list(seen)
+    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in materialized:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    return len(materialized)

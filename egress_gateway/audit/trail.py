@@ -1,0 +1,385 @@
+"""Reading the JSON-lines audit trail: files (plain, gzip, rotated) or stdin -> `FlowRecord`s, filters, summaries.
+
+Owns: decoding OTLP/JSON span lines (AnyValue attributes), ordering rotated files oldest first, relative and
+absolute time bounds, `FlowFilter`, and the `--summary` grouping. Bad lines are counted and skipped, never fatal.
+Pure reading: imports `fields` only; must not import the proxy, the sources or the OpenTelemetry SDK.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import io
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from egress_gateway.audit import fields
+
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_REPORTED_BAD_LINES = 20
+STATUS_ERROR = 2
+_ROTATION_RE = re.compile(r"^(?P<base>.+?)(?:\.(?P<index>\d+))?(?:\.gz)?$")
+_RELATIVE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$", re.IGNORECASE)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def any_value(value: Mapping[str, Any]) -> Any:
+    """Decode an OTLP/JSON AnyValue."""
+    if "stringValue" in value:
+        return value["stringValue"]
+    if "boolValue" in value:
+        return bool(value["boolValue"])
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "doubleValue" in value:
+        return float(value["doubleValue"])
+    if "arrayValue" in value:
+        return [any_value(v) for v in value["arrayValue"].get("values", [])]
+    if "kvlistValue" in value:
+        return {kv["key"]: any_value(kv.get("value", {})) for kv in value["kvlistValue"].get("values", [])}
+    if "bytesValue" in value:
+        return value["bytesValue"]
+    return None
+
+
+def decode_attributes(items: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
+    return {item["key"]: any_value(item.get("value", {})) for item in items or ()}
+
+
+def _nanos_to_datetime(nanos: int) -> datetime:
+    return datetime.fromtimestamp(nanos / 1e9, tz=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    name: str
+    time: datetime
+    attributes: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One recorded connection (one span line of the trail)."""
+
+    trace_id: str
+    span_id: str
+    name: str
+    start: datetime
+    end: datetime
+    attributes: Mapping[str, Any]
+    status_code: int = 0
+    status_message: str = ""
+    events: tuple[FlowEvent, ...] = ()
+    resource: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> FlowRecord:
+        status = obj.get("status") or {}
+        code = status.get("code", 0)
+        if isinstance(code, str):  # enum names, in case a producer wrote them that way
+            code = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}.get(code, 0)
+        return cls(
+            trace_id=str(obj.get("traceId", "")),
+            span_id=str(obj.get("spanId", "")),
+            name=str(obj.get("name", "")),
+            start=_nanos_to_datetime(int(obj.get("startTimeUnixNano", 0))),
+            end=_nanos_to_datetime(int(obj.get("endTimeUnixNano", obj.get("startTimeUnixNano", 0)))),
+            attributes=decode_attributes(obj.get("attributes")),
+            status_code=int(code),
+            status_message=str(status.get("message", "")),
+            events=tuple(
+                FlowEvent(
+                    name=str(e.get("name", "")),
+                    time=_nanos_to_datetime(int(e.get("timeUnixNano", 0))),
+                    attributes=decode_attributes(e.get("attributes")),
+                )
+                for e in obj.get("events", [])
+            ),
+            resource=decode_attributes((obj.get("resource") or {}).get("attributes")),
+        )
+
+    def _str(self, key: str) -> str | None:
+        value = self.attributes.get(key)
+        return None if value is None else str(value)
+
+    @property
+    def method(self) -> str:
+        return self._str(fields.HTTP_METHOD) or self.name.removeprefix("egress ")
+
+    @property
+    def namespace(self) -> str | None:
+        return self._str(fields.K8S_NAMESPACE)
+
+    @property
+    def pod(self) -> str | None:
+        return self._str(fields.K8S_POD)
+
+    @property
+    def host(self) -> str | None:
+        return self._str(fields.SERVER_ADDRESS)
+
+    @property
+    def port(self) -> int | None:
+        value = self.attributes.get(fields.SERVER_PORT)
+        return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
+
+    @property
+    def destination(self) -> str:
+        host = self.host or "?"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}" if self.port is not None else host
+
+    @property
+    def sni(self) -> str | None:
+        return self._str(fields.TLS_SERVER_NAME)
+
+    @property
+    def peer_address(self) -> str | None:
+        return self._str(fields.NETWORK_PEER_ADDRESS)
+
+    @property
+    def decision(self) -> str | None:
+        return self._str(fields.DECISION)
+
+    @property
+    def reason(self) -> str | None:
+        return self._str(fields.REASON)
+
+    @property
+    def policy(self) -> str | None:
+        return self._str(fields.POLICY)
+
+    @property
+    def policy_version(self) -> str | None:
+        return self._str(fields.POLICY_VERSION)
+
+    @property
+    def rule(self) -> str | None:
+        return self._str(fields.RULE)
+
+    @property
+    def would_deny(self) -> bool:
+        return self.attributes.get(fields.WOULD_DENY) is True
+
+    @property
+    def pod_labels(self) -> dict[str, str]:
+        return _prefixed(self.attributes, fields.K8S_POD_LABEL_PREFIX)
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return _prefixed(self.attributes, fields.K8S_NAMESPACE_LABEL_PREFIX)
+
+    def flat(self) -> dict[str, Any]:
+        """A flat dict for json/csv output: ids, times, then every attribute under its own name."""
+        out: dict[str, Any] = {
+            "time": self.start.isoformat(),
+            "end_time": self.end.isoformat(),
+            "duration_ms": round((self.end - self.start).total_seconds() * 1000, 3),
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "name": self.name,
+            "status": {0: "unset", 1: "ok", 2: "error"}.get(self.status_code, str(self.status_code)),
+        }
+        out.update(self.attributes)
+        return out
+
+
+def _prefixed(attributes: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    return {k[len(prefix) :]: str(v) for k, v in attributes.items() if k.startswith(prefix)}
+
+
+# ---- files -----------------------------------------------------------------------------------------------------
+
+
+def _rotation_key(path: Path) -> tuple[str, int, str]:
+    """`audit.jsonl.3.gz` before `audit.jsonl.1` before `audit.jsonl`: oldest first within one base name."""
+    match = _ROTATION_RE.match(path.name)
+    assert match is not None
+    index = int(match.group("index")) if match.group("index") else 0
+    return (str(path.parent / match.group("base")), -index, path.name)
+
+
+def expand_paths(paths: Sequence[str]) -> list[str]:
+    """Files as given; a directory becomes its (non-hidden) files; rotated siblings are ordered oldest first."""
+    out: list[str] = []
+    for text in paths:
+        if text == "-":
+            out.append(text)
+            continue
+        path = Path(text)
+        if path.is_dir():
+            children = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+            out.extend(str(p) for p in sorted(children, key=_rotation_key))
+        else:
+            out.append(text)
+    files = [p for p in out if p != "-"]
+    ordered = sorted(files, key=lambda p: _rotation_key(Path(p)))
+    return ordered + (["-"] if "-" in out else [])
+
+
+def _open_binary(source: str) -> io.BufferedIOBase:
+    """The decompressed byte stream of a file or stdin; gzip is recognized by its magic bytes, not the name."""
+    raw: Any = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115
+    buffered: io.BufferedReader = raw if isinstance(raw, io.BufferedReader) else io.BufferedReader(raw)
+    if buffered.peek(2)[:2] == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=buffered)
+    return buffered
+
+
+@dataclass(slots=True)
+class ReadStats:
+    files: int = 0
+    lines: int = 0
+    records: int = 0
+    skipped: int = 0
+    bad_lines: list[str] = field(default_factory=list)  # "file:line: problem", the first MAX_REPORTED only
+
+    def bad(self, where: str, problem: str) -> None:
+        if len(self.bad_lines) < MAX_REPORTED_BAD_LINES:
+            self.bad_lines.append(f"{where}: {problem}")
+        self.skipped += 1
+
+
+def read_records(sources: Sequence[str], stats: ReadStats | None = None) -> Iterator[FlowRecord]:
+    """Every span line of every source, in file order. Raises OSError for a file that cannot be opened."""
+    stats = stats if stats is not None else ReadStats()
+    for source in expand_paths(sources) if sources else ["-"]:
+        stats.files += 1
+        with _open_binary(source) as stream:
+            name = "<stdin>" if source == "-" else source
+            for number, raw in enumerate(stream, start=1):
+                line = raw.strip()
+                if not line:
+                    continue
+                stats.lines += 1
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict) or "traceId" not in obj:
+                        raise ValueError("not an OTLP span object (no traceId)")
+                    record = FlowRecord.from_json(obj)
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    stats.bad(f"{name}:{number}", str(exc)[:120])
+                    continue
+                stats.records += 1
+                yield record
+
+
+# ---- filters ---------------------------------------------------------------------------------------------------
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """`1h`, `30m`, `2d`, `90s`, `1w` ago, or an ISO 8601 instant (UTC when no offset is given)."""
+    now = now or datetime.now(UTC)
+    match = _RELATIVE_RE.match(text)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2).lower()
+        return now - timedelta(**{_UNITS[unit]: amount})
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use a duration ago (30m, 1h, 2d, 1w) or ISO 8601 (2026-11-26T10:00:00Z)"
+        ) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowFilter:
+    namespace: str | None = None
+    pod: str | None = None  # glob
+    decision: str | None = None  # allow | deny
+    reason: str | None = None
+    host: str | None = None  # glob, case-insensitive
+    would_deny: bool = False
+    since: datetime | None = None
+    until: datetime | None = None
+    policy: str | None = None  # "Kind/ns/name", "ns/name" or "name"
+    rule: str | None = None
+
+    def matches(self, record: FlowRecord) -> bool:
+        if self.namespace is not None and record.namespace != self.namespace:
+            return False
+        if self.pod is not None and not fnmatch.fnmatchcase(record.pod or "", self.pod):
+            return False
+        if self.decision is not None and record.decision != self.decision:
+            return False
+        if self.reason is not None and record.reason != self.reason:
+            return False
+        if self.host is not None and not fnmatch.fnmatchcase((record.host or "").lower(), self.host.lower()):
+            return False
+        if self.would_deny and not record.would_deny:
+            return False
+        if self.since is not None and record.start < self.since:
+            return False
+        if self.until is not None and record.start > self.until:
+            return False
+        if self.policy is not None and not _policy_matches(self.policy, record):
+            return False
+        return self.rule is None or self.rule in (record.rule, record.attributes.get(fields.WOULD_DENY_RULE))
+
+
+def _policy_matches(wanted: str, record: FlowRecord) -> bool:
+    for ref in (record.policy, record.attributes.get(fields.WOULD_DENY_POLICY)):
+        if not ref:
+            continue
+        ref = str(ref)
+        if ref == wanted or ref.endswith("/" + wanted):
+            return True
+    return False
+
+
+# ---- summary ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SummaryRow:
+    namespace: str
+    destination: str
+    decision: str
+    count: int = 0
+    would_deny: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+
+    def add(self, record: FlowRecord) -> None:
+        self.count += 1
+        self.would_deny += record.would_deny
+        self.reasons[record.reason or "-"] += 1
+        if self.first_seen is None or record.start < self.first_seen:
+            self.first_seen = record.start
+        if self.last_seen is None or record.start > self.last_seen:
+            self.last_seen = record.start
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "destination": self.destination,
+            "decision": self.decision,
+            "count": self.count,
+            "would_deny": self.would_deny,
+            "reasons": ",".join(f"{r}={n}" for r, n in self.reasons.most_common()),
+            "first_seen": self.first_seen.isoformat() if self.first_seen else "",
+            "last_seen": self.last_seen.isoformat() if self.last_seen else "",
+        }
+
+
+def summarize(records: Iterable[FlowRecord], top: int | None = None) -> list[SummaryRow]:
+    """Counts grouped by (namespace, destination, decision), most frequent first."""
+    rows: dict[tuple[str, str, str], SummaryRow] = {}
+    for record in records:
+        key = (record.namespace or "-", record.destination, record.decision or "-")
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = SummaryRow(*key)
+        row.add(record)
+    ordered = sorted(rows.values(), key=lambda r: (-r.count, r.namespace, r.destination, r.decision))
+    return ordered[:top] if top else ordered

@@ -1,0 +1,332 @@
+"""`egress-gateway audit [FILE...]`: query the JSON-lines audit trail (files, rotated, gzip, or stdin).
+
+Lists connections matching the filters, or with --summary counts them by namespace, destination and decision;
+--suggest-policy NAMESPACE prints the EgressPolicy that would allow exactly what the namespace was seen using;
+--replay POLICIES_DIR re-decides every recorded connection under candidate policies and reports what would flip.
+
+Exit codes: 0 done; 1 --replay found allowed connections the candidate would deny (a CI gate), or
+--suggest-policy found nothing to suggest; 2 usage error, unreadable trail, invalid policies or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from egress_gateway.audit import fields
+from egress_gateway.audit.render import write_csv, write_json_lines, write_table
+from egress_gateway.audit.trail import FlowFilter, FlowRecord, ReadStats, parse_time, read_records, summarize
+
+FLOW_COLUMNS = (
+    ("time", "TIME"),
+    ("namespace", "NAMESPACE"),
+    ("pod", "POD"),
+    ("method", "METHOD"),
+    ("destination", "DESTINATION"),
+    ("sni", "SNI"),
+    ("peer", "PEER IP"),
+    ("decision", "DECISION"),
+    ("reason", "REASON"),
+    ("policy", "POLICY"),
+    ("rule", "RULE"),
+    ("would_deny", "WOULD DENY"),
+)
+CSV_COLUMNS = (
+    "time",
+    "trace_id",
+    "span_id",
+    "namespace",
+    "pod",
+    "client",
+    "method",
+    "host",
+    "port",
+    "sni",
+    "peer",
+    "decision",
+    "reason",
+    "policy",
+    "policy_version",
+    "rule",
+    "would_deny",
+    "would_deny_policy",
+    "would_deny_rule",
+    "status_code",
+    "bytes_sent",
+    "bytes_received",
+    "duration_ms",
+)
+SUMMARY_COLUMNS = (
+    ("count", "COUNT"),
+    ("namespace", "NAMESPACE"),
+    ("destination", "DESTINATION"),
+    ("decision", "DECISION"),
+    ("would_deny", "WOULD DENY"),
+    ("reasons", "REASONS"),
+    ("last_seen", "LAST SEEN"),
+)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value")
+    return key, value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="query the audit trail: filter, summarize, suggest a policy, replay candidate policies",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "files", nargs="*", metavar="FILE", help="trail files or directories (rotated and .gz are fine); '-' = stdin"
+    )
+    filters = parser.add_argument_group("filters (all must match)")
+    filters.add_argument("--namespace", help="client namespace")
+    filters.add_argument("--pod", help="client pod name (glob)")
+    filters.add_argument("--decision", choices=("allow", "deny"))
+    filters.add_argument("--reason", help="reason code, e.g. no_matching_rule, sni_mismatch")
+    filters.add_argument("--host", help="requested host (glob, case-insensitive), e.g. '*.amazonaws.com'")
+    filters.add_argument("--would-deny", action="store_true", help="only flows an Audit-mode policy would deny")
+    filters.add_argument("--since", help="start bound: a duration ago (30m, 1h, 2d) or ISO 8601")
+    filters.add_argument("--until", help="end bound: a duration ago or ISO 8601")
+    filters.add_argument("--policy", help="deciding policy: Kind/namespace/name, namespace/name or name")
+    filters.add_argument("--rule", help="deciding (or would-deny) rule name")
+    parser.add_argument("--output", choices=("table", "json", "csv"), default="table")
+
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--summary", action="store_true", help="counts by namespace, destination and decision")
+    modes.add_argument("--suggest-policy", metavar="NAMESPACE", help="print an EgressPolicy for what NAMESPACE used")
+    modes.add_argument("--replay", type=Path, metavar="POLICIES_DIR", help="re-decide under candidate policies")
+    parser.add_argument("--top", type=_positive, default=20, help="--summary: rows to show (default 20)")
+    parser.add_argument(
+        "--pod-label", type=_label, action="append", default=[], metavar="K=V", help="--suggest-policy: pod selector"
+    )
+    parser.add_argument("--collapse", action="store_true", help="--suggest-policy: siblings become '*.parent'")
+    parser.add_argument("--name", help="--suggest-policy: metadata.name (default NAMESPACE-observed)")
+    parser.add_argument("--mode", choices=("Enforce", "Audit"), default="Enforce", help="--suggest-policy: spec.mode")
+    parser.add_argument("--config", type=Path, help="--replay: gateway config (default_action, allowed_ranges, ...)")
+    parser.add_argument("--default-action", choices=("Allow", "Deny"), help="--replay: override the config")
+    parser.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"audit: {message}", file=sys.stderr)
+    return 2
+
+
+def _flow_row(record: FlowRecord) -> dict[str, Any]:
+    attrs = record.attributes
+    client = attrs.get(fields.CLIENT_ADDRESS)
+    return {
+        "time": record.start.strftime("%Y-%m-%d %H:%M:%S"),
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "namespace": record.namespace,
+        "pod": record.pod,
+        "client": f"{client}:{attrs.get(fields.CLIENT_PORT)}" if client else None,
+        "method": record.method,
+        "destination": record.destination,
+        "host": record.host,
+        "port": record.port,
+        "sni": record.sni,
+        "peer": record.peer_address,
+        "decision": record.decision,
+        "reason": record.reason,
+        "policy": record.policy,
+        "policy_version": record.policy_version,
+        "rule": record.rule,
+        "would_deny": record.would_deny,
+        "would_deny_policy": attrs.get(fields.WOULD_DENY_POLICY),
+        "would_deny_rule": attrs.get(fields.WOULD_DENY_RULE),
+        "status_code": attrs.get(fields.HTTP_STATUS),
+        "bytes_sent": attrs.get(fields.BYTES_SENT),
+        "bytes_received": attrs.get(fields.BYTES_RECEIVED),
+        "duration_ms": round((record.end - record.start).total_seconds() * 1000, 3),
+    }
+
+
+def _build_filter(args: argparse.Namespace) -> FlowFilter:
+    return FlowFilter(
+        namespace=args.namespace,
+        pod=args.pod,
+        decision=args.decision,
+        reason=args.reason,
+        host=args.host,
+        would_deny=args.would_deny,
+        since=parse_time(args.since) if args.since else None,
+        until=parse_time(args.until) if args.until else None,
+        policy=args.policy,
+        rule=args.rule,
+    )
+
+
+def _selected(args: argparse.Namespace, flow_filter: FlowFilter, stats: ReadStats) -> Iterator[FlowRecord]:
+    return (r for r in read_records(args.files, stats) if flow_filter.matches(r))
+
+
+def _list(records: Iterator[FlowRecord], output: str) -> int:
+    if output == "json":  # every attribute, for jq
+        return write_json_lines((r.flat() for r in records), sys.stdout)
+    if output == "csv":
+        return write_csv((_flow_row(r) for r in records), CSV_COLUMNS, sys.stdout)
+    return write_table((_flow_row(r) for r in records), FLOW_COLUMNS, sys.stdout)
+
+
+def _summary(records: Iterator[FlowRecord], output: str, top: int) -> int:
+    rows = [row.as_dict() for row in summarize(records, top)]
+    for row in rows:
+        row["last_seen"] = row["last_seen"][:19].replace("T", " ")
+    if output == "json":
+        return write_json_lines(rows, sys.stdout)
+    if output == "csv":
+        return write_csv(rows, None, sys.stdout)
+    return write_table(rows, SUMMARY_COLUMNS, sys.stdout)
+
+
+def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
+    from egress_gateway.audit.suggest import suggest_policy
+
+    suggestion = suggest_policy(
+        records,
+        args.suggest_policy,
+        pod_labels=dict(args.pod_label),
+        collapse=args.collapse,
+        name=args.name,
+        mode=args.mode,
+    )
+    if suggestion.flows == 0:
+        selector = "".join(f", pod label {k}={v}" for k, v in args.pod_label)
+        print(
+            f"audit: no allowed connections of namespace {args.suggest_policy!r}{selector} in the trail; "
+            "nothing to suggest",
+            file=sys.stderr,
+        )
+        return 1
+    sys.stdout.write(suggestion.to_yaml())
+    return 0
+
+
+def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
+    import json
+
+    from egress_gateway.audit.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
+    from egress_gateway.policy.engine import Engine, EngineConfig
+    from egress_gateway.policy.store import PolicyStore
+    from egress_gateway.settings import load_settings
+    from egress_gateway.sources.files import load_into_store
+
+    if not args.replay.exists():
+        return _fail(f"--replay {args.replay}: no such file or directory")
+    try:
+        settings = load_settings(args.config) if args.config else None
+    except Exception as exc:
+        return _fail(f"invalid config: {exc}")
+    store = PolicyStore()
+    errors = load_into_store([args.replay], store)
+    if errors:
+        for err in errors:
+            print(f"audit: invalid policy: {err}", file=sys.stderr)
+        return 2
+    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
+    config = EngineConfig(
+        default_allow=default_action == "Allow",
+        allowed_ranges=tuple(
+            ipaddress.ip_network(r, strict=False) for r in (settings.allowed_ranges if settings else [])
+        ),
+        require_sni_match=settings.require_sni_match if settings else True,
+    )
+    report = replay(records, Engine(config, store.current))
+    if args.output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    elif args.output == "csv":
+        write_csv(
+            report.as_dict()["flips"], ("change", "count", "namespace", "destination", "before", "after"), sys.stdout
+        )
+    else:
+        out = sys.stdout
+        policies = len(store.current)
+        out.write(
+            f"replayed {report.replayed} connection(s) under {policies} candidate policy object(s) from {args.replay}\n"
+        )
+        out.write(
+            f"  allow -> deny: {report.count(ALLOW_TO_DENY)}   deny -> allow: {report.count(DENY_TO_ALLOW)}   "
+            f"allow -> would deny: {report.count(NEWLY_WOULD_DENY)}   unchanged: {report.unchanged}\n"
+        )
+        if report.not_replayable:
+            skipped = ", ".join(f"{reason}={n}" for reason, n in report.not_replayable.most_common())
+            out.write(f"  not replayable (decided outside the policy engine): {skipped}\n")
+        if report.flips:
+            out.write("\n")
+            rows = [
+                {
+                    "change": key.change,
+                    "count": count,
+                    "namespace": key.namespace,
+                    "destination": key.destination,
+                    "before": key.before,
+                    "after": key.after,
+                }
+                for key, count in report.groups()
+            ]
+            write_table(
+                rows,
+                (
+                    ("change", "CHANGE"),
+                    ("count", "COUNT"),
+                    ("namespace", "NAMESPACE"),
+                    ("destination", "DESTINATION"),
+                    ("before", "BEFORE"),
+                    ("after", "AFTER"),
+                ),
+                out,
+            )
+    return 1 if report.blocks_allowed_traffic else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        flow_filter = _build_filter(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.suggest_policy and args.namespace and args.namespace != args.suggest_policy:
+        return _fail("--namespace and --suggest-policy name different namespaces")
+    for path in args.files:
+        if path != "-" and not Path(path).exists():
+            return _fail(f"{path}: no such file or directory")
+    stats = ReadStats()
+    records = _selected(args, flow_filter, stats)
+    try:
+        if args.summary:
+            code = 0
+            _summary(records, args.output, args.top)
+        elif args.suggest_policy:
+            code = _suggest(records, args)
+        elif args.replay is not None:
+            code = _replay(records, args)
+        else:
+            code = 0
+            _list(records, args.output)
+    except BrokenPipeError:  # `audit ... | head`
+        return 0
+    except OSError as exc:
+        return _fail(f"cannot read the trail: {exc}")
+    if stats.skipped:
+        print(f"audit: skipped {stats.skipped} line(s) that are not trail spans:", file=sys.stderr)
+        for line in stats.bad_lines:
+            print(f"  {line}", file=sys.stderr)
+    return code
