@@ -3,7 +3,7 @@
 Owns: `WorkloadIndex`, fed by two reflectors (Pods in all namespaces with a server-side field selector that drops
 finished pods, and Namespaces). It keeps only what identity needs (name, labels, service account, IPs, phase,
 creation time) and indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the
-node's). When an IP is claimed by several pods (reuse during churn), the newest running, not terminating pod owns
+node's). When an IP is claimed by several pods (reuse during churn), the newest pod that is not terminating owns
 it. `WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one pair of watches).
 Imports the decision types, settings and the kube plumbing; never the proxy or the engine.
 """
@@ -56,8 +56,10 @@ class PodRecord:
     created: str  # RFC 3339, sorts chronologically
     seen: int  # arrival order, breaks ties within one second
 
-    def rank(self) -> tuple[bool, bool, str, int]:
-        return (self.running, not self.terminating, self.created, self.seen)
+    def rank(self) -> tuple[bool, str, int]:
+        # A pod that lists an IP is using it (a Pending pod's init containers already are); the CNI hands an IP
+        # to a new pod only after the old sandbox is gone, so the newest, not terminating claimant is the owner.
+        return (not self.terminating, self.created, self.seen)
 
 
 def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
