@@ -117,6 +117,15 @@ def test_files_source_needs_no_policy_or_lease_permissions(helm3: Helm) -> None:
     assert mounts["policies"] == "/etc/egress-gateway/policies"
 
 
+def test_read_only_status_drops_status_and_lease_permissions(helm3: Helm, tmp_path: Path) -> None:
+    objects = helm3.objects(set_values=("config.kubernetes.writeStatus=false",))
+    rules = _rules(objects, "ClusterRole")
+    assert ("egressgateway.io", "egresspolicies", ("get", "list", "watch"), ()) in rules
+    assert not [row for row in rules if row[1].endswith("/status")]
+    assert not find(objects, "Role") and not find(objects, "RoleBinding")
+    assert _rendered_settings(objects, tmp_path).kubernetes.write_status is False
+
+
 # ---- Deployment ----
 
 
