@@ -28,3 +28,8 @@ class PodIdentityResolver:
 
     async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
         return self.index.identity_for_ip(client_ip)
+
+
+def build(settings: Settings) -> PodIdentityResolver:
+    """Factory used by the app's `identity.mode` wiring."""
+    return PodIdentityResolver(settings)

@@ -194,3 +194,8 @@ class TokenIdentityResolver:
         namespace, _, account = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
         pods = (status.user.extra or {}).get(POD_NAME_EXTRA) or []
         return Review(namespace=namespace, service_account=account or None, pod=pods[0] if pods else None)
+
+
+def build(settings: Settings) -> TokenIdentityResolver:
+    """Factory used by the app's `identity.mode` wiring."""
+    return TokenIdentityResolver(settings)

@@ -22,8 +22,9 @@ _SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespa
 _DEFAULT_KUBECONFIG = Path("~/.kube/config").expanduser()
 
 
-class KubeConfigError(RuntimeError):
-    """No usable way to reach the API server (the message says what was tried)."""
+class KubeConfigError(OSError):
+    """No usable way to reach the API server (the message says what was tried). An OSError, like a missing
+    file, so that `run` reports it as a startup failure."""
 
 
 async def connect(settings: KubernetesSettings) -> ApiClient:

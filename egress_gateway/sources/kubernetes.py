@@ -114,6 +114,7 @@ class KubernetesPolicySource:
                 on_restart=partial(metrics.watch_restarted, kind),
             )
         self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{kind}") for kind, r in self.reflectors.items()]
+        metrics.track_source("kubernetes", self.staleness_seconds, lambda: self.ready)
         if k.write_status:
             writer = StatusWriter(custom, backoff=Backoff(base_s=0.5, cap_s=backoff_cap))
             self.status_writer = writer

@@ -1,0 +1,172 @@
+"""`egress-gateway run` with `policy_source: kubernetes` against the fake API server, through the real proxy.
+
+The gateway is a subprocess reading a kubeconfig that points at the fake; clients are curl and raw sockets bound
+to loopback "pod" addresses; origins are TLS servers on other loopback addresses.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kube.conftest import GV
+from tests.kube.fake_apiserver import FakeApiServer
+from tests.proxy.conftest import STATIC_IDENTITIES, connect, curl
+from tests.support.gateway import GatewayProcess
+from tests.support.origins import OriginServer
+from tests.support.tls import TestCA
+
+ORIGIN = "127.0.0.31"
+HOSTS = {"allowed.test": [ORIGIN], "other.test": [ORIGIN]}
+
+
+def policy(name: str, hosts: list[str]) -> dict[str, Any]:
+    return {
+        "apiVersion": GV,
+        "kind": "EgressPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {"rules": [{"name": "r1", "hosts": hosts}]},
+    }
+
+
+def gateway_config(kubeconfig: Path, **kubernetes: Any) -> dict[str, Any]:
+    return {
+        "policy_source": "kubernetes",
+        "kubernetes": {
+            "kubeconfig": str(kubeconfig),
+            "lease_namespace": "egress-system",
+            "lease_duration_s": 3,
+            "renew_deadline_s": 2,
+            "retry_period_s": 1,
+            "backoff_max_s": 0.5,
+            **kubernetes,
+        },
+        "allowed_ranges": ["127.0.0.0/8"],
+        "identity": {"mode": ["static"], "static": STATIC_IDENTITIES},
+        "resolver": {"hosts": HOSTS},
+    }
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[tuple[OriginServer, TestCA]]:
+    ca = TestCA(tmp_path / "ca")
+    server = OriginServer(ORIGIN, ca.issue("allowed.test", "other.test").server_context(), "tls").start()
+    try:
+        yield server, ca
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    yield started
+    for gateway in started:
+        gateway.stop()
+
+
+def connect_status(gateway: GatewayProcess, authority: str) -> int:
+    answer = connect(gateway.proxy_port, authority)
+    answer.sock.close()
+    return answer.status
+
+
+def poll_status(gateway: GatewayProcess, authority: str, wanted: int, timeout: float) -> float:
+    start = time.monotonic()
+    while connect_status(gateway, authority) != wanted:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"CONNECT {authority} did not answer {wanted} within {timeout}s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_policy_add_modify_delete_enforced_through_the_proxy_within_one_second(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, ca = origin
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    gateway = GatewayProcess(tmp_path / "gw", gateway_config(kubeconfig)).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_policies_loaded", timeout=15)
+    assert http_get(f"{gateway.admin_url}/readyz")[0] == 200
+    target = f"allowed.test:{server.port}"
+    assert connect_status(gateway, target) == 403
+
+    apiserver.put(policy("web", ["allowed.test"]))
+    assert poll_status(gateway, target, 200, 1.0) < 1.0
+    result = curl(gateway, f"https://allowed.test:{server.port}/k8s", ca=ca)
+    assert result.exit_code == 0 and result.status == 200, result.stderr
+    assert result.json()["sni"] == "allowed.test"
+
+    apiserver.put(policy("web", ["other.test"]))
+    assert poll_status(gateway, target, 403, 1.0) < 1.0
+    assert connect_status(gateway, f"other.test:{server.port}") == 200
+
+    apiserver.delete("egresspolicies", "shop", "web")
+    assert poll_status(gateway, f"other.test:{server.port}", 403, 1.0) < 1.0
+
+    # an invalid edit keeps the last good version in force, and says so in status
+    apiserver.put(policy("web", ["allowed.test"]))
+    poll_status(gateway, target, 200, 1.0)
+    apiserver.put(policy("web", ["allowed.test", "not a host"]))
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        obj = apiserver.get("egresspolicies", "shop", "web") or {}
+        conditions = (obj.get("status") or {}).get("conditions") or []
+        if any(c["type"] == "Accepted" and c["status"] == "False" for c in conditions):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("Accepted=False never written")
+    assert "spec.rules[0].hosts[1]" in conditions[-1]["message"]
+    assert connect_status(gateway, target) == 200
+
+
+def test_not_ready_503_until_first_list_then_enforcing_while_the_api_server_is_down(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    apiserver.put(policy("web", ["allowed.test"]))
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    apiserver.go_down()
+    gateway = GatewayProcess(tmp_path / "gw", gateway_config(kubeconfig, write_status=False)).start()
+    gateways.append(gateway)
+    target = f"allowed.test:{server.port}"
+
+    status, body = http_get(f"{gateway.admin_url}/readyz")
+    assert status == 503 and "policies_not_loaded" in body
+    answer = connect(gateway.proxy_port, target)
+    answer.sock.close()
+    assert answer.status == 503
+    assert "policies_not_loaded" in answer.headers.get("proxy-status", "") + answer.body.decode()
+
+    apiserver.come_up()
+    gateway.wait_for("kube_policies_loaded", timeout=10)
+    assert http_get(f"{gateway.admin_url}/readyz")[0] == 200
+    assert connect_status(gateway, target) == 200
+
+    apiserver.go_down()
+    gateway.wait_for("kube_watch_error", lambda e: (e.get("staleness_s") or 0) > 0, timeout=10)
+    time.sleep(1.2)
+    assert connect_status(gateway, target) == 200  # last known policies still enforced
+    assert http_get(f"{gateway.admin_url}/readyz")[0] == 200  # still ready
+    metrics = http_get(f"{gateway.admin_url}/metrics")[1]
+    line = next(
+        m
+        for m in metrics.splitlines()
+        if m.startswith('egress_gateway_policy_source_staleness_seconds{source="kubernetes"}')
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 1.0
