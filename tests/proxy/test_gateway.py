@@ -15,10 +15,8 @@ import pytest
 
 from tests.proxy.conftest import (
     ANALYTICS_POD,
-    PAYMENTS_POD,
     STATIC_IDENTITIES,
     UNKNOWN_POD,
-    closed_by_peer,
     connect,
     curl,
     raw_request,
