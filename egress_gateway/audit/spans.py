@@ -240,6 +240,7 @@ class SpanRecord:
         self._decisions = 0
         self._closed = False
         self._closed_event = False
+        self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
         context = self._span.get_span_context()
         self.trace_id = format_trace_id(context.trace_id)
@@ -250,13 +251,16 @@ class SpanRecord:
     def event(self, name: str, **attributes: Any) -> None:
         if self._closed:
             return
-        if name == "closed":
-            self._closed_event = True
         values = {
             key: value
             for key, value in ((k, fields.to_attribute_value(v)) for k, v in attributes.items())
             if value is not None and not fields.is_secret_key(key)
         }
+        if name == "decided":  # `decided()` writes this event; keep what the caller measured (e.g. duration_s)
+            self._pending_decided.update(values)
+            return
+        if name == "closed":
+            self._closed_event = True
         self._span.add_event(name, values)
 
     @_never_raise
@@ -279,6 +283,8 @@ class SpanRecord:
         for key in (fields.POLICY, fields.RULE, fields.WOULD_DENY):
             if key in self._decision:
                 event[key] = self._decision[key]
+        event.update(self._pending_decided)
+        self._pending_decided = {}
         self._span.add_event("decided", event)
         metrics.record_decision(
             self._namespace,

@@ -248,3 +248,15 @@ def test_identity_is_recorded_once_even_for_an_unknown_client(recorder: MemoryRe
     assert "k8s.namespace.name" not in attrs
     assert attrs["egress.reason"] == "unknown_client"
     assert SHOP.namespace == "shop"
+
+
+def test_a_decided_event_from_the_proxy_merges_into_the_decision_event(recorder: MemoryRecorder) -> None:
+    record = recorder.open("CONNECT", "127.0.0.2", 40013)
+    record.event("decided", duration_s=0.0004)
+    record.decided(facts(), allow())
+    record.event("closed")
+    record.close(bytes_sent=3)
+    (span,) = recorder.exporter.get_finished_spans()
+    assert [e.name for e in span.events] == ["decided", "closed"]
+    decided = dict(span.events[0].attributes or {})
+    assert decided["duration_s"] == 0.0004 and decided["egress.decision"] == "allow"
