@@ -32,9 +32,11 @@ def test_lint_strict_passes(helm: Helm, values: tuple[Path, ...]) -> None:
     assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout
 
 
-def _kubernetes_validate(manifest: Path, kubernetes_version: str) -> subprocess.CompletedProcess[str]:
+def _kubernetes_validate(manifests: str, kubernetes_version: str) -> subprocess.CompletedProcess[str]:
+    """`helm template ... | kubernetes-validate --strict -k VERSION -`"""
     return subprocess.run(
-        [str(KUBERNETES_VALIDATE), "--strict", "-k", kubernetes_version, str(manifest)],
+        [str(KUBERNETES_VALIDATE), "--strict", "-k", kubernetes_version, "-"],
+        input=manifests,
         capture_output=True,
         text=True,
         timeout=300,
@@ -59,10 +61,8 @@ def test_rendered_manifests_pass_kubernetes_validate_strict(
         )
         values = (source,)
     rendered = helm.template(*(Path(v) for v in values), extra=("--include-crds",))
-    manifest = tmp_path / "rendered.yaml"
-    manifest.write_text(rendered)
 
-    result = _kubernetes_validate(manifest, kubernetes_version)
+    result = _kubernetes_validate(rendered, kubernetes_version)
 
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -74,12 +74,10 @@ def test_rendered_manifests_pass_kubernetes_validate_strict(
     assert any("deployment/" in line for line in passed)
 
 
-def test_kubernetes_validate_really_rejects_unknown_fields(helm3: Helm, tmp_path: Path) -> None:
+def test_kubernetes_validate_really_rejects_unknown_fields(helm3: Helm) -> None:
     """Guards the test above: strict validation must fail on a field Kubernetes does not know."""
     rendered = helm3.template().replace("revisionHistoryLimit:", "revisionHistoryLimitt:")
-    manifest = tmp_path / "broken.yaml"
-    manifest.write_text(rendered)
-    result = _kubernetes_validate(manifest, "1.37.0")
+    result = _kubernetes_validate(rendered, "1.37.0")
     assert result.returncode != 0
     assert "revisionHistoryLimitt" in result.stdout + result.stderr
 
