@@ -1,0 +1,131 @@
+"""ClientHello parsing from real handshakes (Python's TLS stack writing into memory), fed whole, in pieces, split
+across records, and broken."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
+
+from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
+
+
+def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def split_into_records(hello: bytes, size: int) -> bytes:
+    """Re-frame one handshake record as several records of at most `size` payload bytes (legal TLS)."""
+    header, payload = hello[:5], hello[5:]
+    out = b""
+    for start in range(0, len(payload), size):
+        chunk = payload[start : start + size]
+        out += header[:3] + len(chunk).to_bytes(2, "big") + chunk
+    return out
+
+
+def test_sni_and_alpn_are_extracted() -> None:
+    parsed = parse_client_hello(client_hello("api.example.com", ["h2", "http/1.1"]))
+    assert parsed is not None
+    assert parsed.sni == "api.example.com"
+    assert parsed.alpn == ("h2", "http/1.1")
+
+
+def test_no_sni_for_ip_literal_connections() -> None:
+    parsed = parse_client_hello(client_hello(None))
+    assert parsed is not None and parsed.sni is None
+
+
+def test_incomplete_data_asks_for_more_at_every_length() -> None:
+    hello = client_hello("api.example.com")
+    for cut in range(len(hello)):
+        assert parse_client_hello(hello[:cut]) is None, cut
+    assert parse_client_hello(hello) is not None
+
+
+def test_client_hello_split_across_records() -> None:
+    hello = split_into_records(client_hello("split.example.com"), 7)
+    parsed = parse_client_hello(hello)
+    assert parsed is not None and parsed.sni == "split.example.com"
+
+
+def test_agrees_with_mitmproxys_parser() -> None:
+    for name in ("a.example", "xn--bcher-kva.example", "very.long." * 20 + "example"):
+        hello = client_hello(name)
+        ours = parse_client_hello(hello)
+        theirs = mitmproxy_parse(hello)
+        assert ours is not None and theirs is not None
+        assert ours.sni == theirs.sni
+
+
+def test_starts_like_tls() -> None:
+    assert starts_like_tls(b"\x16")
+    assert starts_like_tls(b"\x16\x03\x01\x02\x00")
+    assert not starts_like_tls(b"GET / HTTP/1.1\r\n")
+    assert not starts_like_tls(b"\x16\x02")
+    assert not starts_like_tls(b"")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x16\x03\x01\x00\x00",  # empty record
+        b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",  # a ServerHello where a ClientHello belongs
+        b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00",  # ClientHello body too short
+        b"\x16\x03\x01\x00\x04\x01\xff\xff\xff",  # declared length beyond any real ClientHello
+    ],
+)
+def test_malformed_client_hellos_are_rejected(data: bytes) -> None:
+    with pytest.raises(InvalidClientHello):
+        parse_client_hello(data)
+
+
+def test_record_of_another_type_in_the_middle_is_rejected() -> None:
+    hello = split_into_records(client_hello("x.example.com"), 50)
+    broken = hello[:55] + b"\x17" + hello[56:]
+    with pytest.raises(InvalidClientHello):
+        parse_client_hello(broken)
+
+
+def _with_server_name_extension(body: bytes) -> bytes:
+    """A minimal ClientHello whose only extension is `server_name` with `body`."""
+    extension = (0).to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+    extensions = len(extension).to_bytes(2, "big") + extension
+    hello_body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + extensions
+    handshake = b"\x01" + len(hello_body).to_bytes(3, "big") + hello_body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
+
+
+def _names(*names: bytes) -> bytes:
+    entries = b"".join(b"\x00" + len(n).to_bytes(2, "big") + n for n in names)
+    return len(entries).to_bytes(2, "big") + entries
+
+
+def test_handmade_client_hello_parses() -> None:
+    parsed = parse_client_hello(_with_server_name_extension(_names(b"made.example.com")))
+    assert parsed is not None and parsed.sni == "made.example.com"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _names(b"a.example.com", b"b.example.com"),  # two host names: which one would the server use?
+        _names(b""),
+        _names(b"caf\xc3\xa9.example"),  # raw UTF-8 instead of A-labels
+        _names(b"bad name.example"),
+        _names(b"ok.example.com") + b"\x00",  # trailing garbage
+    ],
+)
+def test_ambiguous_or_invalid_server_names_are_rejected(body: bytes) -> None:
+    with pytest.raises(InvalidClientHello):
+        parse_client_hello(_with_server_name_extension(body))
