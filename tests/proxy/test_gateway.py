@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,7 +283,9 @@ def test_name_resolving_to_private_address_without_cidr_rule_is_denied(env: Env)
     assert answer.body.startswith(b"private_address: ")
 
 
-def test_loopback_is_blocked_without_allowed_ranges(tmp_path: Path, make_gateway, make_origin, ca: TestCA) -> None:  # type: ignore[no-untyped-def]
+def test_loopback_is_blocked_without_allowed_ranges(
+    make_gateway: Callable[..., GatewayProcess], make_origin: Callable[..., OriginServer], ca: TestCA
+) -> None:
     origin = make_origin(TLS_ORIGIN, ca.issue("allowed.test").server_context())
     gateway = make_gateway(
         {"identity": {"static": STATIC_IDENTITIES}, "resolver": {"hosts": {"allowed.test": [TLS_ORIGIN]}}},

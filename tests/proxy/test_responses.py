@@ -44,4 +44,4 @@ def test_details_are_escaped_as_an_sf_string() -> None:
 
 def test_body_is_one_line_even_for_multi_line_messages() -> None:
     response = denial(adapter_denial(Reason.DENIED_BY_RULE, "first\nsecond"))
-    assert response.content.count(b"\n") == 1
+    assert response.content is not None and response.content.count(b"\n") == 1

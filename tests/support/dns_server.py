@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import dns.message
 import dns.rcode
@@ -18,7 +18,7 @@ import dns.rrset
 
 
 class ScriptedDNS:
-    def __init__(self, answers: dict[str, Sequence[str]], host: str = "127.0.0.1", ttl: int = 0) -> None:
+    def __init__(self, answers: Mapping[str, Sequence[str]], host: str = "127.0.0.1", ttl: int = 0) -> None:
         """`answers[name]` lists the A record of the 1st, 2nd, ... query; the last one repeats."""
         self.answers = {k.rstrip(".").lower(): list(v) for k, v in answers.items()}
         self.ttl = ttl
