@@ -134,11 +134,12 @@ def test_gateway_network_policy_opens_the_internet_on_allowed_ports_only(all_obj
     assert spec["podSelector"] == {"matchLabels": GATEWAY_PODS}
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     assert spec["ingress"][0] == {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": "proxy"}]}
-    dns, api_server, internet, collector = spec["egress"]
+    dns, api_server, internet, allowed_ranges, collector = spec["egress"]
     assert dns == {"to": [DNS_PEER], "ports": DNS_PORTS}
     assert api_server == {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]}
     assert internet["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 80}]
     blocks = {peer["ipBlock"]["cidr"]: set(peer["ipBlock"]["except"]) for peer in internet["to"]}
     assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= blocks["0.0.0.0/0"]
     assert {"fc00::/7", "fe80::/10"} <= blocks["::/0"]
+    assert allowed_ranges == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}  # config.allowedRanges, any port
     assert collector["ports"] == [{"protocol": "TCP", "port": 4318}]
