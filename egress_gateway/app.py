@@ -36,7 +36,7 @@ from egress_gateway.sources.base import PolicySource
 log = structlog.get_logger("egress_gateway")
 
 # identity.mode -> module under egress_gateway.identity exposing `build(settings) -> IdentityResolver`
-_IDENTITY_MODULES = {"pod-ip": "pod_ip", "service-account-token": "service_account_token"}
+_IDENTITY_MODULES = {"pod-ip": "pods", "service-account-token": "tokens"}
 
 
 class ConfigurationError(Exception):
