@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,22 @@ def test_template_guards_give_clear_errors(helm: Helm, tmp_path: Path) -> None:
         helm.template(select_all)
     with pytest.raises(HelmError, match=r"needs admin\.service\.enabled"):
         helm.template(set_values=("serviceMonitor.enabled=true", "admin.service.enabled=false"))
+
+
+def test_chart_refuses_kubernetes_older_than_1_29(helm: Helm) -> None:
+    with pytest.raises(HelmError, match="kubeVersion"):
+        helm.template(extra=("--kube-version", "1.28.9"))
+    helm.template(extra=("--kube-version", "1.29.0"))
+
+
+def test_packaged_chart_lints_and_leaves_ci_values_out(helm: Helm, tmp_path: Path) -> None:
+    result = helm.run("package", str(CHART), "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (package,) = tmp_path.glob("egress-gateway-*.tgz")
+    with tarfile.open(package) as archive:
+        names = archive.getnames()
+    assert "egress-gateway/values.schema.json" in names
+    assert "egress-gateway/crds/egresspolicies.egressgateway.io.yaml" in names
+    assert not [name for name in names if name.startswith("egress-gateway/ci/")]
+    lint = helm.run("lint", "--strict", str(package))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
