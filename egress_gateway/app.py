@@ -29,6 +29,7 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts
 from egress_gateway.proxy.embedded import EmbeddedProxy
 from egress_gateway.proxy.gate import Gate
+from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
 from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.settings import DefaultAction, Settings, split_hostport
 from egress_gateway.sources.base import PolicySource
@@ -131,6 +132,12 @@ class Gateway:
             ),
             settings.limits.max_connections,
             self.proxy.close_client,
+            rate=NamespaceRateLimiter(settings.limits.namespace_rate.per_second, settings.limits.namespace_rate.burst),
+            head_limits=HeadLimits(
+                max_request_line_bytes=settings.limits.max_request_line_bytes,
+                max_header_bytes=settings.limits.max_header_bytes,
+                max_headers=settings.limits.max_headers,
+            ),
         )
         admin_host, admin_port = split_hostport(settings.admin_listen)
         self.admin = AdminServer(admin_host, admin_port, self.readiness)

@@ -88,6 +88,9 @@ class NamespaceRate(_Section):
 class LimitSettings(_Section):
     max_connections: int = Field(default=10_000, ge=1)
     namespace_rate: NamespaceRate = Field(default_factory=NamespaceRate)
+    max_request_line_bytes: int = Field(default=8192, ge=64)  # longer -> 414
+    max_header_bytes: int = Field(default=32768, ge=256)  # whole request head; larger -> 431
+    max_headers: int = Field(default=100, ge=1)  # more header lines -> 431
 
 
 class AuditSettings(_Section):

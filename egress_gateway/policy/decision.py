@@ -43,6 +43,8 @@ class Reason(StrEnum):
     CONNECTION_LIMIT = "connection_limit"
     BAD_REQUEST = "bad_request"
     CLIENT_TIMEOUT = "client_timeout"
+    URI_TOO_LONG = "uri_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,23 +11,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 from mitmproxy import connection, http
-from mitmproxy.net.http import url
+from mitmproxy.net.http import http1, url
 from mitmproxy.proxy import layer, server_hooks
-from mitmproxy.proxy.layers import HttpLayer
-from mitmproxy.proxy.layers.http import HTTPMode
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.identity.base import AuthenticationFailed
-from egress_gateway.policy.decision import Decision, Facts, Reason, adapter_denial
+from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
 from egress_gateway.proxy.gate import Gate, Verdict
-from egress_gateway.proxy.layers import CloseClientLayer, PassthroughLayer
+from egress_gateway.proxy.layers import CloseClientLayer, HeadLimitedHttpLayer, PassthroughLayer
+from egress_gateway.proxy.limits import ConnectionLimit, HeadLimits, NamespaceRateLimiter, check_request_head
 
 _RECORD_KEY = "egress_gateway.record"
 # Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
@@ -63,6 +62,8 @@ class ClientState:
     tunnel: Tunnel | None = None
     request_seen: bool = False
     request_timer: asyncio.TimerHandle | None = None
+    refused: Decision | None = None  # over `limits.max_connections`: every request on it gets this answer
+    retry_after: str | None = None  # Retry-After of the latest rate-limited request
     pins: dict[tuple[str, int], str] = field(default_factory=dict)  # plain HTTP: (host, port) -> checked IP
 
 
@@ -80,11 +81,16 @@ class GatewayAddon:
         max_connections: int,
         close_client: Callable[[str], bool],
         log: Any = None,
+        rate: NamespaceRateLimiter | None = None,
+        head_limits: HeadLimits | None = None,
     ) -> None:
         self.gate = gate
         self.recorder = recorder
         self.timeouts = timeouts
         self.max_connections = max_connections
+        self.connection_limit = ConnectionLimit(max_connections)
+        self.rate = rate or NamespaceRateLimiter(0.0, 1)
+        self.head_limits = head_limits or HeadLimits()
         self.close_client = close_client
         self.log = log or structlog.get_logger("egress_gateway.proxy")
         self.clients: dict[str, ClientState] = {}
@@ -94,16 +100,13 @@ class GatewayAddon:
     # ---- connection lifecycle ------------------------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:
         host, port = client.peername[0], client.peername[1]
-        if len(self.clients) >= self.max_connections:
-            record = self.recorder.open("CONNECT", host, port)
-            decision = adapter_denial(
+        state = ClientState(client.id, host, port)
+        if not self.connection_limit.admit(client.id):
+            # Read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels already open
+            # are untouched. The request timer below bounds how long such a connection may stay.
+            state.refused = adapter_denial(
                 Reason.CONNECTION_LIMIT, f"the gateway already serves {self.max_connections} connections"
             )
-            record.decided(Facts(identity=None, target="", port=0), decision)
-            record.close()
-            client.error = decision.message
-            return
-        state = ClientState(client.id, host, port)
         state.request_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_request_s, self._request_timeout, state
         )
@@ -111,6 +114,7 @@ class GatewayAddon:
 
     def client_disconnected(self, client: connection.Client) -> None:
         state = self.clients.pop(client.id, None)
+        self.connection_limit.release(client.id)
         if state is None:
             return
         _cancel(state.request_timer)
@@ -136,7 +140,7 @@ class GatewayAddon:
             if starts_like_tls(data):
                 nextlayer.layer = CloseClientLayer(context)
             else:
-                nextlayer.layer = HttpLayer(context, HTTPMode.regular)
+                nextlayer.layer = HeadLimitedHttpLayer(context, self._check_head)
             return
         state = self.clients.get(context.client.id)
         tunnel = state.tunnel if state is not None else None
@@ -170,6 +174,26 @@ class GatewayAddon:
         context.server.address = (str(verdict.address), verdict.facts.port)
         tunnel.opened = True
         nextlayer.layer = PassthroughLayer(context, tunnel)
+
+    def _check_head(self, client_id: str, head: bytes) -> bytes | None:
+        """The response for a request head over `limits.max_*` (414/431), recorded like any denial; else None."""
+        problem = check_request_head(head, self.head_limits)
+        if problem is None:
+            return None
+        state = self.clients.get(client_id)
+        if state is not None:
+            state.request_seen = True
+            _cancel(state.request_timer)
+        method = head.split(b" ", 1)[0]
+        kind = method.decode("ascii") if method.isalpha() and method.isupper() and len(method) <= 16 else "HTTP"
+        record = self.recorder.open(kind, state.address if state else "", state.port if state else 0)
+        reason = Reason.URI_TOO_LONG if problem.status == 414 else Reason.HEADERS_TOO_LARGE
+        decision = adapter_denial(reason, problem.message)
+        record.decided(Facts(identity=None, target="", port=0), decision)
+        response = responses.denial(decision)
+        record.set(http_response_status_code=response.status_code)
+        record.close()
+        return http1.assemble_response(response)
 
     def _hello_timeout(self, state: ClientState, tunnel: Tunnel) -> None:
         if tunnel.opened or tunnel.closed_reason is not None:
@@ -239,6 +263,14 @@ class GatewayAddon:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
+        state = self.clients.get(flow.client_conn.id)
+        if state is not None and state.tunnel is None:
+            # Keep-alive: the next request head must also arrive within client_request_s (no slowloris on reuse).
+            state.request_seen = False
+            _cancel(state.request_timer)
+            state.request_timer = asyncio.get_running_loop().call_later(
+                self.timeouts.client_request_s, self._request_timeout, state
+            )
         record = flow.metadata.pop(_RECORD_KEY, None)
         if record is not None:
             if flow.response is not None:
@@ -346,7 +378,9 @@ class GatewayAddon:
         record.set(server_address=host, server_port=port)
         facts = Facts(identity=None, target=host, port=port, host_header=host_header)
         not_ready = self.gate.not_ready()
-        if not_ready is not None:
+        if state.refused is not None:
+            verdict = Verdict(facts, state.refused)
+        elif not_ready is not None:
             verdict = Verdict(facts, not_ready)
         else:
             try:
@@ -354,16 +388,36 @@ class GatewayAddon:
             except AuthenticationFailed as exc:
                 verdict = Verdict(facts, adapter_denial(Reason.AUTH_REQUIRED, exc.reason))
             else:
-                verdict = await self.gate.decide_target(identity, host, port, host_header)
+                limited = self._rate_limited(state, identity)
+                if limited is not None:
+                    verdict = Verdict(replace(facts, identity=identity), limited)
+                else:
+                    verdict = await self.gate.decide_target(identity, host, port, host_header)
         if verdict.address is not None:
             record.set(network_peer_address=str(verdict.address))
         record.event("decided", duration_s=time.perf_counter() - started)
         record.decided(verdict.facts, verdict.decision)
         return verdict
 
-    @staticmethod
-    def _deny(flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
+    def _rate_limited(self, state: ClientState, identity: Identity | None) -> Decision | None:
+        """`limits.namespace_rate`: one token per new tunnel or plain-HTTP request, checked before any DNS query."""
+        if identity is None or not self.rate.enabled:
+            return None
+        outcome = self.rate.acquire(identity.namespace)
+        if outcome.allowed:
+            return None
+        state.retry_after = outcome.retry_after_header
+        return adapter_denial(
+            Reason.RATE_LIMITED,
+            f"namespace {identity.namespace} exceeds {self.rate.describe()}; retry in {state.retry_after} s",
+        )
+
+    def _deny(self, flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
         flow.response = responses.denial(decision)
+        if decision.reason is Reason.RATE_LIMITED:
+            state = self.clients.get(flow.client_conn.id)
+            if state is not None and state.retry_after is not None:
+                flow.response.headers["Retry-After"] = state.retry_after
         record.set(http_response_status_code=flow.response.status_code)
         record.close()
         flow.metadata.pop(_RECORD_KEY, None)

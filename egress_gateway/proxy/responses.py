@@ -28,6 +28,8 @@ _STATUS: dict[Reason, tuple[int, str]] = {
     Reason.RATE_LIMITED: (429, "connection_limit_reached"),
     Reason.AUTH_REQUIRED: (407, "http_request_denied"),
     Reason.CLIENT_TIMEOUT: (408, "http_request_error"),
+    Reason.URI_TOO_LONG: (414, "http_request_error"),
+    Reason.HEADERS_TOO_LARGE: (431, "http_request_error"),
 }
 _DEFAULT = (403, "http_request_denied")
 

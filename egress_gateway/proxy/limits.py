@@ -1,0 +1,205 @@
+"""Resource limits of the proxy, as plain classes: connection accounting, per-namespace rate, request-head size.
+
+Owns: `ConnectionLimit` (how many client connections are served at once), `TokenBucket` and `NamespaceRateLimiter`
+(`limits.namespace_rate`: new tunnels and plain-HTTP requests per namespace), `HeadLimits` / `check_request_head`
+(request-line length, header-section size and header count, checked on the bytes received so far so that an
+endless head is refused before it is buffered). No sockets, no mitmproxy, no engine: time comes from an injectable
+clock, so every rule is testable with plain values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+Clock = Callable[[], float]
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
+class ConnectionLimit:
+    """Counts client connections by id; `admit` refuses once `maximum` are open."""
+
+    def __init__(self, maximum: int) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self._open: set[str] = set()
+
+    def admit(self, connection_id: str) -> bool:
+        if connection_id in self._open:
+            return True
+        if len(self._open) >= self.maximum:
+            return False
+        self._open.add(connection_id)
+        return True
+
+    def release(self, connection_id: str) -> None:
+        self._open.discard(connection_id)
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+
+class TokenBucket:
+    """`rate` tokens per second, up to `burst`; starts full. `take()` returns 0.0 or the seconds until a token."""
+
+    __slots__ = ("_clock", "_tokens", "_updated", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._updated)  # a clock that steps back never mints tokens
+        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
+        self._updated = now
+
+    def take(self) -> float:
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self._tokens >= self.burst
+
+
+@dataclass(frozen=True, slots=True)
+class RateVerdict:
+    allowed: bool
+    retry_after_s: float = 0.0
+
+    @property
+    def retry_after_header(self) -> str:
+        """RFC 9110 Retry-After: whole seconds, rounded up, at least 1."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+_ALLOW = RateVerdict(True)
+
+
+class NamespaceRateLimiter:
+    """One token bucket per namespace. `per_second == 0` disables the limit.
+
+    Buckets of idle namespaces are dropped once they are full again (they would behave exactly like a new one), and
+    at most `max_namespaces` are kept, so a flood of distinct identities cannot grow memory without bound.
+    """
+
+    def __init__(
+        self, per_second: float, burst: int, clock: Clock = time.monotonic, max_namespaces: int = 100_000
+    ) -> None:
+        if per_second < 0 or burst < 1:
+            raise ValueError("per_second must be >= 0 and burst >= 1")
+        self.per_second = per_second
+        self.burst = burst
+        self.max_namespaces = max_namespaces
+        self._clock = clock
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_second > 0
+
+    def acquire(self, namespace: str) -> RateVerdict:
+        if not self.enabled:
+            return _ALLOW
+        bucket = self._buckets.get(namespace)
+        if bucket is None:
+            self._evict()
+            bucket = TokenBucket(self.per_second, self.burst, self._clock)
+            self._buckets[namespace] = bucket
+        else:
+            self._buckets.move_to_end(namespace)
+        wait = bucket.take()
+        return _ALLOW if wait == 0.0 else RateVerdict(False, wait)
+
+    def _evict(self) -> None:
+        while self._buckets:
+            oldest_name, oldest = next(iter(self._buckets.items()))
+            if len(self._buckets) < self.max_namespaces and not oldest.full:
+                return
+            del self._buckets[oldest_name]
+
+    def describe(self) -> str:
+        return f"{self.per_second:g} new connections/s with a burst of {self.burst}"
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class HeadViolation(StrEnum):
+    REQUEST_LINE_TOO_LONG = "request_line_too_long"  # 414
+    HEADERS_TOO_LARGE = "headers_too_large"  # 431
+    TOO_MANY_HEADERS = "too_many_headers"  # 431
+
+
+@dataclass(frozen=True, slots=True)
+class HeadLimits:
+    max_request_line_bytes: int = 8192
+    max_header_bytes: int = 32768  # the whole head: request line, headers and line ends
+    max_headers: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class HeadProblem:
+    violation: HeadViolation
+    message: str
+
+    @property
+    def status(self) -> int:
+        return 414 if self.violation is HeadViolation.REQUEST_LINE_TOO_LONG else 431
+
+
+def check_request_head(buffer: bytes | bytearray, limits: HeadLimits) -> HeadProblem | None:
+    """Check a request head as received so far (complete or not); None while it is within the limits.
+
+    Only the bytes up to the first blank line are the head; anything after it is the body or the next request.
+    Works on partial input so a client that never ends its head is refused as soon as it crosses a limit.
+    """
+    data = bytes(buffer)
+    start = 0
+    # RFC 9112 2.2: a server SHOULD ignore at least one empty line received before the request line.
+    while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+        start += 2 if data.startswith(b"\r\n", start) else 1
+    end = _head_end(data, start)
+    head = data[start:end] if end is not None else data[start:]
+    line_end = head.find(b"\n")
+    request_line = head if line_end < 0 else head[:line_end]
+    if len(request_line.rstrip(b"\r")) > limits.max_request_line_bytes:
+        return HeadProblem(
+            HeadViolation.REQUEST_LINE_TOO_LONG,
+            f"the request line exceeds {limits.max_request_line_bytes} bytes",
+        )
+    if len(head) > limits.max_header_bytes:
+        return HeadProblem(HeadViolation.HEADERS_TOO_LARGE, f"the request head exceeds {limits.max_header_bytes} bytes")
+    if line_end >= 0:
+        fields = sum(1 for line in head[line_end + 1 :].split(b"\n") if line.strip(b"\r"))
+        if fields > limits.max_headers:
+            return HeadProblem(
+                HeadViolation.TOO_MANY_HEADERS, f"the request has more than {limits.max_headers} headers"
+            )
+    return None
+
+
+def _head_end(data: bytes, start: int) -> int | None:
+    """Index of the line end before the blank line that ends the head, or None if not received yet.
+
+    Same rule as mitmproxy's parser (h11's receive buffer): a blank line is `\n\n` or `\n\r\n`.
+    """
+    match = _BLANK_LINE.search(data, start)
+    return match.start() if match is not None else None
