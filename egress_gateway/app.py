@@ -202,6 +202,8 @@ async def serve(settings: Settings, stop_signals: Sequence[signal.Signals] = (si
     except ConfigurationError as exc:
         log.error("configuration_error", error=str(exc))
         return 2
+    if settings.workers != 1:
+        log.warning("workers_not_supported", workers=settings.workers, running=1)
     try:
         await gateway.start()
     except OSError as exc:
