@@ -18,7 +18,8 @@ UNKNOWN_NAMESPACE = "_unknown"  # not a valid namespace name, so it cannot colli
 
 DECISIONS = Counter(
     "egress_gateway_decisions",
-    "Connection decisions, by client namespace, verdict and reason.",
+    "Connections decided, by client namespace, verdict and reason (a later decision on the same connection, "
+    "e.g. a tunnel denied for its TLS SNI, counts again only when it changes the outcome).",
     ["namespace", "decision", "reason"],
 )
 WOULD_DENY = Counter(

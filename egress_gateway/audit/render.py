@@ -14,18 +14,24 @@ from typing import Any, TextIO
 MAX_CELL = 48
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, max_cell: int | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     text = str(value)
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+    return text if max_cell is None or len(text) <= max_cell else text[: max_cell - 1] + "…"
 
 
-def write_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[tuple[str, str]], out: TextIO) -> int:
-    """`columns` are (key, header). Returns the number of rows written."""
-    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+def write_table(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    out: TextIO,
+    *,
+    max_cell: int | None = MAX_CELL,
+) -> int:
+    """`columns` are (key, header); cells longer than `max_cell` are cut with an ellipsis. Returns the row count."""
+    cells = [[_cell(row.get(key), max_cell) for key, _ in columns] for row in rows]
     headers = [header for _, header in columns]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     out.write("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip() + "\n")

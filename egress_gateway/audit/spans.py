@@ -241,6 +241,7 @@ class SpanRecord:
         self._closed = False
         self._closed_event = False
         self._pending_decided: dict[str, fields.AttributeValue] = {}
+        self._outcome: tuple[str, str, str | None] | None = None
         self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
         context = self._span.get_span_context()
         self.trace_id = format_trace_id(context.trace_id)
@@ -286,14 +287,12 @@ class SpanRecord:
         event.update(self._pending_decided)
         self._pending_decided = {}
         self._span.add_event("decided", event)
-        metrics.record_decision(
-            self._namespace,
-            decision.verdict,
-            str(decision.reason.value),
-            would_deny_reason=str(decision.audit_reason.value)
-            if decision.would_deny and decision.audit_reason
-            else None,
-        )
+        would_deny_reason = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
+        outcome = (decision.verdict, str(decision.reason.value), would_deny_reason)
+        # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
+        if outcome != self._outcome:
+            self._outcome = outcome
+            metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=would_deny_reason)
         log_decision(
             {**self._attributes, **self._decision},
             trace_id=self.trace_id,

@@ -294,6 +294,7 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
                     ("after", "AFTER"),
                 ),
                 out,
+                max_cell=None,
             )
     return 1 if report.blocks_allowed_traffic else 0
 

@@ -260,3 +260,19 @@ def test_a_decided_event_from_the_proxy_merges_into_the_decision_event(recorder:
     assert [e.name for e in span.events] == ["decided", "closed"]
     decided = dict(span.events[0].attributes or {})
     assert decided["duration_s"] == 0.0004 and decided["egress.decision"] == "allow"
+
+
+def test_a_repeated_identical_decision_counts_once_but_a_changed_one_counts(recorder: MemoryRecorder) -> None:
+    allowed = {"namespace": "shop", "decision": "allow", "reason": "allowed_by_rule"}
+    mismatch = {"namespace": "shop", "decision": "deny", "reason": "sni_mismatch"}
+    before = metric("egress_gateway_decisions_total", **allowed), metric("egress_gateway_decisions_total", **mismatch)
+    same = recorder.open("CONNECT", "127.0.0.2", 40014)
+    same.decided(facts(), allow())
+    same.decided(facts(sni="api.stripe.com"), allow())
+    same.close()
+    changed = recorder.open("CONNECT", "127.0.0.2", 40015)
+    changed.decided(facts(), allow())
+    changed.decided(facts(sni="evil.example.net"), deny(Reason.SNI_MISMATCH, "SNI mismatch"))
+    changed.close()
+    assert metric("egress_gateway_decisions_total", **allowed) == before[0] + 2
+    assert metric("egress_gateway_decisions_total", **mismatch) == before[1] + 1
