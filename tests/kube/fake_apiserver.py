@@ -181,10 +181,19 @@ class FakeApiServer:
         return self
 
     def stop(self) -> None:
-        if self._runner is not None:
-            self._call(self._runner.cleanup())
+        self._call(self._shutdown())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+    async def _shutdown(self) -> None:
+        self._abort_watches(mid_event=False)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def __enter__(self) -> FakeApiServer:
         return self.start()
@@ -345,7 +354,8 @@ class FakeApiServer:
             self._record(resource, "DELETED", old, gone)
 
     def _record(self, resource: str, kind: str, old: Obj | None, new: Obj | None) -> None:
-        self._log.append((self._rv, resource, kind, copy.deepcopy(old), copy.deepcopy(new)))
+        # Stored objects are replaced on every write, never mutated, so references are snapshots.
+        self._log.append((self._rv, resource, kind, old, new))
         for watcher in self._watchers:
             if watcher.resource == resource:
                 watcher.queue.put_nowait((kind, old, new))
@@ -438,7 +448,7 @@ class FakeApiServer:
             else:
                 rv, items = (
                     self._rv,
-                    [copy.deepcopy(o) for o in self._selected(resource, namespace, request.query)],
+                    list(self._selected(resource, namespace, request.query)),
                 )
             page, rest = (items[:limit], items[limit:]) if limit else (items, [])
             meta: Obj = {"resourceVersion": str(rv)}
@@ -472,7 +482,7 @@ class FakeApiServer:
             backlog: list[tuple[str, Obj | None, Obj | None]] = []
             gone = since != "0" and int(since) < self._compacted_rv
             if since == "0":
-                backlog = [("ADDED", None, copy.deepcopy(o)) for o in self._selected(resource, namespace, query)]
+                backlog = [("ADDED", None, o) for o in self._selected(resource, namespace, query)]
             elif not gone:
                 backlog = [(k, o, n) for rv, r, k, o, n in self._log if r == resource and rv > int(since)]
             self._watchers.append(watcher)
