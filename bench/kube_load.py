@@ -121,6 +121,8 @@ async def measure(server: FakeApiServer, kubeconfig: Path, args: argparse.Namesp
             async with asyncio.timeout(10):
                 await done.wait()
             latencies.append((published["t"] - t0) * 1000)
+            if latencies[-1] > 200:
+                print(f"# slow update {i}: {latencies[-1]:.0f} ms", file=sys.stderr)
         rows.append(
             (
                 f"event -> enforced, {len(latencies)} updates (p50 / p99 / max)",
