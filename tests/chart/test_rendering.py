@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from egress_gateway.settings import load_settings
+from egress_gateway.settings import Settings, load_settings
 from tests.chart.conftest import ALL_FEATURES, CHART, NAMESPACE, RELEASE, REPO, Helm, find, one
 
 FULLNAME = f"{RELEASE}-egress-gateway"
@@ -241,6 +242,7 @@ def test_all_features_config_loads_into_the_settings_model(all_objects: list[dic
     assert settings.allowed_ranges == ["10.20.0.0/16"]
     assert settings.workers == "auto"
     assert settings.limits.max_connections == 2_000_000  # not "2e+06": helm's float64 trap
+    assert settings.limits.max_header_bytes == 65536
     assert settings.limits.namespace_rate.per_second == 50
     assert settings.resolver.hosts == {"internal-mirror.example.com": ["10.20.1.5"]}
     assert settings.audit.otlp_endpoint == "http://otel-collector.observability.svc:4318"
@@ -251,6 +253,43 @@ def test_all_features_config_loads_into_the_settings_model(all_objects: list[dic
     assert mounts["audit"] == "/var/log/egress-gateway"
     volumes = {v["name"]: v for v in one(all_objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["audit"]["persistentVolumeClaim"] == {"claimName": "egress-audit"}
+
+
+# Settings the chart leaves at the gateway's defaults on purpose (set them with extraEnv if needed).
+NOT_IN_CHART = {
+    "kubernetes.kubeconfig": "in a pod the gateway uses its ServiceAccount",
+    "kubernetes.context": "in a pod the gateway uses its ServiceAccount",
+    "kubernetes.lease_duration_s": "leader-election tuning",
+    "kubernetes.renew_deadline_s": "leader-election tuning",
+    "kubernetes.retry_period_s": "leader-election tuning",
+    "kubernetes.watch_timeout_s": "watch tuning",
+    "kubernetes.backoff_max_s": "watch tuning",
+}
+
+
+def test_chart_renders_every_setting_or_says_why_not(all_objects: list[dict[str, Any]]) -> None:
+    """A setting added to egress_gateway.settings must reach the chart's values, or be listed above."""
+
+    def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+        keys = set()
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                keys |= model_keys(annotation, f"{prefix}{name}.")
+            else:
+                keys.add(f"{prefix}{name}")
+        return keys
+
+    def rendered_keys(node: Any, prefix: str = "") -> set[str]:
+        free_maps = ("resolver.hosts.", "audit.otlp_headers.")  # user keys, not settings
+        if isinstance(node, dict) and node and prefix not in free_maps:
+            return {key for name, value in node.items() for key in rendered_keys(value, f"{prefix}{name}.")}
+        return {prefix.rstrip(".")}
+
+    rendered = yaml.safe_load(one(all_objects, "ConfigMap", FULLNAME)["data"]["config.yaml"])
+    missing = model_keys(Settings) - rendered_keys(rendered) - set(NOT_IN_CHART)
+    assert not missing, f"settings the chart does not render: {sorted(missing)}"
+    assert not set(NOT_IN_CHART) - model_keys(Settings), "NOT_IN_CHART names a setting that no longer exists"
 
 
 def test_ipv6_bind_address_is_bracketed(helm3: Helm, tmp_path: Path) -> None:
