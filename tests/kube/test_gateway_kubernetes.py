@@ -6,6 +6,9 @@ to loopback "pod" addresses; origins are TLS servers on other loopback addresses
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -170,3 +173,20 @@ def test_not_ready_503_until_first_list_then_enforcing_while_the_api_server_is_d
         if m.startswith('egress_gateway_policy_source_staleness_seconds{source="kubernetes"}')
     )
     assert float(line.rsplit(" ", 1)[1]) >= 1.0
+
+
+def test_no_credentials_is_a_clear_startup_failure(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy_source: kubernetes\nlisten: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EGRESS_GATEWAY_", "KUBE"))}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config
+    done = subprocess.run(
+        [sys.executable, "-m", "egress_gateway", "run", "--config", str(config)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "no Kubernetes credentials" in done.stderr + done.stdout
