@@ -11,6 +11,7 @@ or the engine module.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import uuid
@@ -203,7 +204,8 @@ def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
     if audit.console:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        exporters.append(("console", ConsoleSpanExporter(service_name=SERVICE_NAME)))
+        # stderr: stdout of `egress-gateway run` stays empty (docs/configuration.md).
+        exporters.append(("console", ConsoleSpanExporter(service_name=SERVICE_NAME, out=sys.stderr)))
     return exporters
 
 
@@ -240,6 +242,7 @@ class SpanRecord:
         self._decisions = 0
         self._closed = False
         self._closed_event = False
+        self._resolved_event = False
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
         self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
@@ -262,12 +265,23 @@ class SpanRecord:
             return
         if name == "closed":
             self._closed_event = True
+        if name == "resolved":
+            if self._resolved_event:
+                return
+            self._resolved_event = True
         self._span.add_event(name, values)
 
     @_never_raise
     def set(self, **attributes: Any) -> None:
-        if not self._closed:
-            self._attributes.update(fields.proxy_attributes(attributes))
+        if self._closed:
+            return
+        values = fields.proxy_attributes(attributes)
+        peer = values.get(fields.NETWORK_PEER_ADDRESS)
+        if peer is not None and not self._resolved_event:
+            # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
+            self._resolved_event = True
+            self._span.add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
+        self._attributes.update(values)
 
     @_never_raise
     def decided(self, facts: Facts, decision: Decision) -> None:

@@ -276,3 +276,15 @@ def test_a_repeated_identical_decision_counts_once_but_a_changed_one_counts(reco
     changed.close()
     assert metric("egress_gateway_decisions_total", **allowed) == before[0] + 2
     assert metric("egress_gateway_decisions_total", **mismatch) == before[1] + 1
+
+
+def test_reporting_the_pinned_ip_marks_the_resolved_stage_once(recorder: MemoryRecorder) -> None:
+    record = recorder.open("CONNECT", "127.0.0.2", 40016)
+    record.set(network_peer_address="203.0.113.7")
+    record.decided(facts(destination_ip="203.0.113.7"), allow())
+    record.set(network_peer_address="203.0.113.7")
+    record.event("resolved")
+    record.close()
+    (span,) = recorder.exporter.get_finished_spans()
+    assert [e.name for e in span.events] == ["resolved", "decided", "closed"]
+    assert dict(span.events[0].attributes or {}) == {"network.peer.address": "203.0.113.7"}
