@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1, url
+from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import layer, server_hooks
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
@@ -26,7 +27,15 @@ from egress_gateway.proxy import responses
 from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
 from egress_gateway.proxy.gate import Gate, Verdict
 from egress_gateway.proxy.layers import CloseClientLayer, HeadLimitedHttpLayer, PassthroughLayer
-from egress_gateway.proxy.limits import ConnectionLimit, HeadLimits, NamespaceRateLimiter, check_request_head
+from egress_gateway.proxy.limits import (
+    ConnectionLimit,
+    HeadLimits,
+    NamespaceRateLimiter,
+    check_request_head,
+    complete_head_lines,
+    framing_problem,
+    request_line_problem,
+)
 
 _RECORD_KEY = "egress_gateway.record"
 # Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
@@ -176,10 +185,32 @@ class GatewayAddon:
         nextlayer.layer = PassthroughLayer(context, tunnel)
 
     def _check_head(self, client_id: str, head: bytes) -> bytes | None:
-        """The response for a request head over `limits.max_*` (414/431), recorded like any denial; else None."""
+        """The response for a request head over `limits.max_*` (414/431) or with ambiguous framing (400), recorded
+        like any denial; None while the head is acceptable (mitmproxy then parses it as usual)."""
         problem = check_request_head(head, self.head_limits)
-        if problem is None:
+        if problem is not None:
+            reason = Reason.URI_TOO_LONG if problem.status == 414 else Reason.HEADERS_TOO_LARGE
+            return self._refuse_head(client_id, head, adapter_denial(reason, problem.message))
+        malformed = request_line_problem(head)
+        lines = complete_head_lines(head)
+        if malformed is None and lines is None:
             return None
+        if malformed is None and lines is not None:
+            malformed = framing_problem(lines)
+        if malformed is None and lines is not None:
+            try:  # the checks mitmproxy applies only after our requestheaders hook has already run
+                request = http1.read_request_head(lines)
+                validate_headers(request)
+                http1.expected_http_body_size(request)
+            except ValueError as exc:
+                malformed = str(exc)
+            else:
+                malformed = _request_form_problem(request)
+        if malformed is None:
+            return None
+        return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, f"malformed request: {malformed}"))
+
+    def _refuse_head(self, client_id: str, head: bytes, decision: Decision) -> bytes:
         state = self.clients.get(client_id)
         if state is not None:
             state.request_seen = True
@@ -187,8 +218,6 @@ class GatewayAddon:
         method = head.split(b" ", 1)[0]
         kind = method.decode("ascii") if method.isalpha() and method.isupper() and len(method) <= 16 else "HTTP"
         record = self.recorder.open(kind, state.address if state else "", state.port if state else 0)
-        reason = Reason.URI_TOO_LONG if problem.status == 414 else Reason.HEADERS_TOO_LARGE
-        decision = adapter_denial(reason, problem.message)
         record.decided(Facts(identity=None, target="", port=0), decision)
         response = responses.denial(decision)
         record.set(http_response_status_code=response.status_code)
@@ -421,6 +450,14 @@ class GatewayAddon:
         record.set(http_response_status_code=flow.response.status_code)
         record.close()
         flow.metadata.pop(_RECORD_KEY, None)
+
+
+def _request_form_problem(request: http.Request) -> str | None:
+    if request.http_version not in ("HTTP/1.0", "HTTP/1.1"):
+        return f"{request.http_version} is not spoken here (HTTP/2 prior knowledge included); use HTTP/1.1"
+    if request.method != "CONNECT" and not request.scheme:
+        return "a proxy request must use CONNECT or an absolute URL (http://host/path)"
+    return None
 
 
 def _strip_hop_by_hop(headers: http.Headers) -> None:

@@ -203,3 +203,57 @@ def _head_end(data: bytes, start: int) -> int | None:
     """
     match = _BLANK_LINE.search(data, start)
     return match.start() if match is not None else None
+
+
+def request_line_problem(buffer: bytes | bytearray) -> str | None:
+    """A request line (complete or not) may hold only visible ASCII and spaces; refuse binary at the first byte.
+
+    Catches binary protocols (an SSLv2-style hello, random bytes) before the client can make us wait for a line end.
+    """
+    data = bytes(buffer[:8192]).lstrip(b"\r\n")
+    line = data.split(b"\n", 1)[0]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if any(byte < 0x20 or byte > 0x7E for byte in line):
+        return "the request line is not printable ASCII"
+    return None
+
+
+def complete_head_lines(buffer: bytes | bytearray) -> list[bytes] | None:
+    """The lines of the request head (request line first, line ends removed) once its blank line arrived; else None."""
+    data = bytes(buffer)
+    start = 0
+    while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+        start += 2 if data.startswith(b"\r\n", start) else 1
+    end = _head_end(data, start)
+    if end is None:
+        return None
+    return [line[:-1] if line.endswith(b"\r") else line for line in data[start:end].split(b"\n")]
+
+
+def framing_problem(lines: list[bytes]) -> str | None:
+    """What makes a complete request head ambiguous to forward (RFC 9112), or None.
+
+    These are the request-smuggling and header-injection shapes that mitmproxy's own parser tolerates: folded
+    header lines, whitespace between a field name and its colon, control characters (NUL, bare CR) in a line, and
+    more than one Host header. Framing headers (Content-Length/Transfer-Encoding) are checked by mitmproxy's
+    `validate_headers`, which the proxy runs as well.
+    """
+    if not lines:
+        return "empty request head"
+    hosts = 0
+    for index, line in enumerate(lines):
+        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in line):
+            return "control character in the request head"
+        if index == 0:
+            continue
+        if line[:1] in (b" ", b"\t"):
+            return "folded header line (obs-fold)"
+        name, colon, _ = line.partition(b":")
+        if not colon or not name or name != name.strip(b" \t"):
+            return f"malformed header line {line[:64]!r}"
+        if name.lower() == b"host":
+            hosts += 1
+    if hosts > 1:
+        return "more than one Host header"
+    return None

@@ -11,6 +11,9 @@ from egress_gateway.proxy.limits import (
     NamespaceRateLimiter,
     TokenBucket,
     check_request_head,
+    complete_head_lines,
+    framing_problem,
+    request_line_problem,
 )
 
 
@@ -177,3 +180,49 @@ def test_bare_lf_line_ends_and_leading_empty_lines() -> None:
     many = b"GET / HTTP/1.1\n" + b"".join(b"H%d: 1\n" % i for i in range(5)) + b"\n"
     problem = check_request_head(many, LIMITS)
     assert problem is not None and problem.violation is HeadViolation.TOO_MANY_HEADERS
+
+
+# ---- framing --------------------------------------------------------------------------------------------------------
+
+
+def test_complete_head_lines_waits_for_the_blank_line() -> None:
+    assert complete_head_lines(b"GET / HTTP/1.1\r\nHost: a\r\n") is None
+    assert complete_head_lines(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nrest") == [b"GET / HTTP/1.1", b"Host: a"]
+    assert complete_head_lines(b"GET / HTTP/1.1\nHost: a\n\n") == [b"GET / HTTP/1.1", b"Host: a"]
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        ([b"GET / HTTP/1.1", b"Host: a", b"Host: b"], "more than one Host header"),
+        ([b"GET / HTTP/1.1", b"Host: a", b"host: a"], "more than one Host header"),
+        ([b"GET / HTTP/1.1", b"Host: a\x00.evil"], "control character"),
+        ([b"GET / HTTP/1.1", b"Host: a\rX-Injected: 1"], "control character"),
+        ([b"GET / HTTP/1.1", b"Transfer-Encoding:", b" chunked"], "obs-fold"),
+        ([b"GET / HTTP/1.1", b"Transfer-Encoding : chunked"], "malformed header line"),
+        ([b"GET / HTTP/1.1", b"no colon here"], "malformed header line"),
+        ([b"GET / HTTP/1.1", b": empty name"], "malformed header line"),
+    ],
+)
+def test_ambiguous_heads_are_refused(lines: list[bytes], problem: str) -> None:
+    found = framing_problem(lines)
+    assert found is not None and problem in found
+
+
+def test_ordinary_heads_pass_framing() -> None:
+    assert framing_problem([b"GET http://a.test/ HTTP/1.1", b"Host: a.test", b"User-Agent: x\ty"]) is None
+    assert (
+        framing_problem([b"CONNECT a.test:443 HTTP/1.1", b"Host: a.test:443", b"Proxy-Authorization: Basic x"]) is None
+    )
+
+
+@pytest.mark.parametrize(
+    "start", [b"\x80\x2e\x01\x03\x01", b"\x00\x01", "GET http://bücher.test/".encode(), b"GET /\x7f", b"GE\tT"]
+)
+def test_binary_request_lines_are_refused_before_the_line_ends(start: bytes) -> None:
+    assert request_line_problem(start) is not None
+
+
+def test_printable_request_lines_pass_even_when_partial() -> None:
+    assert request_line_problem(b"\r\nCONNECT allowed.test:443 HTTP/1.1\r\nHost: \x01") is None
+    assert request_line_problem(b"GET http://a.test/") is None
