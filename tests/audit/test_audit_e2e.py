@@ -4,6 +4,7 @@ writes is read back by the `audit` command, its spans reach a real OTLP receiver
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -31,6 +32,7 @@ from tests.support.tls import TestCA
 pytestmark = pytest.mark.slow
 
 ORIGIN_IP = "127.0.0.5"
+SECRET = "s3cr3t-proxy-password"
 STRIPE = "api.stripe.test"
 HOSTS = {STRIPE: [ORIGIN_IP], "dashboard.stripe.test": [ORIGIN_IP], "pypi.test": [ORIGIN_IP], "x.gcs.test": [ORIGIN_IP]}
 IDENTITIES = [
@@ -136,6 +138,10 @@ def recorded(tmp_path_factory: pytest.TempPathFactory, ca: TestCA, origin: Origi
             "would_deny": curl(gateway, f"https://pypi.test:{port}/simple/", ca=ca, source=ANALYTICS_POD),
             "audit_allowed": curl(gateway, f"https://x.gcs.test:{port}/bucket", ca=ca, source=ANALYTICS_POD),
             "unknown": curl(gateway, f"https://{STRIPE}:{port}/", ca=ca, source=UNKNOWN_POD),
+            # Credentials sent to the proxy must never reach the trail or the logs.
+            "with_credentials": curl(
+                gateway, f"https://{STRIPE}:{port}/v1/refunds", "--proxy-user", f"ci:{SECRET}", ca=ca
+            ),
         }
         _poll(lambda: _sample(_metrics(gateway), "egress_gateway_active_tunnels") == 0, 10, "tunnels to close")
         metrics = _metrics(gateway)
@@ -153,17 +159,21 @@ def test_traffic_went_as_the_policies_say(recorded: dict[str, Any]) -> None:
     assert results["would_deny"].status == 200  # Audit mode changes nothing
     assert results["audit_allowed"].status == 200
     assert results["unknown"].connect_status in (403, 407)
+    assert results["with_credentials"].status == 200
 
 
 def test_trail_file_has_one_span_per_connection_and_matches_the_log_lines(recorded: dict[str, Any]) -> None:
-    lines = [json.loads(line) for line in recorded["trail"].read_text().splitlines()]
-    assert len(lines) == 8
+    text = recorded["trail"].read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == 9
     assert {s["name"] for s in lines} == {"egress CONNECT"}
     denied = [s for s in lines if s.get("status", {}).get("code") == 2]
     assert len(denied) == 3
     logged = recorded["gateway"].find("egress_decision")
     assert {line["trace_id"] for line in logged} == {s["traceId"] for s in lines}
-    assert not any("Proxy-Authorization" in json.dumps(line) for line in logged)
+    encoded = base64.b64encode(f"ci:{SECRET}".encode()).decode()
+    everything = text + "\n".join(recorded["gateway"].stderr_lines + recorded["gateway"].stdout_lines)
+    assert SECRET not in everything and encoded not in everything
 
 
 def test_audit_lists_and_filters_the_real_trail(recorded: dict[str, Any]) -> None:
@@ -184,9 +194,9 @@ def test_audit_lists_and_filters_the_real_trail(recorded: dict[str, Any]) -> Non
 
     done = _audit(trail, "--host", "*.STRIPE.test", "--since", "1h", "--output", "json")
     spans = [json.loads(text) for text in done.stdout.splitlines()]
-    assert len(spans) == 5  # 3 allowed, the dashboard denial, and the unknown client's attempt
+    assert len(spans) == 6  # 4 allowed, the dashboard denial, and the unknown client's attempt
     allowed = [span for span in spans if span["egress.decision"] == "allow"]
-    assert len(allowed) == 3
+    assert len(allowed) == 4
     for span in allowed:
         assert span["tls.client.server_name"] == STRIPE
         assert span["network.peer.address"] == ORIGIN_IP
@@ -202,7 +212,7 @@ def test_audit_summary_of_the_real_trail(recorded: dict[str, Any]) -> None:
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     top = rows[0]
-    assert (top["namespace"], top["decision"], top["count"]) == ("shop", "allow", 3)
+    assert (top["namespace"], top["decision"], top["count"]) == ("shop", "allow", 4)
     assert top["destination"].startswith(f"{STRIPE}:")
 
 
@@ -254,7 +264,7 @@ def test_metrics_scraped_after_traffic_show_the_expected_counters(recorded: dict
     assert _sample(text, "egress_gateway_bytes_total", namespace="shop", direction="received") > 0
     assert _sample(text, "egress_gateway_bytes_total", namespace="shop", direction="sent") > 0
     assert _sample(text, "egress_gateway_active_tunnels") == 0
-    assert _sample(text, "egress_gateway_decision_duration_seconds_count") >= 8
+    assert _sample(text, "egress_gateway_decision_duration_seconds_count") >= 9
     # Bounded labels: no host, pod or address ever appears in a label.
     for line in text.splitlines():
         if line.startswith("egress_gateway_"):
