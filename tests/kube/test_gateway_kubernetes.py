@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from tests.kube.conftest import GV
+from tests.kube.conftest import GV, fake_jwt, namespace, pod
 from tests.kube.fake_apiserver import FakeApiServer
-from tests.proxy.conftest import STATIC_IDENTITIES, connect, curl
+from tests.proxy.conftest import ANALYTICS_POD, PAYMENTS_POD, STATIC_IDENTITIES, UNKNOWN_POD, connect, curl
 from tests.support.gateway import GatewayProcess
 from tests.support.origins import OriginServer
 from tests.support.tls import TestCA
@@ -190,3 +190,89 @@ def test_no_credentials_is_a_clear_startup_failure(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "no Kubernetes credentials" in done.stderr + done.stdout
+
+
+def _identity_cluster(apiserver: FakeApiServer) -> None:
+    apiserver.put(namespace("shop", {"team": "money"}))
+    apiserver.put(pod("shop", "pay-1", [PAYMENTS_POD], labels={"app": "payments"}))
+    apiserver.put(pod("shop", "web-1", [ANALYTICS_POD], labels={"app": "web"}))
+    only_payments = policy("payments", ["allowed.test"])
+    only_payments["spec"]["podSelector"] = {"matchLabels": {"app": "payments"}}
+    apiserver.put(only_payments)
+
+
+def test_pod_ip_identity_through_the_proxy(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, ca = origin
+    _identity_cluster(apiserver)
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {"mode": ["pod-ip"]}
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_policies_loaded", timeout=15)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+
+    result = curl(gateway, f"https://{target}/pod", source=PAYMENTS_POD, ca=ca)
+    assert result.exit_code == 0 and result.status == 200, result.stderr
+    assert connect_status(gateway, target) == 200
+    web = connect(gateway.proxy_port, target, source=ANALYTICS_POD)  # a pod the policy does not select
+    web.sock.close()
+    assert web.status == 403
+    nobody = connect(gateway.proxy_port, target, source=UNKNOWN_POD)
+    nobody.sock.close()
+    assert nobody.status == 403 and "unknown_client" in nobody.headers.get("proxy-status", "")
+
+    # the payments pod goes away and its address is reused by the web pod's twin: identity follows within 1 s
+    apiserver.delete("pods", "shop", "pay-1")
+    apiserver.put(pod("shop", "web-2", [PAYMENTS_POD], labels={"app": "web"}, created="2026-02-01T00:00:00Z"))
+    assert poll_status(gateway, target, 403, 1.0) < 1.0
+
+
+def test_service_account_token_identity_through_the_proxy(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, ca = origin
+    _identity_cluster(apiserver)
+    exp = int(time.time()) + 600
+    token = fake_jwt(exp)
+    apiserver.add_review_token(
+        token,
+        username="system:serviceaccount:shop:payments",
+        audiences=["egress-gateway"],
+        exp=exp,
+        extra={"authentication.kubernetes.io/pod-name": ["pay-1"]},
+    )
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {"mode": ["service-account-token"]}
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_policies_loaded", timeout=15)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+    accepted_before = server.accepted
+
+    for extra in ("", "Proxy-Authorization: Bearer forged-token\r\n", "Proxy-Authorization: Digest x\r\n"):
+        answer = connect(gateway.proxy_port, target, source=UNKNOWN_POD, extra=extra)
+        answer.sock.close()
+        assert answer.status == 407, extra
+        assert answer.headers.get("proxy-authenticate"), extra
+    time.sleep(0.3)
+    assert server.accepted == accepted_before  # no upstream connection for any of them
+
+    # any source address: the token says who it is (pod pay-1 -> labels app=payments)
+    result = curl(
+        gateway,
+        f"https://{target}/token",
+        "--proxy-header",
+        f"Proxy-Authorization: Bearer {token}",
+        source=UNKNOWN_POD,
+        ca=ca,
+    )
+    assert result.exit_code == 0 and result.status == 200, result.stderr
+    assert result.json()["sni"] == "allowed.test"
+    reviews = apiserver.requests_matching(lambda r: r.path.endswith("/tokenreviews"))
+    assert len(reviews) == 2  # the forged token and the good one; repeated use is cached
