@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
@@ -295,3 +296,56 @@ def test_plain_http_denial_is_answered_on_keep_alive_without_dialing(
     answer = raw_request(gateway.proxy_port, request.encode())
     assert answer.status == 403
     assert api.accepted == 0
+
+
+def _unaccepting_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: further SYNs are dropped, so a connect hangs (no RST, no accept)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.30", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(listener.getsockname())
+        fillers.append(filler)
+    time.sleep(0.2)
+    return listener, fillers
+
+
+def test_upstream_connect_timeout(make_gateway: Callable[..., GatewayProcess], ca: TestCA) -> None:
+    listener, fillers = _unaccepting_listener()
+    port = listener.getsockname()[1]
+    try:
+        gateway = make_gateway(
+            base_config(resolver={"hosts": {"slow.test": ["127.0.0.30"]}}, timeouts={"connect_s": 0.5}),
+            {"shop.yaml": policy("slow.test")},
+        )
+        started = time.monotonic()
+        answer = raw_request(
+            gateway.proxy_port, f"GET http://slow.test:{port}/ HTTP/1.1\r\nHost: slow.test:{port}\r\n\r\n".encode()
+        )
+        assert answer.status == 502
+        assert time.monotonic() - started < 5
+        tunnel = connect(gateway.proxy_port, f"slow.test:{port}")
+        assert tunnel.status == 200
+        with pytest.raises((OSError, ConnectionError)):
+            tls_through(tunnel, ca, "slow.test")
+        gateway.wait_for("egress_decision", lambda e: e.get("egress.reason") == "connection_timeout")
+    finally:
+        for sock in (listener, *fillers):
+            sock.close()
+
+
+def test_no_certificate_authority_is_ever_created(
+    make_gateway: Callable[..., GatewayProcess], origins: tuple[OriginServer, OriginServer], ca: TestCA, tmp_path: Path
+) -> None:
+    api, _ = origins
+    data_dir = tmp_path / "data"
+    gateway = make_gateway(base_config(data_dir=str(data_dir)), {"shop.yaml": policy("api.test")})
+    tunnel = tls_through(connect(gateway.proxy_port, f"api.test:{api.port}"), ca, "api.test")
+    assert b'"/x"' in request_over(tunnel, "/x")
+    tunnel.close()
+    assert gateway.stop() == 0
+    assert not [p for p in data_dir.rglob("*") if p.is_file()], "TLS is never intercepted: no CA, no certificates"
