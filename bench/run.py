@@ -1,0 +1,583 @@
+"""One command that compares the gateway with Squid and a direct connection in the same run (docs/benchmarks.md).
+
+Starts on loopback: nginx (TLS origin on <origin-address>:443: `/tiny`, `/bulk` = 100 MB), Squid (allowlisting
+CONNECT proxy, ssl_bump peek + splice on SNI), the gateway (`python -O -m egress_gateway run`, realistic policy set,
+audit to a JSON-lines file) with 1 and 2 workers, and the direct path. Measures, interleaved over repetitions:
+new connections/s at several concurrencies, p50/p99 latency at c=1, proxy CPU seconds per 1000 connections (from
+/proc), bulk MB/s, peak RSS, RSS with idle tunnels; then the gateway's policy reload costs and the engine
+decision benchmark (bench/decision.py). Prints the tables and writes them between markers in docs/benchmarks.md.
+
+    .venv/bin/python bench/run.py            # full run (~10 minutes), writes docs/benchmarks.md
+    .venv/bin/python bench/run.py --quick    # < 2 minutes, prints only (add --markdown FILE to write)
+
+Needs root (nginx binds port 443: hey puts host:port into the SNI when the URL has a port), nginx, squid-openssl,
+hey and curl (.ci/install-system-deps). Exit code 3 when a prerequisite is missing. Everything stays on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.certs import make_certificates
+from bench.gateway import start_gateway
+from bench.idle import IdleResult, hold_idle_tunnels
+from bench.load import BulkResult, LoadResult, bulk_run, hey_binary, hey_run
+from bench.origin import Origin, nginx_binary, port_free, start_origin
+from bench.procs import cpu_seconds, peak_rss_mib, process_tree, rss_mib
+from bench.reload import ReloadResult, measure_reload
+from bench.squid import has_ssl_bump, squid_binary, start_squid
+
+REPO = Path(__file__).resolve().parents[1]
+ORIGIN_HOST = "origin.bench.test"
+BEGIN = "<!-- bench/run.py: begin (generated, do not edit by hand) -->"
+END = "<!-- bench/run.py: end -->"
+EXIT_MISSING = 3
+
+
+@dataclass
+class Target:
+    name: str
+    proxy: str | None  # None: the direct path
+    pid: int | None  # root of the proxy's process tree
+    note: str = ""
+
+
+@dataclass
+class Sample:
+    load: LoadResult
+    cpu_s: float
+
+    @property
+    def cpu_per_1000(self) -> float:
+        return self.cpu_s / self.load.ok * 1000 if self.load.ok else float("nan")
+
+
+@dataclass
+class TargetResults:
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+    bulk: list[tuple[BulkResult, float]] = field(default_factory=list)  # (transfer, proxy CPU s)
+    peak_rss_mib: float = float("nan")
+    idle: IdleResult | None = None
+    processes: int = 0
+
+
+@dataclass
+class Options:
+    reps: int
+    duration_s: float
+    concurrency: list[int]
+    bulk_reps: int
+    idle_tunnels: int
+    reload_sizes: list[int]
+    reload_flips: int
+    workers: list[int]
+    decision: str  # "full", "quick" or "skip"
+
+
+def missing_prerequisites(origin_address: str) -> list[str]:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (nginx must bind port 443)")
+    if nginx_binary() is None:
+        missing.append("nginx")
+    squid = squid_binary()
+    if squid is None:
+        missing.append("squid (squid-openssl)")
+    elif not has_ssl_bump(squid):
+        missing.append("squid with ssl_bump (squid-openssl)")
+    if hey_binary() is None:
+        missing.append("hey")
+    if shutil.which("curl") is None:
+        missing.append("curl")
+    if os.geteuid() == 0 and not port_free(origin_address, 443):
+        missing.append(f"a free {origin_address}:443 (choose --origin-address)")
+    return missing
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return (
+        f"{os.cpu_count()} vCPU {model}, {mem_kib / 1024 / 1024:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def versions() -> str:
+    def first_line(argv: list[str]) -> str:
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return "?"
+        return (done.stdout or done.stderr).strip().splitlines()[0] if (done.stdout or done.stderr) else "?"
+
+    def dpkg(package: str) -> str:
+        return first_line(["dpkg-query", "-W", "-f", "${Version}", package])
+
+    import mitmproxy.version
+
+    return (
+        f"nginx {dpkg('nginx')}, squid {dpkg('squid-openssl')}, hey {dpkg('hey')}, "
+        f"mitmproxy {mitmproxy.version.VERSION}"
+    )
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    if value != value:  # NaN
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def spread(values: list[float], digits: int = 0) -> str:
+    """`median [min-max]`, or just the value for one sample."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "-"
+    median = statistics.median(values)
+    if len(values) == 1:
+        return fmt(median, digits)
+    return f"{fmt(median, digits)} [{fmt(min(values), digits)}-{fmt(max(values), digits)}]"
+
+
+def median(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a == a and b == b and b > 0 else "-"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measure_load(targets: list[Target], origin: Origin, results: dict[str, TargetResults], opts: Options) -> None:
+    for rep in range(opts.reps):
+        for concurrency in opts.concurrency:
+            # Rotate the order each repetition so that no target always runs right after the same neighbour.
+            order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
+            for target in order:
+                url = origin.tiny_url if target.proxy else f"https://{origin.address}/tiny"
+                cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+                load = hey_run(
+                    url,
+                    concurrency,
+                    opts.duration_s,
+                    proxy=target.proxy,
+                    host_header=None if target.proxy else origin.hostname,
+                )
+                cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
+                results[target.name].samples.setdefault(concurrency, []).append(Sample(load, cpu))
+                log(
+                    f"rep {rep + 1} c={concurrency:<3} {target.name:<20} {load.conn_per_s:7.0f} conn/s "
+                    f"p50 {load.p50_ms:6.2f} ms  cpu/1000 {Sample(load, cpu).cpu_per_1000:5.2f} s  "
+                    f"ok {load.ok} errors {load.errors}"
+                )
+
+
+def measure_bulk(
+    targets: list[Target], origin: Origin, ca_file: str, results: dict[str, TargetResults], opts: Options
+) -> None:
+    for rep in range(opts.bulk_reps):
+        for target in targets:
+            cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+            if target.proxy:
+                bulk = bulk_run(origin.bulk_url, ca_file, proxy=target.proxy, resolve=None)
+            else:
+                bulk = bulk_run(origin.bulk_url, ca_file, proxy=None, resolve=f"{origin.hostname}:443:{origin.address}")
+            cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
+            results[target.name].bulk.append((bulk, cpu))
+            log(f"bulk rep {rep + 1} {target.name:<20} {bulk.mb_per_s:7.0f} MB/s status {bulk.status}")
+
+
+def run_decision(mode: str) -> str:
+    if mode == "skip":
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".md") as out:
+        argv = [sys.executable, str(REPO / "bench" / "decision.py"), "--markdown", out.name]
+        if mode == "quick":
+            argv.insert(2, "--quick")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
+        if done.returncode != 0:
+            return f"bench/decision.py failed: {done.stderr[-300:]}"
+        return Path(out.name).read_text()
+
+
+def launch[T](stack: ExitStack, what: str, start: Callable[[], T]) -> T:
+    """Start a server and register its `stop()` on `stack` (stopped in reverse order, also on errors)."""
+    log(f"starting {what}")
+    server = start()
+    stack.callback(server.stop)  # type: ignore[attr-defined]
+    return server
+
+
+def main_table(targets: list[Target], results: dict[str, TargetResults], opts: Options) -> list[str]:
+    c_mid = 16 if 16 in opts.concurrency else opts.concurrency[-1]
+    c_lat = 1 if 1 in opts.concurrency else opts.concurrency[0]
+    header = (
+        ["path"]
+        + [f"conn/s c={c}" for c in opts.concurrency]
+        + [
+            f"p50 ms c={c_lat}",
+            f"p99 ms c={c_lat}",
+            f"CPU s/1000 conns (c={c_mid})",
+            "bulk MB/s",
+            "CPU s/GB bulk",
+            "peak RSS MiB",
+            f"RSS MiB: idle / {opts.idle_tunnels} tunnels",
+            "KiB/tunnel",
+            "processes",
+        ]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for target in targets:
+        r = results[target.name]
+        row = [target.name + (f" ({target.note})" if target.note else "")]
+        for c in opts.concurrency:
+            row.append(spread([s.load.conn_per_s for s in r.samples.get(c, [])]))
+        lat = r.samples.get(c_lat, [])
+        row.append(spread([s.load.p50_ms for s in lat], 2))
+        row.append(spread([s.load.p99_ms for s in lat], 2))
+        row.append(spread([s.cpu_per_1000 for s in r.samples.get(c_mid, [])], 2) if target.pid else "-")
+        row.append(spread([b.mb_per_s for b, _ in r.bulk]))
+        row.append(spread([cpu / (b.bytes / 1e9) for b, cpu in r.bulk if b.bytes], 2) if target.pid else "-")
+        row.append(fmt(r.peak_rss_mib, 0) if target.pid else "-")
+        if r.idle is not None:
+            row.append(
+                f"{r.idle.rss_before_mib:.0f} / {r.idle.rss_open_mib:.0f}"
+                + (f" ({r.idle.failed} failed)" if r.idle.failed else "")
+            )
+            row.append(fmt(r.idle.kib_per_tunnel, 1))
+        else:
+            row += ["-", "-"]
+        row.append(str(r.processes) if target.pid else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def ratio_table(targets: list[Target], results: dict[str, TargetResults], opts: Options) -> list[str]:
+    c_mid = 16 if 16 in opts.concurrency else opts.concurrency[-1]
+    c_lat = 1 if 1 in opts.concurrency else opts.concurrency[0]
+
+    def med(name: str, get: Callable[[TargetResults], list[float]]) -> float:
+        return median(get(results[name])) if name in results else float("nan")
+
+    def cpu(name: str) -> float:
+        return med(name, lambda r: [s.cpu_per_1000 for s in r.samples.get(c_mid, [])])
+
+    def conn(name: str, c: int) -> float:
+        return med(name, lambda r: [s.load.conn_per_s for s in r.samples.get(c, [])])
+
+    def p50(name: str) -> float:
+        return med(name, lambda r: [s.load.p50_ms for s in r.samples.get(c_lat, [])])
+
+    def bulk(name: str) -> float:
+        return med(name, lambda r: [b.mb_per_s for b, _ in r.bulk])
+
+    header = (
+        ["path", f"CPU/conn vs Squid (c={c_mid})"]
+        + [f"conn/s vs Squid c={c}" for c in opts.concurrency]
+        + [
+            f"conn/s vs direct c={c_mid}",
+            f"added p50 ms vs direct (c={c_lat})",
+            f"added p50 vs Squid (c={c_lat})",
+            "bulk vs direct",
+        ]
+    )
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for target in targets:
+        if target.name == "direct":
+            continue
+        name = target.name
+        added = p50(name) - p50("direct")
+        squid_added = p50("squid") - p50("direct")
+        row = [name, ratio(cpu(name), cpu("squid"))]
+        row += [ratio(conn(name, c), conn("squid", c)) for c in opts.concurrency]
+        row += [
+            ratio(conn(name, c_mid), conn("direct", c_mid)),
+            f"{added:+.2f}",
+            ratio(added, squid_added),
+            ratio(bulk(name), bulk("direct")),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def detail_table(targets: list[Target], results: dict[str, TargetResults], opts: Options) -> list[str]:
+    header = ["path", "c", "conn/s", "p50 ms", "p99 ms", "CPU s/1000 conns", "ok", "errors"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for target in targets:
+        for c in opts.concurrency:
+            samples = results[target.name].samples.get(c, [])
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        target.name,
+                        str(c),
+                        spread([s.load.conn_per_s for s in samples]),
+                        spread([s.load.p50_ms for s in samples], 2),
+                        spread([s.load.p99_ms for s in samples], 2),
+                        spread([s.cpu_per_1000 for s in samples], 2) if target.pid else "-",
+                        str(sum(s.load.ok for s in samples)),
+                        str(sum(s.load.errors for s in samples)),
+                    ]
+                )
+                + " |"
+            )
+    return lines
+
+
+def reload_table(reloads: list[ReloadResult]) -> list[str]:
+    header = ["policies", "rules", "ready s (exec -> /readyz)", "change -> enforced ms", "full reload s", "RSS MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in reloads:
+        lines.append(
+            f"| {r.policies:,} | {1 + 4 * (r.policies - 1):,} | {r.ready_s:.2f} | {spread(r.change_ms, 0)} | "
+            f"{r.full_reload_s:.2f} | {r.rss_mib:.0f} |"
+        )
+    return lines
+
+
+def report(
+    command: str,
+    targets: list[Target],
+    results: dict[str, TargetResults],
+    reloads: list[ReloadResult],
+    decision_md: str,
+    opts: Options,
+    notes: list[str],
+    elapsed_s: float,
+) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = [
+        f"`{command}` ({when}, {elapsed_s / 60:.1f} min). Machine: {machine()}; {versions()}.",
+        f"Each load run: `hey -z {opts.duration_s:g}s -c C -disable-keepalive` (every request = new connection: "
+        f"CONNECT + TLS handshake + GET of a 3-byte body + close), {opts.reps} repetition(s) interleaved across paths; "
+        "cells are median [min-max]. CPU is the proxy's whole process tree from /proc (utime+stime, children "
+        "included) during the run, divided by the successful connections. The load generator, the origin and the "
+        "proxy share the machine's cores, so connections/s at c>=16 measures the machine as much as the proxy; "
+        "CPU per connection does not depend on that.",
+        "",
+        *main_table(targets, results, opts),
+        "",
+        "Ratios (medians of this run):",
+        "",
+        *ratio_table(targets, results, opts),
+        "",
+        "Per concurrency:",
+        "",
+        *detail_table(targets, results, opts),
+    ]
+    if reloads:
+        out += [
+            "",
+            "Gateway policy reload (files source, 100 policies per file, 4 rules per policy):",
+            "",
+            *reload_table(reloads),
+        ]
+    if decision_md:
+        out += ["", "Engine decision time (bench/decision.py, same run):", "", decision_md.strip()]
+    if notes:
+        out += ["", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: Path, section: str) -> None:
+    """Replace the generated block between the markers, or add it under a heading; other sections stay intact."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{section}{END}"
+    if BEGIN in text and END in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n## Gateway vs Squid vs direct (bench/run.py)\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short runs, one repetition, < 2 minutes")
+    parser.add_argument("--reps", type=int, help="repetitions of every load run (default 3, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default 5, quick 1.5)")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated hey concurrencies")
+    parser.add_argument("--idle-tunnels", type=int, help="idle tunnels held open for RSS (default 1000, quick 200)")
+    parser.add_argument(
+        "--reload-sizes", help="policy counts for the reload benchmark (default 1000,10000; quick 1000; '' to skip)"
+    )
+    parser.add_argument("--workers", default="1,2", help="gateway worker counts to run as separate rows")
+    parser.add_argument(
+        "--decision", choices=["full", "quick", "skip"], help="engine benchmark (default full, quick: quick)"
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help="write the tables into this file (default for a full run: "
+        "docs/benchmarks.md; --quick writes nothing unless given)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
+    parser.add_argument("--origin-address", default="127.0.0.77", help="loopback address nginx listens on (:443)")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
+    return parser.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    quick = args.quick
+    sizes = args.reload_sizes if args.reload_sizes is not None else ("1000" if quick else "1000,10000")
+    return Options(
+        reps=args.reps or (1 if quick else 3),
+        duration_s=args.duration or (1.5 if quick else 5.0),
+        concurrency=[int(c) for c in args.concurrency.split(",") if c],
+        bulk_reps=1 if quick else 3,
+        idle_tunnels=args.idle_tunnels if args.idle_tunnels is not None else (200 if quick else 1000),
+        reload_sizes=[int(s) for s in sizes.split(",") if s],
+        reload_flips=1 if quick else 3,
+        workers=[int(w) for w in args.workers.split(",") if w],
+        decision=args.decision or ("quick" if quick else "full"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = options_from(args)
+    missing = missing_prerequisites(args.origin_address)
+    if missing:
+        print(
+            f"bench/run.py: missing prerequisites: {', '.join(missing)} (see .ci/install-system-deps)", file=sys.stderr
+        )
+        return EXIT_MISSING
+    command = "python bench/run.py" + (
+        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
+    markdown = args.markdown or (None if args.quick else REPO / "docs" / "benchmarks.md")
+    started_at = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="egress-bench-"))
+    root.chmod(0o755)
+    notes: list[str] = []
+    results: dict[str, TargetResults] = {}
+    targets: list[Target] = []
+    reloads: list[ReloadResult] = []
+    try:
+        with ExitStack() as origin_stack:
+            certs = make_certificates(root / "certs", [ORIGIN_HOST], [args.origin_address])
+            origin = launch(
+                origin_stack, "nginx", lambda: start_origin(root / "nginx", certs, ORIGIN_HOST, args.origin_address)
+            )
+            with ExitStack() as proxies:
+                targets.append(Target("direct", None, None))
+                squid = launch(
+                    proxies, "squid", lambda: start_squid(root / "squid", certs, ORIGIN_HOST, args.origin_address)
+                )
+                targets.append(Target("squid", squid.proxy, squid.server.pid))
+                for workers in opts.workers:
+                    name = "gateway" if workers == 1 else f"gateway {workers} workers"
+                    gateway = launch(
+                        proxies,
+                        name,
+                        lambda w=workers: start_gateway(  # type: ignore[misc]
+                            root / f"gateway-w{w}", ORIGIN_HOST, args.origin_address, workers=w
+                        ),
+                    )
+                    processes = gateway.processes
+                    if workers > 1 and processes < workers:
+                        notes.append(
+                            f"`workers: {workers}` started {processes} process(es): worker mode is not "
+                            "implemented in this build, so its row is left out."
+                        )
+                        gateway.stop()
+                        continue
+                    targets.append(Target(name, gateway.proxy, gateway.server.pid))
+                for target in targets:
+                    results[target.name] = TargetResults()
+                    if target.pid:
+                        results[target.name].processes = len(process_tree(target.pid))
+                measure_load(targets, origin, results, opts)
+                measure_bulk(targets, origin, str(certs.ca_cert), results, opts)
+                for target in targets:
+                    if target.pid:
+                        results[target.name].peak_rss_mib = peak_rss_mib(target.pid)
+                for target in targets:
+                    if target.proxy and target.pid and opts.idle_tunnels:
+                        log(f"holding {opts.idle_tunnels} idle tunnels through {target.name}")
+                        pid = target.pid
+                        results[target.name].idle = hold_idle_tunnels(
+                            target.proxy,
+                            ORIGIN_HOST,
+                            str(certs.ca_cert),
+                            opts.idle_tunnels,
+                            functools.partial(rss_mib, pid),
+                        )
+            # The proxies are stopped now, so the reload runs do not compete with them for CPU.
+            for size in opts.reload_sizes:
+                log(f"gateway reload benchmark with {size:,} policies")
+                reloads.append(
+                    measure_reload(root / f"reload-{size}", ORIGIN_HOST, args.origin_address, size, opts.reload_flips)
+                )
+        log(f"engine decision benchmark ({opts.decision})")
+        decision_md = run_decision(opts.decision)
+        section = report(command, targets, results, reloads, decision_md, opts, notes, time.monotonic() - started_at)
+        print()
+        print(section)
+        if markdown:
+            write_markdown(markdown, section)
+            log(f"wrote {markdown}")
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "targets": [asdict(t) for t in targets],
+                        "results": {
+                            name: {
+                                "samples": {
+                                    c: [{"load": asdict(s.load), "cpu_s": s.cpu_s} for s in samples]
+                                    for c, samples in r.samples.items()
+                                },
+                                "bulk": [
+                                    {"bytes": b.bytes, "seconds": b.seconds, "status": b.status, "cpu_s": cpu}
+                                    for b, cpu in r.bulk
+                                ],
+                                "peak_rss_mib": r.peak_rss_mib,
+                                "idle": asdict(r.idle) if r.idle else None,
+                                "processes": r.processes,
+                            }
+                            for name, r in results.items()
+                        },
+                        "reloads": [asdict(r) for r in reloads],
+                        "notes": notes,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
+    finally:
+        if args.keep:
+            print(f"working directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
