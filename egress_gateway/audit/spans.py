@@ -322,9 +322,14 @@ class SpanRecord:
         try:
             if not self._closed_event:
                 self._span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-            self._span.set_attributes({**self._attributes, **self._decision})
-            self._span.set_attribute(fields.BYTES_SENT, bytes_sent)
-            self._span.set_attribute(fields.BYTES_RECEIVED, bytes_received)
+            self._span.set_attributes(
+                {
+                    **self._attributes,
+                    **self._decision,
+                    fields.BYTES_SENT: bytes_sent,
+                    fields.BYTES_RECEIVED: bytes_received,
+                }
+            )
             if self._denied is not None:
                 self._span.set_status(Status(StatusCode.ERROR, self._denied))
         finally:
