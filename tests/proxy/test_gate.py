@@ -1,0 +1,97 @@
+"""The gate's procedure with real parts (engine, store, static identity, resolver) and no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from egress_gateway.identity.static import StaticIdentityResolver
+from egress_gateway.policy.decision import Reason
+from egress_gateway.policy.engine import Engine, EngineConfig
+from egress_gateway.policy.store import PolicyStore
+from egress_gateway.policy.validation import validate_object
+from egress_gateway.proxy.gate import Gate, Verdict
+from egress_gateway.proxy.resolver import Resolver
+from egress_gateway.settings import StaticIdentity
+
+POLICY = """
+apiVersion: egressgateway.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  rules:
+    - {name: names, hosts: [multi.test, api.test, "*.wild.test"]}
+    - {name: no-secret, action: Deny, hosts: [secret.test]}
+"""
+
+
+class CountingResolver(Resolver):
+    def __init__(self) -> None:
+        super().__init__(
+            {
+                "multi.test": ["169.254.169.254", "10.0.0.1", "127.0.0.20"],
+                "api.test": ["127.0.0.21"],
+                "secret.test": ["127.0.0.22"],
+            },
+            [],
+            1,
+        )
+        self.lookups: list[str] = []
+
+    async def resolve(self, name: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+        self.lookups.append(name)
+        return await super().resolve(name)
+
+
+@pytest.fixture
+def gate() -> Gate:
+    store = PolicyStore()
+    store.upsert(validate_object(yaml.safe_load(POLICY)), "1")
+    store.mark_loaded()
+    engine = Engine(EngineConfig(allowed_ranges=(ipaddress.ip_network("127.0.0.0/8"),)), store.current)
+    identity = StaticIdentityResolver([StaticIdentity(cidr="127.0.0.2/32", namespace="shop")])
+    return Gate(engine, identity, CountingResolver(), ready=lambda: store.loaded)
+
+
+def decide(gate: Gate, host: str, port: int = 443) -> Verdict:
+    identity = asyncio.run(gate.identify("127.0.0.2", None))
+    return asyncio.run(gate.decide_target(identity, host, port))
+
+
+def test_first_allowed_candidate_is_pinned(gate: Gate) -> None:
+    verdict = decide(gate, "multi.test")
+    assert verdict.decision.allowed
+    assert str(verdict.address) == "127.0.0.20"
+    assert [str(a) for a in verdict.candidates] == ["169.254.169.254", "10.0.0.1", "127.0.0.20"]
+
+
+def test_denied_names_are_not_resolved(gate: Gate) -> None:
+    verdict = decide(gate, "secret.test")
+    assert verdict.decision.reason is Reason.DENIED_BY_RULE
+    assert gate.resolver.lookups == []  # type: ignore[attr-defined]
+
+
+def test_ip_literals_are_not_resolved_and_pinned_to_themselves(gate: Gate) -> None:
+    verdict = decide(gate, "0x7f000015")
+    assert str(verdict.address) == "127.0.0.21"
+    assert verdict.decision.reason is Reason.NO_MATCHING_RULE
+    assert gate.resolver.lookups == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("sni", ["api.test", "API.TEST", "api.test.", "x.wild.test", "secret.test", None])
+def test_sni_shortcut_agrees_with_the_engine(gate: Gate, sni: str | None) -> None:
+    verdict = decide(gate, "api.test")
+    shortcut = gate.decide_sni(verdict, sni)
+    full = gate.engine.decide(replace(verdict.facts, sni=sni))
+    assert shortcut.decision.allowed == full.allowed
+    assert shortcut.decision.reason == full.reason
+
+
+def test_not_ready_until_loaded() -> None:
+    gate = Gate(Engine(), StaticIdentityResolver([]), Resolver({}, [], 1), ready=lambda: False)
+    denial = gate.not_ready()
+    assert denial is not None and denial.reason is Reason.POLICIES_NOT_LOADED
