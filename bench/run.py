@@ -75,6 +75,7 @@ class TargetResults:
     peak_rss_mib: float = float("nan")
     idle: IdleResult | None = None
     processes: int = 0
+    audit_lines: int | None = None  # gateway only: lines in its JSON-lines audit trail at the end
 
 
 @dataclass
@@ -459,6 +460,14 @@ def options_from(args: argparse.Namespace) -> Options:
     )
 
 
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as handle:
+            return sum(1 for _ in handle)
+    except OSError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     opts = options_from(args)
@@ -479,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, TargetResults] = {}
     targets: list[Target] = []
     reloads: list[ReloadResult] = []
+    audit_files: dict[str, Path] = {}
     try:
         with ExitStack() as origin_stack:
             certs = make_certificates(root / "certs", [ORIGIN_HOST], [args.origin_address])
@@ -509,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                         gateway.stop()
                         continue
                     targets.append(Target(name, gateway.proxy, gateway.server.pid))
+                    audit_files[name] = gateway.audit_file
                 for target in targets:
                     results[target.name] = TargetResults()
                     if target.pid:
@@ -529,7 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                             opts.idle_tunnels,
                             functools.partial(rss_mib, pid),
                         )
-            # The proxies are stopped now, so the reload runs do not compete with them for CPU.
+            # The proxies are stopped now (the gateways flushed their batched audit spans on the way out), so the
+            # reload runs do not compete with them for CPU.
+            for name, audit_file in audit_files.items():
+                results[name].audit_lines = _count_lines(audit_file)
             for size in opts.reload_sizes:
                 log(f"gateway reload benchmark with {size:,} policies")
                 reloads.append(
@@ -561,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "peak_rss_mib": r.peak_rss_mib,
                                 "idle": asdict(r.idle) if r.idle else None,
                                 "processes": r.processes,
+                                "audit_lines": r.audit_lines,
                             }
                             for name, r in results.items()
                         },
