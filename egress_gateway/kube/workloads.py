@@ -5,7 +5,7 @@ finished pods, and Namespaces). It keeps only what identity needs (name, labels,
 creation time) and indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the
 node's). When an IP is claimed by several pods (reuse during churn), the newest pod that is not terminating owns
 it. `WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one pair of watches).
-Imports the decision types, settings and the kube plumbing; never the proxy or the engine.
+Imports the decision types, settings, the kube plumbing and audit metrics; never the proxy or the engine.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import ipaddress
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import structlog
 from kubernetes.aio.client import ApiClient, CoreV1Api
 
+from egress_gateway.audit import metrics
 from egress_gateway.kube.client import connect
 from egress_gateway.kube.reflector import Backoff, RawObject, Reflector
 from egress_gateway.policy.decision import Identity
@@ -137,6 +139,7 @@ class WorkloadIndex:
                 watch_timeout_s=self.settings.watch_timeout_s,
                 backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
                 selectors={"field_selector": POD_FIELD_SELECTOR},
+                on_restart=partial(metrics.watch_restarted, "Pod"),
             ),
             "Namespace": Reflector(
                 "Namespace",
@@ -145,8 +148,11 @@ class WorkloadIndex:
                 on_event=self._namespace_event,
                 watch_timeout_s=self.settings.watch_timeout_s,
                 backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                on_restart=partial(metrics.watch_restarted, "Namespace"),
             ),
         }
+        # A stale pod index can attribute a reused IP to the pod that had it before: make that visible.
+        metrics.track_source("kubernetes-workloads", self.staleness_seconds, lambda: self.ready)
         self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{n}") for n, r in self.reflectors.items()]
 
     async def stop(self) -> None:

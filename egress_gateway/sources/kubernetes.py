@@ -147,15 +147,24 @@ class KubernetesPolicySource:
         for key in self._known[kind] - listed.keys():
             self._forget(key)
         batch: list[Versioned] = []
+        previous: dict[ObjectKey, Versioned | None] = {}
         now = time.monotonic()
         for key, raw in listed.items():
+            before = self._good.get(key)
             if self._evaluate(key, raw):
                 self.applied_at[key] = now
+                previous[key] = before
             good = self._good.get(key)
             if good is not None:
                 batch.append(good)
         self._known[kind] = set(listed)
-        self.store.replace_group(f"kubernetes/{kind}", batch)
+        try:
+            self.store.replace_group(f"kubernetes/{kind}", batch)
+        except Exception:
+            # One object the validator passed but the engine cannot compile must not block the others.
+            for item in batch:
+                key = (kind, item.policy.metadata.namespace, item.policy.metadata.name)
+                self._upsert_or_reject(key, item, previous.get(key), listed[key])
         self._report_counts(kind)
         if not self._ready and all(r.synced or r.name == kind for r in self.reflectors.values()):
             self._ready = True
@@ -169,11 +178,26 @@ class KubernetesPolicySource:
             self._forget(key)
         else:
             self._known[kind].add(key)
+            before = self._good.get(key)
             if self._evaluate(key, raw):
-                good = self._good[key]
-                self.store.upsert(good.policy, good.version)
+                self._upsert_or_reject(key, self._good[key], before, raw)
                 self.applied_at[key] = time.monotonic()
         self._report_counts(kind)
+
+    def _upsert_or_reject(self, key: ObjectKey, good: Versioned, before: Versioned | None, raw: RawObject) -> None:
+        try:
+            self.store.upsert(good.policy, good.version)
+        except Exception as exc:
+            # A bug in compilation would otherwise fail this event forever and stall the watch behind it.
+            self.log.error("policy_apply_failed", policy=_name(key), error=f"{type(exc).__name__}: {exc}")
+            if before is None:
+                self._good.pop(key, None)
+            else:
+                self._good[key] = before
+            self.invalid[key] = f"the gateway could not compile this generation ({type(exc).__name__}: {exc})"
+            if self.status_writer is not None:
+                generation = (raw.get("metadata") or {}).get("generation")
+                self.status_writer.observe(key, raw.get("status"), self._acceptance(key, generation))
 
     def _evaluate(self, key: ObjectKey, raw: RawObject) -> bool:
         """Validate one object if its generation is new. True when a new valid version must go to the store."""

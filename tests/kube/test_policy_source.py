@@ -6,6 +6,8 @@ import ipaddress
 from pathlib import Path
 from types import MappingProxyType
 
+import pytest
+
 from egress_gateway.policy.decision import Facts, Identity
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.store import PolicyStore
@@ -388,3 +390,40 @@ def test_two_gateways_one_status_writer(apiserver: FakeApiServer, tmp_path: Path
                 await source.stop()
 
     run(scenario, timeout=60)
+
+
+def test_an_object_the_engine_cannot_compile_does_not_stall_the_others(
+    apiserver: FakeApiServer, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import egress_gateway.policy.store as store_module
+
+    real_compile = store_module.compile_policy
+
+    def fragile_compile(policy, version):  # type: ignore[no-untyped-def]
+        if policy.metadata.name.startswith("boom"):
+            raise RuntimeError("simulated engine bug")
+        return real_compile(policy, version)
+
+    monkeypatch.setattr(store_module, "compile_policy", fragile_compile)
+    apiserver.put(egress_policy("shop", "boom", ["boom.example.com"]))
+    apiserver.put(egress_policy("shop", "ok", ["ok.example.com"]))
+
+    async def scenario() -> None:
+        store = PolicyStore()
+        source = KubernetesPolicySource(kube_settings(kubeconfig), store)
+        await source.start()
+        try:
+            assert await source.wait_ready(5)
+            assert allowed(store, "ok.example.com") and not allowed(store, "boom.example.com")
+            apiserver.put(egress_policy("shop", "boom2", ["boom2.example.com"]))
+            apiserver.put(egress_policy("shop", "ok2", ["ok2.example.com"]))
+            await eventually(lambda: allowed(store, "ok2.example.com"), 1.0)
+            assert source.reflectors["EgressPolicy"].watch_restarts == 0
+            await eventually(lambda: accepted(apiserver, "egresspolicies", "shop", "boom2") is not None, 5)
+            condition = accepted(apiserver, "egresspolicies", "shop", "boom2")
+            assert condition is not None and condition["status"] == "False"
+            assert "could not compile" in condition["message"]
+        finally:
+            await source.stop()
+
+    run(scenario)
