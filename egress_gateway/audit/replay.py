@@ -1,6 +1,7 @@
 """`audit --replay`: re-decide recorded connections under a candidate policy set and report what would flip.
 
-Every record the engine decided (not those ended by the resolver, rate limits, readiness, ...) is turned back into
+Every record the engine decided (its last engine decision, even when the connection then failed upstream or was
+revoked; not those the resolver, rate limits or readiness ended before the engine spoke) is turned back into
 `Facts` (identity with pod and namespace labels, target, port, SNI, Host header, pinned IP) and decided again by the
 real `Engine` over policies loaded with the file source's own loader. Flips are grouped by namespace, destination,
 before and after, with counts. Imports the policy core and `trail`; the caller loads the policies.
@@ -16,25 +17,9 @@ from types import MappingProxyType
 from typing import Any
 
 from egress_gateway.audit import fields
-from egress_gateway.audit.trail import FlowRecord
-from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason
+from egress_gateway.audit.trail import FlowRecord, PolicyVerdict
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
 from egress_gateway.policy.engine import Engine
-
-# Reasons the engine itself produces: only those records can be replayed meaningfully.
-ENGINE_REASONS = frozenset(
-    {
-        Reason.INVALID_TARGET,
-        Reason.SNI_MISMATCH,
-        Reason.HOST_MISMATCH,
-        Reason.UNKNOWN_CLIENT,
-        Reason.BLOCKED_ADDRESS,
-        Reason.PRIVATE_ADDRESS,
-        Reason.DENIED_BY_RULE,
-        Reason.ALLOWED_BY_RULE,
-        Reason.NO_MATCHING_RULE,
-        Reason.NO_POLICY,
-    }
-)
 
 ALLOW_TO_DENY = "allow -> deny"
 DENY_TO_ALLOW = "deny -> allow"
@@ -70,10 +55,10 @@ def facts_from_record(record: FlowRecord) -> Facts:
     )
 
 
-def _describe_recorded(record: FlowRecord) -> str:
-    parts = [record.decision or "-", record.reason or "-"]
-    if record.policy:
-        parts.append(record.policy + (f" rule {record.rule}" if record.rule else ""))
+def _describe_recorded(verdict: PolicyVerdict) -> str:
+    parts = [verdict.decision, verdict.reason]
+    if verdict.policy:
+        parts.append(verdict.policy + (f" rule {verdict.rule}" if verdict.rule else ""))
     return " ".join(parts)
 
 
@@ -140,27 +125,24 @@ class ReplayReport:
 def replay(records: Iterable[FlowRecord], engine: Engine, now: float | None = None) -> ReplayReport:
     report = ReplayReport()
     for record in records:
-        try:
-            reason = Reason(record.reason) if record.reason else None
-        except ValueError:
-            reason = None
-        if reason not in ENGINE_REASONS or record.decision not in ("allow", "deny"):
+        verdict = record.policy_verdict
+        if verdict is None:
             report.not_replayable[record.reason or "undecided"] += 1
             continue
         decision = engine.decide(facts_from_record(record), now=now)
         report.replayed += 1
-        was_allowed = record.decision == "allow"
+        was_allowed = verdict.decision == "allow"
         if was_allowed and not decision.allowed:
             change = ALLOW_TO_DENY
         elif not was_allowed and decision.allowed:
             change = DENY_TO_ALLOW
-        elif was_allowed and decision.would_deny and not record.would_deny:
+        elif was_allowed and decision.would_deny and not verdict.would_deny:
             change = NEWLY_WOULD_DENY
         else:
             report.unchanged += 1
             continue
         key = FlipKey(
-            change, record.namespace or "-", record.destination, _describe_recorded(record), _describe(decision)
+            change, record.namespace or "-", record.destination, _describe_recorded(verdict), _describe(decision)
         )
         report.flips[key] += 1
     return report

@@ -55,7 +55,10 @@ class Suggestion:
 
 
 def _selected(record: FlowRecord, namespace: str, pod_labels: Mapping[str, str]) -> bool:
-    if record.namespace != namespace or record.decision != "allow":
+    if record.namespace != namespace:
+        return False
+    verdict = record.policy_verdict  # allowed by policy, even if the upstream then refused the connection
+    if verdict is None or verdict.decision != "allow":
         return False
     labels = record.pod_labels
     return all(labels.get(k) == v for k, v in pod_labels.items())

@@ -65,6 +65,31 @@ class FlowEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyVerdict:
+    """What the policy engine decided for a connection, whatever happened to it afterwards."""
+
+    decision: str  # allow | deny
+    reason: str
+    policy: str | None = None
+    rule: str | None = None
+    would_deny: bool = False
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, Any]) -> PolicyVerdict | None:
+        decision, reason = attributes.get(fields.DECISION), attributes.get(fields.REASON)
+        if decision not in ("allow", "deny") or reason not in fields.ENGINE_REASONS:
+            return None
+        policy, rule = attributes.get(fields.POLICY), attributes.get(fields.RULE)
+        return cls(
+            decision=str(decision),
+            reason=str(reason),
+            policy=None if policy is None else str(policy),
+            rule=None if rule is None else str(rule),
+            would_deny=attributes.get(fields.WOULD_DENY) is True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class FlowRecord:
     """One recorded connection (one span line of the trail)."""
 
@@ -168,6 +193,21 @@ class FlowRecord:
     @property
     def would_deny(self) -> bool:
         return self.attributes.get(fields.WOULD_DENY) is True
+
+    @property
+    def policy_verdict(self) -> PolicyVerdict | None:
+        """The engine's last decision: the final one, or, when the connection ended on an outcome decided around
+        the engine (connection_refused, revoked, ...), the last `decided` event the engine made. None when the
+        engine never decided (e.g. a DNS failure or a rate limit before it)."""
+        final = PolicyVerdict.from_attributes(self.attributes)
+        if final is not None:
+            return final
+        for event in reversed(self.events):
+            if event.name == "decided":
+                verdict = PolicyVerdict.from_attributes(event.attributes)
+                if verdict is not None:
+                    return verdict
+        return None
 
     @property
     def pod_labels(self) -> dict[str, str]:
