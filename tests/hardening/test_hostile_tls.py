@@ -8,8 +8,8 @@ closes the tunnel with a `bad_request` record; silence is cut by `timeouts.clien
 from __future__ import annotations
 
 import socket
-import ssl
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -19,6 +19,8 @@ from tests.proxy.conftest import closed_by_peer, connect
 
 pytestmark = pytest.mark.slow
 
+Sender = Callable[[socket.socket, bytes], None]
+
 
 def _tunnel(env: Env, authority: str, source: str) -> socket.socket:
     answer = connect(env.gateway.proxy_port, authority, source=source)
@@ -26,14 +28,14 @@ def _tunnel(env: Env, authority: str, source: str) -> socket.socket:
     return answer.sock
 
 
-def _send_in_records(size: int):  # type: ignore[no-untyped-def]
+def _send_in_records(size: int) -> Sender:
     def send(sock: socket.socket, first: bytes) -> None:
         sock.sendall(refragment(first, size))
 
     return send
 
 
-def _send_in_segments(size: int, pause: float):  # type: ignore[no-untyped-def]
+def _send_in_segments(size: int, pause: float) -> Sender:
     def send(sock: socket.socket, first: bytes) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for start in range(0, len(first), size):
@@ -52,7 +54,7 @@ def _send_in_segments(size: int, pause: float):  # type: ignore[no-untyped-def]
         ("records_and_segments", lambda s, f: _send_in_segments(3, 0.001)(s, refragment(f, 40))),
     ],
 )
-def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str, sender) -> None:  # type: ignore[no-untyped-def]
+def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str, sender: Sender) -> None:
     source = hostile_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
