@@ -276,3 +276,53 @@ def test_service_account_token_identity_through_the_proxy(
     assert result.json()["sni"] == "allowed.test"
     reviews = apiserver.requests_matching(lambda r: r.path.endswith("/tokenreviews"))
     assert len(reviews) == 2  # the forged token and the good one; repeated use is cached
+
+
+def _accepted_generation(apiserver: FakeApiServer, name: str) -> int | None:
+    obj = apiserver.get("egresspolicies", "shop", name) or {}
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return next((c.get("observedGeneration") for c in conditions if c["type"] == "Accepted"), None)
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout}s")
+        time.sleep(0.05)
+
+
+def test_two_gateway_processes_both_enforce_and_one_writes_status(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    apiserver.put(policy("web", ["allowed.test"]))
+    apiserver.put(policy("broken", ["not a host"]))
+    processes = {}
+    for token in ("gateway-a", "gateway-b"):
+        kubeconfig = apiserver.kubeconfig(tmp_path / f"kubeconfig-{token}", token=token)
+        processes[token] = GatewayProcess(tmp_path / token, gateway_config(kubeconfig)).start()
+        gateways.append(processes[token])
+    for gateway in processes.values():
+        gateway.wait_for("kube_policies_loaded", timeout=15)
+        assert connect_status(gateway, f"allowed.test:{server.port}") == 200
+    _wait(
+        lambda: _accepted_generation(apiserver, "web") == 1 and _accepted_generation(apiserver, "broken") == 1,
+        10,
+        "status on both objects",
+    )
+    writers = {r.token for r in apiserver.requests_matching(lambda r: r.method == "PATCH")}
+    assert len(writers) == 1
+    leader = writers.pop()
+    follower = "gateway-b" if leader == "gateway-a" else "gateway-a"
+    assert processes[leader].find("kube_leader_acquired") and not processes[follower].find("kube_leader_acquired")
+
+    assert processes[leader].stop() == 0  # releases the Lease on the way out
+    processes[follower].wait_for("kube_leader_acquired", timeout=10)
+    apiserver.put(policy("broken", ["still not a host"]))
+    _wait(lambda: _accepted_generation(apiserver, "broken") == 2, 10, "status of generation 2")
+    late = {
+        r.token
+        for r in apiserver.requests_matching(lambda r: r.method == "PATCH" and r.path.endswith("/broken/status"))
+    }
+    assert late == {leader, follower}
