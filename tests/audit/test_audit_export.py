@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from egress_gateway.audit import build_recorder
 from egress_gateway.audit.jsonl import JsonLinesSpanExporter
+from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import SpanRecorder, build_exporters, build_tracer_provider, otlp_http_traces_url
 from egress_gateway.settings import AuditSettings, Settings
 from tests.audit.conftest import allow, deny, facts, metric
@@ -186,3 +188,18 @@ def test_unreachable_otlp_endpoint_does_not_slow_recording(
         time.sleep(0.05)
     assert len(trail.read_text().splitlines()) == 300
     threading.Thread(target=recorder.shutdown, daemon=True).start()  # OTLP retries may take a few seconds
+
+
+def test_console_exporter_prints_spans_on_stderr_and_keeps_stdout_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")  # as `egress-gateway run` does: log lines go to stderr too
+    try:
+        recorder = build_recorder(Settings(audit=AuditSettings(console=True)))
+        record = recorder.open("CONNECT", "127.0.0.2", 42000)
+        record.decided(facts(), allow())
+        record.close()
+        recorder.shutdown()
+    finally:
+        structlog.reset_defaults()
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert '"name": "egress CONNECT"' in err and '"egress.rule": "stripe"' in err
