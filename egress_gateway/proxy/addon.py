@@ -315,26 +315,34 @@ class GatewayAddon:
 
     # ---- upstream connections -------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        state = self.clients.get(data.client.id)
-        address = data.server.address
-        pinned: str | None = None
-        if state is not None and address is not None:
-            tunnel = state.tunnel
-            if tunnel is not None:
-                if tunnel.opened and address == (str(tunnel.verdict.address), tunnel.verdict.facts.port):
-                    pinned = address[0]
-            else:
-                pinned = state.pins.get((address[0], address[1]))
-        if pinned is None or address is None:
+        try:
+            pinned = self._pinned_address(data)
+        except Exception:  # mitmproxy would log a hook error and dial anyway: fail closed instead
+            self.log.exception("server_connect_failed")
+            pinned = None
+        if pinned is None:
             # Defence in depth: mitmproxy never dials anything the gate did not approve and pin.
             data.server.error = "egress-gateway: upstream address was not approved"
             return
-        data.server.address = (pinned, address[1])
+        data.server.address = pinned
         task = asyncio.current_task()
         if task is not None:
             self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
                 self.timeouts.connect_s, self._connect_timeout, data.server.id, task
             )
+
+    def _pinned_address(self, data: server_hooks.ServerConnectionHookData) -> tuple[str, int] | None:
+        state = self.clients.get(data.client.id)
+        address = data.server.address
+        if state is None or address is None:
+            return None
+        host, port = address[0], address[1]
+        tunnel = state.tunnel
+        if tunnel is not None:
+            approved = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
+            return approved if tunnel.opened and (host, port) == approved else None
+        pinned = state.pins.get((host, port))
+        return (pinned, port) if pinned is not None else None
 
     def _connect_timeout(self, server_id: str, task: asyncio.Task[Any]) -> None:
         self._connect_timers.pop(server_id, None)
