@@ -6,7 +6,7 @@ window, records with `py-spy record --format raw` (collapsed stacks), then print
 name) both self time and inclusive time, plus the top self-time functions. Needs root for ptrace, py-spy
 (`pip install py-spy`), nginx and hey.
 
-    .venv/bin/python bench/profile.py [--seconds 20] [--concurrency 16] [--markdown FILE]
+    .venv/bin/python bench/hotspots.py [--seconds 20] [--concurrency 16] [--markdown FILE]
 """
 
 from __future__ import annotations
@@ -156,17 +156,23 @@ def parse_collapsed(text: str) -> tuple[int, int, dict[str, int], dict[str, int]
 
 
 def record(
-    seconds: float, concurrency: int, rate: int, workdir: Path, gateway_cpus: str | None, load_cpus: str | None
+    seconds: float,
+    concurrency: int,
+    rate: int,
+    workdir: Path,
+    gateway_cpus: str | None,
+    load_cpus: str | None,
+    origin_address: str = "127.0.0.78",
 ) -> tuple[Profile, LoadResult]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
-        raise RuntimeError("py-spy is not installed (.venv/bin/pip install py-spy)")
-    certs = make_certificates(workdir / "certs", [ORIGIN_HOST], ["127.0.0.78"])
+    py_spy = py_spy_binary()
+    if py_spy is None:
+        raise RuntimeError("py-spy is not installed (.venv/bin/pip install -e '.[bench]')")
+    certs = make_certificates(workdir / "certs", [ORIGIN_HOST], [origin_address])
     # The gateway gets core 0 to itself, nginx and hey share the other: a sampled thread that is runnable but
     # preempted (e.g. right after its write woke the client) would otherwise be counted as busy in that write.
-    origin = start_origin(workdir / "nginx", certs, ORIGIN_HOST, "127.0.0.78", cpus=load_cpus)
+    origin = start_origin(workdir / "nginx", certs, ORIGIN_HOST, origin_address, cpus=load_cpus)
     try:
-        gateway = start_gateway(workdir / "gateway", ORIGIN_HOST, "127.0.0.78", cpus=gateway_cpus)
+        gateway = start_gateway(workdir / "gateway", ORIGIN_HOST, origin_address, cpus=gateway_cpus)
         try:
             hey_run(origin.tiny_url, concurrency, 2, proxy=gateway.proxy, host_header=None, cpus=load_cpus)  # warm-up
             out = workdir / "profile.txt"
@@ -249,6 +255,28 @@ def render(profile: Profile, load: LoadResult, concurrency: int, seconds: float,
     for func, count in sorted(profile.self_by_function.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"| {func} | {share(count)} | {us(count)} |")
     return "\n".join(lines) + "\n"
+
+
+def py_spy_binary() -> str | None:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return found if Path(found).exists() else None
+
+
+def profile_markdown(
+    workdir: Path, seconds: float, concurrency: int = 16, rate: int = 250, origin_address: str = "127.0.0.78"
+) -> str:
+    """Record and render; the gateway pinned to core 0 and the load to the others when there are two or more."""
+    pin = (os.cpu_count() or 1) >= 2
+    profile, load = record(
+        seconds,
+        concurrency,
+        rate,
+        workdir,
+        "0" if pin else None,
+        f"1-{(os.cpu_count() or 2) - 1}" if pin else None,
+        origin_address,
+    )
+    return render(profile, load, concurrency, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.certs import make_certificates
 from bench.gateway import start_gateway
+from bench.hotspots import profile_markdown, py_spy_binary
 from bench.idle import IdleResult, hold_idle_tunnels
 from bench.load import BulkResult, LoadResult, bulk_run, hey_binary, hey_run
 from bench.origin import Origin, nginx_binary, port_free, start_origin
@@ -89,6 +90,7 @@ class Options:
     reload_flips: int
     workers: list[int]
     decision: str  # "full", "quick" or "skip"
+    profile_s: float
 
 
 def missing_prerequisites(origin_address: str) -> list[str]:
@@ -200,13 +202,17 @@ def measure_load(targets: list[Target], origin: Origin, results: dict[str, Targe
 def measure_bulk(
     targets: list[Target], origin: Origin, ca_file: str, results: dict[str, TargetResults], opts: Options
 ) -> None:
+    def transfer(target: Target) -> BulkResult:
+        if target.proxy:
+            return bulk_run(origin.bulk_url, ca_file, proxy=target.proxy, resolve=None)
+        return bulk_run(origin.bulk_url, ca_file, proxy=None, resolve=f"{origin.hostname}:443:{origin.address}")
+
+    for target in targets:  # warm-up: the first read of the file and the first large buffers are not measured
+        transfer(target)
     for rep in range(opts.bulk_reps):
         for target in targets:
             cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
-            if target.proxy:
-                bulk = bulk_run(origin.bulk_url, ca_file, proxy=target.proxy, resolve=None)
-            else:
-                bulk = bulk_run(origin.bulk_url, ca_file, proxy=None, resolve=f"{origin.hostname}:443:{origin.address}")
+            bulk = transfer(target)
             cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
             results[target.name].bulk.append((bulk, cpu))
             log(f"bulk rep {rep + 1} {target.name:<20} {bulk.mb_per_s:7.0f} MB/s status {bulk.status}")
@@ -367,6 +373,7 @@ def report(
     results: dict[str, TargetResults],
     reloads: list[ReloadResult],
     decision_md: str,
+    profile_md: str,
     opts: Options,
     notes: list[str],
     elapsed_s: float,
@@ -400,6 +407,14 @@ def report(
         ]
     if decision_md:
         out += ["", "Engine decision time (bench/decision.py, same run):", "", decision_md.strip()]
+    if profile_md:
+        out += [
+            "",
+            "Where the gateway's CPU per connection goes (bench/hotspots.py: py-spy --gil, gateway pinned to core 0, "
+            "hey and nginx on the other core; microseconds = sample share x CPU per connection from /proc):",
+            "",
+            profile_md.strip(),
+        ]
     if notes:
         out += ["", *[f"- {n}" for n in notes]]
     return "\n".join(out) + "\n"
@@ -438,6 +453,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="write the tables into this file (default for a full run: "
         "docs/benchmarks.md; --quick writes nothing unless given)",
     )
+    parser.add_argument(
+        "--profile", type=float, help="seconds of py-spy profile of the gateway under load (default 20; quick 0 = skip)"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--origin-address", default="127.0.0.77", help="loopback address nginx listens on (:443)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
@@ -446,17 +464,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     quick = args.quick
-    sizes = args.reload_sizes if args.reload_sizes is not None else ("1000" if quick else "1000,10000")
+    sizes = args.reload_sizes if args.reload_sizes is not None else ("1,1000" if quick else "1,1000,10000")
     return Options(
         reps=args.reps or (1 if quick else 3),
         duration_s=args.duration or (1.5 if quick else 5.0),
         concurrency=[int(c) for c in args.concurrency.split(",") if c],
-        bulk_reps=1 if quick else 3,
+        bulk_reps=1 if quick else 5,
         idle_tunnels=args.idle_tunnels if args.idle_tunnels is not None else (200 if quick else 1000),
         reload_sizes=[int(s) for s in sizes.split(",") if s],
         reload_flips=1 if quick else 3,
         workers=[int(w) for w in args.workers.split(",") if w],
         decision=args.decision or ("quick" if quick else "full"),
+        profile_s=args.profile if args.profile is not None else (0 if quick else 20),
     )
 
 
@@ -551,7 +570,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
         log(f"engine decision benchmark ({opts.decision})")
         decision_md = run_decision(opts.decision)
-        section = report(command, targets, results, reloads, decision_md, opts, notes, time.monotonic() - started_at)
+        profile_md = ""
+        if opts.profile_s > 0:
+            if py_spy_binary() is None:
+                notes.append("No profile: py-spy is not installed (`.venv/bin/pip install -e '.[bench]'`).")
+            else:
+                log(f"py-spy profile of the gateway under load ({opts.profile_s:g} s)")
+                profile_md = profile_markdown(root / "profile", opts.profile_s, origin_address=args.origin_address)
+        section = report(
+            command, targets, results, reloads, decision_md, profile_md, opts, notes, time.monotonic() - started_at
+        )
         print()
         print(section)
         if markdown:
