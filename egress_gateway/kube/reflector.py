@@ -109,6 +109,7 @@ class Reflector:
         self.relists = 0
         self.events = 0
         self._last_ok: float | None = None
+        self._last_list: float | None = None
         self._failing_since: float | None = None
 
     # ------------------------------------------------------------------ state
@@ -140,6 +141,8 @@ class Reflector:
                 self.resource_version = None
                 self._on_restart("expired")
                 self._log.info("kube_watch_expired", error=str(exc), relists=self.relists)
+                if self._last_list is not None and time.monotonic() - self._last_list < 1.0:
+                    await asyncio.sleep(self._backoff.next_delay())  # a server that expires every list at once
             except Exception as exc:
                 self.connected = False
                 self.watch_restarts += 1
@@ -175,6 +178,7 @@ class Reflector:
         if not resource_version:
             raise ApiError(200, "list response carries no metadata.resourceVersion")
         self._on_replace(items)
+        self._last_list = time.monotonic()
         self.resource_version = resource_version
         self._mark_ok()
         self._recovered()

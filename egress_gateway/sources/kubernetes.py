@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import time
 from functools import partial
 from typing import Any
 
@@ -70,8 +69,8 @@ class KubernetesPolicySource:
         self._seen: dict[ObjectKey, str] = {}  # last generation looked at (valid or not)
         self._known: dict[str, set[ObjectKey]] = {kind: set() for kind in KINDS}
         self._ready = False
+        self._counts_changed = True
         self._tasks: list[asyncio.Task[None]] = []
-        self.applied_at: dict[ObjectKey, float] = {}  # monotonic time each object was last applied (benchmarks)
 
     # ---------------------------------------------------------------- PolicySource
     @property
@@ -148,11 +147,9 @@ class KubernetesPolicySource:
             self._forget(key)
         batch: list[Versioned] = []
         previous: dict[ObjectKey, Versioned | None] = {}
-        now = time.monotonic()
         for key, raw in listed.items():
             before = self._good.get(key)
             if self._evaluate(key, raw):
-                self.applied_at[key] = now
                 previous[key] = before
             good = self._good.get(key)
             if good is not None:
@@ -181,7 +178,6 @@ class KubernetesPolicySource:
             before = self._good.get(key)
             if self._evaluate(key, raw):
                 self._upsert_or_reject(key, self._good[key], before, raw)
-                self.applied_at[key] = time.monotonic()
         self._report_counts(kind)
 
     def _upsert_or_reject(self, key: ObjectKey, good: Versioned, before: Versioned | None, raw: RawObject) -> None:
@@ -206,6 +202,7 @@ class KubernetesPolicySource:
         changed = False
         if self._seen.get(key) != version:
             self._seen[key] = version
+            self._counts_changed = True
             try:
                 policy = validate_object(raw)
             except PolicyValidationError as exc:
@@ -240,9 +237,9 @@ class KubernetesPolicySource:
         return Acceptance(False, "Invalid", problem + tail, gen)
 
     def _forget(self, key: ObjectKey) -> None:
+        self._counts_changed = True
         self._seen.pop(key, None)
         self.invalid.pop(key, None)
-        self.applied_at.pop(key, None)
         if self.status_writer is not None:
             self.status_writer.forget(key)
         if self._good.pop(key, None) is not None:
@@ -250,6 +247,9 @@ class KubernetesPolicySource:
             self.log.info("policy_removed", policy=_name(key))
 
     def _report_counts(self, kind: str) -> None:
+        if not self._counts_changed:
+            return
+        self._counts_changed = False
         loaded = sum(1 for k in self._good if k[0] == kind)
         invalid = sum(1 for k in self.invalid if k[0] == kind)
         metrics.set_policy_counts(kind, loaded=loaded, invalid=invalid)
