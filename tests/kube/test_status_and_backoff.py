@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 
 from egress_gateway.kube.reflector import Backoff
@@ -46,6 +47,7 @@ def test_other_conditions_are_kept_and_messages_are_bounded() -> None:
 
 
 def test_backoff_grows_with_full_jitter_up_to_the_cap_and_resets() -> None:
+    random.seed(3)  # deterministic draws
     backoff = Backoff(base_s=0.2, cap_s=3.0)
     delays = [backoff.next_delay() for _ in range(12)]
     assert all(0.2 <= d <= 3.0 for d in delays)
