@@ -101,6 +101,11 @@ class TokenIdentityResolver:
         self._log = structlog.get_logger("egress_gateway.identity.tokens")
         self.reviews_made = 0
 
+    @property
+    def ready(self) -> bool:
+        """True once pods and namespaces are listed (before that every client is unknown)."""
+        return self.index.ready
+
     async def start(self) -> None:
         self._api = await connect(self.settings.kubernetes)
         self._reviews = AuthenticationV1Api(self._api)
