@@ -17,6 +17,7 @@ from tests.proxy.conftest import (
     ANALYTICS_POD,
     STATIC_IDENTITIES,
     UNKNOWN_POD,
+    closed_by_peer,
     connect,
     curl,
     raw_request,
@@ -398,3 +399,26 @@ def test_admin_endpoints(env: Env) -> None:
         metrics = client.get(f"{env.gateway.admin_url}/metrics")
         assert metrics.status_code == 200
         assert "text/plain" in metrics.headers["content-type"]
+
+
+def test_denied_connect_closes_the_client_connection(env: Env) -> None:
+    answer = connect(env.gateway.proxy_port, f"denied.test:{env.tls.port}")
+    assert answer.status == 403 and answer.headers["connection"] == "close"
+    assert closed_by_peer(answer.sock, timeout=5)
+
+
+def test_ipv6_literal_destination_allowed_by_cidr(
+    make_gateway: Callable[..., GatewayProcess], make_origin: Callable[..., OriginServer], ca: TestCA
+) -> None:
+    origin = make_origin("::1", ca.issue("::1").server_context(), "v6")
+    policy = POLICIES["shop.yaml"].replace("cidrs: [127.0.0.11/32]", "cidrs: [127.0.0.11/32, '::1/128']")
+    gateway = make_gateway(
+        {"allowed_ranges": ["127.0.0.0/8", "::1/128"], "identity": {"static": STATIC_IDENTITIES}},
+        {"shop.yaml": policy},
+    )
+    answer = connect(gateway.proxy_port, f"[::1]:{origin.port}")
+    assert answer.status == 200, answer.body
+    with tls_through(answer, ca, "::1") as tls:
+        tls.sendall(b"GET /v6 HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+    assert origin.accepted == 1
