@@ -29,6 +29,13 @@ from egress_gateway.settings import KubernetesSettings
 _REQUEST_TIMEOUT_S = 5.0
 
 
+def _micro_now() -> datetime:
+    """Now, for Lease MicroTime fields. The API server parses them with a fixed 6-digit fraction, and the client
+    serializes with `isoformat()`, which drops a zero fraction; keep the fraction non-zero."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=1) if now.microsecond == 0 else now
+
+
 class StatusLeaderElection:
     def __init__(self, api: ApiClient, settings: KubernetesSettings, on_change: Callable[[bool], None]) -> None:
         self.identity = holder_identity()
@@ -78,7 +85,7 @@ class StatusLeaderElection:
             self._on_change(leader)
 
     async def _try_acquire_or_renew(self) -> bool:
-        now = datetime.now(UTC)
+        now = _micro_now()
         duration = int(self._settings.lease_duration_s)
         try:
             lease = await self._leases.read_namespaced_lease(
@@ -129,6 +136,6 @@ class StatusLeaderElection:
             return
         lease.spec.holder_identity = None
         lease.spec.lease_duration_seconds = 1
-        lease.spec.renew_time = datetime.now(UTC)
+        lease.spec.renew_time = _micro_now()
         await self._leases.replace_namespaced_lease(self.lease_name, self.namespace, lease)
         self._log.info("kube_leader_released")
