@@ -118,6 +118,8 @@ class StatusLeaderElection:
         spec.holder_identity = self.identity
         spec.lease_duration_seconds = duration
         spec.renew_time = now
+        if spec.acquire_time is not None and spec.acquire_time.microsecond == 0:  # see _micro_now
+            spec.acquire_time = spec.acquire_time.replace(microsecond=1)
         lease.spec = spec
         return await self._write(self._leases.replace_namespaced_lease(self.lease_name, self.namespace, lease))
 
@@ -134,6 +136,8 @@ class StatusLeaderElection:
         lease = await self._leases.read_namespaced_lease(self.lease_name, self.namespace)
         if lease.spec is None or lease.spec.holder_identity != self.identity:
             return
+        if lease.spec.acquire_time is not None and lease.spec.acquire_time.microsecond == 0:
+            lease.spec.acquire_time = lease.spec.acquire_time.replace(microsecond=1)
         lease.spec.holder_identity = None
         lease.spec.lease_duration_seconds = 1
         lease.spec.renew_time = _micro_now()
