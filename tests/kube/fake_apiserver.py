@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import threading
 import time
@@ -52,6 +53,9 @@ _GROUP_PREFIX = {
     "namespaces": "/api/v1",
     "leases": "/apis/coordination.k8s.io/v1",
 }
+
+
+_MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
 
 
 def _now_rfc3339() -> str:
@@ -572,6 +576,11 @@ class FakeApiServer:
 
     async def _write_lease(self, request: web.Request, namespace: str | None, name: str | None) -> web.Response:
         body = await request.json()
+        for field_name in ("acquireTime", "renewTime"):  # MicroTime: RFC 3339 with exactly 6 fraction digits
+            value = (body.get("spec") or {}).get(field_name)
+            if value is not None and not _MICRO_TIME.match(str(value)):
+                msg = f'parsing time "{value}" as "2006-01-02T15:04:05.000000Z07:00": cannot parse'
+                return web.json_response(_status(400, "BadRequest", msg), status=400)
         meta = body.setdefault("metadata", {})
         meta["namespace"] = namespace
         key = (namespace, name or meta.get("name"))

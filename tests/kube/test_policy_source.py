@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from pathlib import Path
 from types import MappingProxyType
@@ -427,3 +428,34 @@ def test_an_object_the_engine_cannot_compile_does_not_stall_the_others(
             await source.stop()
 
     run(scenario)
+
+
+def test_lease_times_are_valid_micro_times_even_on_a_whole_second(
+    apiserver: FakeApiServer, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    import egress_gateway.kube.leader as leader_module
+
+    class WholeSecond(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def,override]
+            return datetime(2026, 11, 26, 12, 0, 0, 0, tzinfo=UTC)
+
+    monkeypatch.setattr(leader_module, "datetime", WholeSecond)
+
+    async def scenario() -> None:
+        source = KubernetesPolicySource(kube_settings(kubeconfig), PolicyStore())
+        await source.start()
+        try:
+            await eventually(lambda: source.leader, 5)
+            await asyncio.sleep(1.5)  # a renewal, which re-sends acquireTime as read back
+            assert source.leader
+        finally:
+            await source.stop()
+
+    run(scenario)
+    lease = apiserver.get("leases", "egress-system", "egress-gateway-status")
+    assert lease is not None and lease["spec"]["renewTime"].startswith("2026-11-26T12:00:00.000001")
+    rejected = apiserver.requests_matching(lambda r: "/leases" in r.path and r.status == 400)
+    assert rejected == []
