@@ -206,8 +206,8 @@ async def serve(settings: Settings, stop_signals: Sequence[signal.Signals] = (si
         log.warning("workers_not_supported", workers=settings.workers, running=1)
     try:
         await gateway.start()
-    except OSError as exc:
-        log.error("startup_failed", error=str(exc))
+    except Exception as exc:  # a listener that cannot bind, a cluster that cannot be reached, ...
+        log.error("startup_failed", error=str(exc) or type(exc).__name__)
         with contextlib.suppress(Exception):
             await gateway.stop()
         return 1

@@ -54,8 +54,16 @@ class EmbeddedProxy:
             updates["confdir"] = str(self.data_dir)
         opts.update(**updates)
         self.master = master
-        if not await self.proxyserver.setup_servers():
-            errors = [str(s.last_exception) for s in self.proxyserver.servers if s.last_exception]
+        server_log = logging.getLogger("mitmproxy.addons.proxyserver")
+        level = server_log.level
+        server_log.setLevel(logging.CRITICAL)  # a bind failure is reported once, below, without mitmproxy's CLI hint
+        try:
+            listening = await self.proxyserver.setup_servers()
+        finally:
+            server_log.setLevel(level)
+        if not listening:
+            errors = [str(s.last_exception).splitlines()[0] for s in self.proxyserver.servers if s.last_exception]
+            self.proxyserver.servers._instances.clear()  # nothing started, nothing to stop
             raise OSError(f"cannot listen on {self.host}:{self.port}: {'; '.join(errors) or 'unknown error'}")
         self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
         return [(str(a[0]), int(a[1])) for a in self.proxyserver.listen_addrs()]
