@@ -33,6 +33,7 @@ class Acceptance:
     reason: str  # CamelCase, per API conventions: "Valid", "Invalid"
     message: str
     generation: int | None
+    rules: int = 0  # rules in force from this object (its last valid generation)
 
     @property
     def status(self) -> str:
@@ -52,6 +53,7 @@ def needs_write(current: dict[str, Any] | None, wanted: Acceptance) -> bool:
         return True
     return (
         (current or {}).get("observedGeneration") != wanted.generation
+        or (current or {}).get("rules") != wanted.rules
         or condition.get("status") != wanted.status
         or condition.get("reason") != wanted.reason
         or condition.get("message") != wanted.message[:_MAX_MESSAGE]
@@ -74,7 +76,9 @@ def status_patch(current: dict[str, Any] | None, wanted: Acceptance, now: dateti
         "observedGeneration": wanted.generation,
         "lastTransitionTime": transition,
     }
-    return {"status": {"observedGeneration": wanted.generation, "conditions": [*others, condition]}}
+    return {
+        "status": {"observedGeneration": wanted.generation, "rules": wanted.rules, "conditions": [*others, condition]}
+    }
 
 
 class StatusWriter:

@@ -226,15 +226,16 @@ class KubernetesPolicySource:
     def _acceptance(self, key: ObjectKey, generation: Any) -> Acceptance:
         gen = generation if isinstance(generation, int) else None
         problem = self.invalid.get(key)
-        if problem is None:
-            return Acceptance(True, "Valid", "policy is valid and in force", gen)
         kept = self._good.get(key)
+        rules = len(kept.policy.spec.rules) if kept else 0
+        if problem is None:
+            return Acceptance(True, "Valid", "policy is valid and in force", gen, rules)
         tail = (
             f" (generation {kept.version}, the last valid one, stays in force)"
             if kept
             else " (nothing from this policy is in force)"
         )
-        return Acceptance(False, "Invalid", problem + tail, gen)
+        return Acceptance(False, "Invalid", problem + tail, gen, rules)
 
     def _forget(self, key: ObjectKey) -> None:
         self._counts_changed = True

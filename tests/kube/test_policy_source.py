@@ -142,6 +142,7 @@ def test_invalid_policy_is_reported_in_status_with_field_path_and_last_good_is_k
             )
             good = apiserver.get("egresspolicies", "shop", "web")
             assert good is not None and good["status"]["observedGeneration"] == 1
+            assert good["status"]["rules"] == 1
 
             broken = egress_policy("shop", "web", ["api.example.com", "bad host!"])
             apiserver.put(broken)
@@ -165,6 +166,7 @@ def test_invalid_policy_is_reported_in_status_with_field_path_and_last_good_is_k
             never = accepted(apiserver, "egresspolicies", "shop", "never")
             assert never is not None and never["status"] == "False"
             assert "nothing from this policy is in force" in never["message"]
+            assert apiserver.get("egresspolicies", "shop", "never")["status"]["rules"] == 0  # type: ignore[index]
             assert store.get(("EgressPolicy", "shop", "never")) is None
 
             # status is written only when it changes: our own writes come back through the watch and stop there
