@@ -30,7 +30,7 @@ _MAX_MESSAGE = 1024
 @dataclass(frozen=True, slots=True)
 class Acceptance:
     accepted: bool
-    reason: str  # CamelCase, per API conventions: "Valid", "Invalid"
+    reason: str  # CamelCase, per API conventions: "Valid", "InvalidSpec", "CompileFailed"
     message: str
     generation: int | None
     rules: int = 0  # rules in force from this object (its last valid generation)

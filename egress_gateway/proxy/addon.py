@@ -38,6 +38,7 @@ from egress_gateway.proxy.limits import (
 )
 
 _RECORD_KEY = "egress_gateway.record"
+_FACTS_KEY = "egress_gateway.facts"
 # Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
 _HOP_BY_HOP = ("proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive", "te", "trailer")
 _KEEP_CONNECTION_TOKENS = frozenset({"close", "keep-alive", "upgrade"})
@@ -73,6 +74,7 @@ class ClientState:
     request_timer: asyncio.TimerHandle | None = None
     refused: Decision | None = None  # over `limits.max_connections`: every request on it gets this answer
     retry_after: str | None = None  # Retry-After of the latest rate-limited request
+    upstream_failure: Decision | None = None  # plain HTTP: why the upstream connect of the current request failed
     pins: dict[tuple[str, int], str] = field(default_factory=dict)  # plain HTTP: (host, port) -> checked IP
 
 
@@ -98,8 +100,8 @@ class GatewayAddon:
         self.timeouts = timeouts
         self.max_connections = max_connections
         self.connection_limit = ConnectionLimit(max_connections)
-        self.rate = rate or NamespaceRateLimiter(0.0, 1)
-        self.head_limits = head_limits or HeadLimits()
+        self.rate = rate if rate is not None else NamespaceRateLimiter(0.0, 1)
+        self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self.close_client = close_client
         self.log = log or structlog.get_logger("egress_gateway.proxy")
         self.clients: dict[str, ClientState] = {}
@@ -149,7 +151,7 @@ class GatewayAddon:
             if starts_like_tls(data):
                 nextlayer.layer = CloseClientLayer(context)
             else:
-                nextlayer.layer = HeadLimitedHttpLayer(context, self._check_head)
+                nextlayer.layer = HeadLimitedHttpLayer(context, self._check_head, self.upstream_error_response)
             return
         state = self.clients.get(context.client.id)
         tunnel = state.tunnel if state is not None else None
@@ -282,6 +284,7 @@ class GatewayAddon:
             self._deny(flow, record, verdict.decision)
             return
         state.pins[(request.host, request.port)] = str(verdict.address)
+        flow.metadata[_FACTS_KEY] = verdict.facts
         _strip_hop_by_hop(request.headers)
         request.stream = True
 
@@ -308,6 +311,12 @@ class GatewayAddon:
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.pop(_RECORD_KEY, None)
+        state = self.clients.get(flow.client_conn.id)
+        failure = state.upstream_failure if state is not None else None
+        facts = flow.metadata.get(_FACTS_KEY)
+        if record is not None and failure is not None and facts is not None:
+            record.decided(facts, failure)
+            record.set(http_response_status_code=responses.status_for(failure.reason)[0])
         if record is not None:
             if flow.error is not None:
                 record.set(error=flow.error.msg)
@@ -360,7 +369,7 @@ class GatewayAddon:
         timed_out = data.server.id in self._timed_out
         self._timed_out.discard(data.server.id)
         tunnel = self._tunnel_of(data.client.id)
-        if tunnel is None or data.server.address is None or not tunnel.opened:
+        if data.server.address is None:
             return
         host, port = data.server.address[0], data.server.address[1]
         if timed_out:
@@ -371,8 +380,23 @@ class GatewayAddon:
             decision = adapter_denial(
                 Reason.CONNECTION_REFUSED, f"cannot connect to {host}:{port}: {data.server.error}"
             )
+        if tunnel is None:  # plain HTTP: recorded by `error`, answered by `upstream_error_response`
+            state = self.clients.get(data.client.id)
+            if state is not None:
+                state.upstream_failure = decision
+            return
+        if not tunnel.opened:
+            return
         tunnel.closed_reason = decision.reason
         tunnel.record.decided(tunnel.verdict.facts, decision)
+
+    def upstream_error_response(self, client_id: str) -> bytes | None:
+        """For plain HTTP: our answer (502/504 with Proxy-Status) to a failed upstream connect, else None."""
+        state = self.clients.get(client_id)
+        if state is None or state.upstream_failure is None:
+            return None
+        failure, state.upstream_failure = state.upstream_failure, None
+        return http1.assemble_response(responses.denial(failure))
 
     def _tunnel_of(self, client_id: str) -> Tunnel | None:
         state = self.clients.get(client_id)

@@ -65,6 +65,7 @@ class KubernetesPolicySource:
         self.status_writer: StatusWriter | None = None
         self.election: StatusLeaderElection | None = None
         self.invalid: dict[ObjectKey, str] = {}  # key -> problem, for objects whose latest generation is invalid
+        self._reasons: dict[ObjectKey, str] = {}  # key -> condition reason for that problem
         self._good: dict[ObjectKey, Versioned] = {}  # last valid version of each object
         self._seen: dict[ObjectKey, str] = {}  # last generation looked at (valid or not)
         self._known: dict[str, set[ObjectKey]] = {kind: set() for kind in KINDS}
@@ -191,6 +192,7 @@ class KubernetesPolicySource:
             else:
                 self._good[key] = before
             self.invalid[key] = f"the gateway could not compile this generation ({type(exc).__name__}: {exc})"
+            self._reasons[key] = "CompileFailed"
             if self.status_writer is not None:
                 generation = (raw.get("metadata") or {}).get("generation")
                 self.status_writer.observe(key, raw.get("status"), self._acceptance(key, generation))
@@ -207,6 +209,7 @@ class KubernetesPolicySource:
                 policy = validate_object(raw)
             except PolicyValidationError as exc:
                 self.invalid[key] = "; ".join(str(e) for e in exc.errors)
+                self._reasons[key] = "InvalidSpec"
                 kept = self._good.get(key)
                 self.log.error(
                     "policy_rejected",
@@ -217,6 +220,7 @@ class KubernetesPolicySource:
                 )
             else:
                 self.invalid.pop(key, None)
+                self._reasons.pop(key, None)
                 self._good[key] = Versioned(policy, version)
                 changed = True
         if self.status_writer is not None:
@@ -235,12 +239,13 @@ class KubernetesPolicySource:
             if kept
             else " (nothing from this policy is in force)"
         )
-        return Acceptance(False, "Invalid", problem + tail, gen, rules)
+        return Acceptance(False, self._reasons.get(key, "InvalidSpec"), problem + tail, gen, rules)
 
     def _forget(self, key: ObjectKey) -> None:
         self._counts_changed = True
         self._seen.pop(key, None)
         self.invalid.pop(key, None)
+        self._reasons.pop(key, None)
         if self.status_writer is not None:
             self.status_writer.forget(key)
         if self._good.pop(key, None) is not None:

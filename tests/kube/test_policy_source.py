@@ -151,7 +151,7 @@ def test_invalid_policy_is_reported_in_status_with_field_path_and_last_good_is_k
             )
             condition = accepted(apiserver, "egresspolicies", "shop", "web")
             assert condition is not None
-            assert condition["reason"] == "Invalid"
+            assert condition["reason"] == "InvalidSpec"
             assert "spec.rules[0].hosts[1]" in condition["message"]
             assert "generation 1" in condition["message"] and "stays in force" in condition["message"]
             assert condition["observedGeneration"] == 2
@@ -425,7 +425,7 @@ def test_an_object_the_engine_cannot_compile_does_not_stall_the_others(
             await eventually(lambda: accepted(apiserver, "egresspolicies", "shop", "boom2") is not None, 5)
             condition = accepted(apiserver, "egresspolicies", "shop", "boom2")
             assert condition is not None and condition["status"] == "False"
-            assert "could not compile" in condition["message"]
+            assert "could not compile" in condition["message"] and condition["reason"] == "CompileFailed"
         finally:
             await source.stop()
 
