@@ -25,6 +25,8 @@ __all__ = ["ca", "make_gateway", "make_origin"]  # fixtures shared with tests/pr
 
 TLS_ORIGIN = "127.0.0.10"
 PLAIN_ORIGIN = "127.0.0.12"
+BULK_ORIGIN = "127.0.0.13"  # sends without end (slow-reader tests)
+BLACKHOLE_ORIGIN = "127.0.0.14"  # a listener whose accept queue is full: connects hang (connect timeout tests)
 HOSTILE_CIDR = "127.0.0.32/27"
 
 POLICIES = {
@@ -44,7 +46,7 @@ metadata: {name: hostile, namespace: hostile}
 spec:
   rules:
     - name: origins
-      hosts: [allowed.test, plain.test, "*.wild.test"]
+      hosts: [allowed.test, plain.test, "*.wild.test", bulk.test, blackhole.test]
     - name: no-denied
       action: Deny
       hosts: [denied.test]
@@ -56,6 +58,8 @@ HOSTS = {
     "denied.test": [TLS_ORIGIN],
     "x.wild.test": [TLS_ORIGIN],
     "plain.test": [PLAIN_ORIGIN],
+    "bulk.test": [BULK_ORIGIN],
+    "blackhole.test": [BLACKHOLE_ORIGIN],
 }
 
 IDENTITIES = [*STATIC_IDENTITIES, {"cidr": HOSTILE_CIDR, "namespace": "hostile", "pod": "attacker"}]
@@ -125,6 +129,17 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         gateway.stop()
         tls.stop()
         plain.stop()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def accepted_after(origin: OriginServer, before: int, settle: float = 0.3) -> int:
