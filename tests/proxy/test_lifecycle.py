@@ -110,7 +110,7 @@ def test_policy_edit_applies_to_new_connections_and_revokes_open_tunnels(
     started = time.monotonic()
     assert closed_by_peer(revoked_tunnel, timeout=5), "the tunnel to a now-denied host stays open"
     took = time.monotonic() - started
-    assert took < 2.0, f"revocation took {took:.2f} s"
+    assert took < 1.5, f"revocation took {took:.2f} s"  # contract: 1 s; margin for a loaded CI machine
     answer = connect(gateway.proxy_port, f"api.test:{api.port}")
     assert answer.status == 403 and answer.body.startswith(b"no_matching_rule: ")
     # The tunnel the new policy still allows is not dropped.
@@ -125,8 +125,12 @@ def test_new_connections_follow_a_policy_that_now_allows(
     api, _ = origins
     gateway = make_gateway(base_config(), {"shop.yaml": policy("other.test")})
     assert connect(gateway.proxy_port, f"api.test:{api.port}").status == 403
+    started = time.monotonic()
     gateway.write_policy("shop.yaml", policy("api.test"))
     assert wait_until(lambda: connect(gateway.proxy_port, f"api.test:{api.port}").status == 200, timeout=3)
+    took = time.monotonic() - started
+    print(f"policy edit -> new connections allowed after {took:.2f} s")
+    assert took < 1.5  # the contract is 1 s; the margin absorbs a loaded CI machine
 
 
 # ---- client timeouts -----------------------------------------------------------------------------------------------
@@ -326,7 +330,7 @@ def test_upstream_connect_timeout(make_gateway: Callable[..., GatewayProcess], c
         answer = raw_request(
             gateway.proxy_port, f"GET http://slow.test:{port}/ HTTP/1.1\r\nHost: slow.test:{port}\r\n\r\n".encode()
         )
-        assert answer.status == 502
+        assert answer.status == 504  # connection_timeout (responses.py), with Proxy-Status
         assert time.monotonic() - started < 5
         tunnel = connect(gateway.proxy_port, f"slow.test:{port}")
         assert tunnel.status == 200
