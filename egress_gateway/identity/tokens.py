@@ -97,7 +97,7 @@ class TokenIdentityResolver:
         self._api: ApiClient | None = None
         self._reviews: AuthenticationV1Api | None = None
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._inflight: dict[str, asyncio.Future[Review]] = {}
+        self._inflight: dict[str, asyncio.Task[Review]] = {}
         self._log = structlog.get_logger("egress_gateway.identity.tokens")
         self.reviews_made = 0
 
@@ -151,20 +151,21 @@ class TokenIdentityResolver:
                 self._cache.move_to_end(digest)
                 return cached.review
             del self._cache[digest]
-        pending = self._inflight.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Review] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = future
-        try:
-            review = await self._token_review(token)
-            future.set_result(review)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters get it through shield
-            raise
-        finally:
-            del self._inflight[digest]
+        # One review per token at a time, in its own task: a caller that gives up does not cancel it for others.
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._review_and_cache(token, digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda done: self._review_done(digest, done))
+        return await asyncio.shield(task)
+
+    def _review_done(self, digest: str, task: asyncio.Task[Review]) -> None:
+        self._inflight.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter still gets it through its shield
+
+    async def _review_and_cache(self, token: str, digest: str) -> Review:
+        review = await self._token_review(token)
         if review.error is None:
             expiry = token_expiry(token)
             expires_at = expiry if expiry is not None else time.time() + NO_EXPIRY_TTL_S

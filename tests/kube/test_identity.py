@@ -305,3 +305,28 @@ def test_token_review_unreachable_fails_closed(apiserver: FakeApiServer, kubecon
             await resolver.stop()
 
     run(scenario)
+
+
+def test_concurrent_requests_with_one_token_make_one_review(apiserver: FakeApiServer, kubeconfig: Path) -> None:
+    _token_env(apiserver)
+    exp = time.time() + 600
+    token = fake_jwt(exp, n="concurrent")
+    apiserver.add_review_token(token, username="system:serviceaccount:shop:pay", audiences=["egress-gateway"], exp=exp)
+
+    async def scenario() -> None:
+        resolver = TokenIdentityResolver(with_modes(kube_settings(kubeconfig), "service-account-token"))
+        await resolver.start()
+        try:
+            assert await resolver.index.wait_ready(5)
+            # one caller gives up half way; the others still get the answer
+            impatient = asyncio.create_task(resolver.identify("10.5.0.1", f"Bearer {token}"))
+            others = [asyncio.create_task(resolver.identify("10.5.0.1", f"Bearer {token}")) for _ in range(20)]
+            await asyncio.sleep(0)
+            impatient.cancel()
+            identities = await asyncio.gather(*others)
+            assert all(i is not None and i.namespace == "shop" for i in identities)
+            assert resolver.reviews_made == 1
+        finally:
+            await resolver.stop()
+
+    run(scenario)
