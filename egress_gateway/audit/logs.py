@@ -35,6 +35,11 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    # Resolved per logger, not once: whoever replaces sys.stderr later (a test's capture) is followed.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info", fmt: Literal["json", "console"] = "json"
 ) -> None:
@@ -53,7 +58,7 @@ def configure_logging(
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     # The SDK's batch processor logs every dropped span; we count drops and log them rate-limited instead.

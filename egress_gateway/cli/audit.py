@@ -300,6 +300,9 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from egress_gateway.audit.logs import configure_logging
+
+    configure_logging("warning", "console")  # stdout carries only the report (tables, JSON, CSV, YAML)
     try:
         flow_filter = _build_filter(args)
     except ValueError as exc:
