@@ -69,29 +69,33 @@ def component(file: str) -> str:
     return "other:" + path.rsplit("/", 1)[-1]
 
 
-# Exclusive buckets for the summary: the first that matches any frame of the (loop-relative) stack wins, so the
-# audit span's encoding counts as audit even when its innermost frame is in json or protobuf code.
-BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+# Exclusive buckets for the summary. A stack that passes through the audit code, the engine or identity belongs
+# to them whatever its innermost frame (the span's JSON encoding counts as audit). Otherwise the innermost frame
+# decides, with standard-library helpers (uuid, dataclasses, abc) charged to the code that called them, so
+# mitmproxy's work under our layer subclasses counts as mitmproxy and only our own frames count as ours.
+CALLER_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     (
-        "audit: spans, JSON-lines export, decision log line",
+        "audit: span, JSON-lines export, decision log line",
         (
             "egress_gateway.audit",
             "egress_gateway.logging",
             "opentelemetry",
             "structlog",
+            "google",
             "stdlib:json",
             "stdlib:logging",
         ),
     ),
     ("policy engine", ("egress_gateway.policy",)),
     ("identity", ("egress_gateway.identity",)),
-    ("gateway addon, gate, resolver, ClientHello parser", ("egress_gateway.proxy",)),
 ]
-LEAF_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
-    ("mitmproxy layers, hooks, connection handling", ("mitmproxy",)),
-    ("asyncio streams: socket reads/writes (incl. the syscalls)", ("stdlib:asyncio.streams",)),
+OWNER_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
+    ("asyncio streams: socket reads/writes, incl. the syscalls", ("stdlib:asyncio.streams",)),
+    ("event loop: uvloop C code, tasks, futures", ("stdlib:asyncio", "uvloop")),
+    ("our proxy code: addon, gate, layers, resolver, ClientHello parser", ("egress_gateway",)),
+    ("mitmproxy: layers, hook dispatch, connection objects", ("mitmproxy",)),
 ]
-
+_HELPERS = ("stdlib:", "other:")  # charged to their caller
 
 # Leaf frames where py-spy --gil still reports a thread although it waits: the watchfiles thread (anyio) blocked in
 # Rust (the idle gateway uses 0.2% CPU). Left out of the shares.
@@ -99,16 +103,16 @@ IDLE_LEAVES = ("WorkerThread.run",)
 
 
 def bucket(components: list[str]) -> str:
-    for name, prefixes in BUCKETS:
+    for name, prefixes in CALLER_BUCKETS:
         if any(c.startswith(prefixes) for c in components):
             return name
-    leaf = components[-1] if components else "?"
-    for name, prefixes in LEAF_BUCKETS:
-        if leaf.startswith(prefixes):
-            return name
-    if leaf.startswith("stdlib:asyncio"):
-        return "event loop"
-    return "other (stdlib, threads, dataclasses, ...)"
+    for owner in reversed(components):
+        for name, prefixes in OWNER_BUCKETS:
+            if owner.startswith(prefixes):
+                return name
+        if not owner.startswith(_HELPERS):
+            return f"other libraries ({owner})"
+    return "other"
 
 
 def _below_loop(frames: list[tuple[str, str]]) -> list[tuple[str, str]]:
