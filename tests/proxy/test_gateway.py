@@ -366,6 +366,8 @@ def test_garbage_request_line_gets_400_and_the_gateway_keeps_serving(env: Env) -
 def test_plain_http_to_a_closed_port_is_502(env: Env) -> None:
     answer = raw_request(env.gateway.proxy_port, b"GET http://plain.test:9/ HTTP/1.1\r\nHost: plain.test:9\r\n\r\n")
     assert answer.status == 502
+    assert answer.body.startswith(b"connection_refused: ")
+    assert "error=connection_refused" in answer.headers["proxy-status"]
 
 
 # ---- audit mode ----------------------------------------------------------------------------------------------------
