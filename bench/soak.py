@@ -416,7 +416,7 @@ def markdown(result: dict[str, Any]) -> str:
     return (
         "| duration | operations | policy edits | errors | RSS MiB after warm-up / max / end "
         "| fds after warm-up / max / end | flat |\n|---|---|---|---|---|---|---|\n"
-        f"| {result['seconds'] / 60:g} min | {operations:,} | {counts.get('policy_edits', 0)} "
+        f"| {result['seconds'] / 60:.1f} min | {operations:,} | {counts.get('policy_edits', 0)} "
         f"| {result['verdict']['errors']} | {rss['after_warm_up']} / {rss['max']} / {rss['end']} "
         f"| {fds['after_warm_up']} / {fds['max']} / {fds['end']} | {'yes' if result['verdict']['ok'] else 'NO'} |\n"
     )
