@@ -3,6 +3,7 @@ and clients bound to a source address (127.0.0.2 = a payments pod in `shop`, 127
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -175,3 +176,45 @@ def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
 def tls_through(answer: ProxyAnswer, ca: TestCA, server_hostname: str) -> ssl.SSLSocket:
     """Run a real TLS handshake through an established tunnel."""
     return ca.client_context().wrap_socket(answer.sock, server_hostname=server_hostname)
+
+
+def pipelined_tls_handshake(
+    proxy_port: int, authority: str, ca: TestCA, server_hostname: str, source: str = PAYMENTS_POD
+) -> tuple[int, bool]:
+    """Send the CONNECT and the ClientHello in one write (before the proxy answered), then finish the handshake.
+
+    Returns (CONNECT status, whether the TLS handshake completed)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ca.client_context().wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10, source_address=(source, 0))
+    with sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode() + outgoing.read())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return 0, False
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        incoming.write(rest)
+        for _ in range(50):
+            try:
+                tls.do_handshake()
+                return status, True
+            except ssl.SSLWantReadError:
+                pending = outgoing.read()
+                if pending:
+                    sock.sendall(pending)
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    return status, False
+                if not chunk:
+                    return status, False
+                incoming.write(chunk)
+            except (ssl.SSLError, OSError):
+                return status, False
+        return status, False

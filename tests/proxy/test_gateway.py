@@ -20,6 +20,7 @@ from tests.proxy.conftest import (
     closed_by_peer,
     connect,
     curl,
+    pipelined_tls_handshake,
     raw_request,
     requests_session,
     tls_through,
@@ -251,6 +252,19 @@ def test_host_deny_dodged_with_ip_literal_plus_sni_is_denied(env: Env) -> None:
         "egress_decision",
         lambda e: e.get("egress.reason") == "denied_by_rule" and e.get("tls.client.server_name") == "denied.test",
     )
+
+
+def test_client_hello_pipelined_with_the_connect_is_checked_the_same_way(env: Env) -> None:
+    assert pipelined_tls_handshake(env.gateway.proxy_port, f"allowed.test:{env.tls.port}", env.ca, "allowed.test") == (
+        200,
+        True,
+    )
+    before = env.tls.accepted
+    status, completed = pipelined_tls_handshake(
+        env.gateway.proxy_port, f"allowed.test:{env.tls.port}", env.ca, "x.wild.test"
+    )
+    assert (status, completed) == (200, False)
+    assert accepted_delta(env.tls, before) == 0
 
 
 def test_non_tls_tunnel_is_allowed_on_the_connect_decision(env: Env) -> None:
