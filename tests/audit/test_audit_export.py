@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -15,7 +16,7 @@ import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from egress_gateway.audit import build_recorder
+from egress_gateway.audit import build_recorder, spans
 from egress_gateway.audit.jsonl import JsonLinesSpanExporter
 from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import SpanRecorder, build_exporters, build_tracer_provider, otlp_http_traces_url
@@ -170,6 +171,9 @@ def test_unreachable_otlp_endpoint_does_not_slow_recording(
     tmp_path: Path, protocol: Literal["http", "grpc"], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setattr(spans, "OTLP_TIMEOUT_S", 0.5)  # so that shutdown, which waits for the attempt, is quick
+    quiet = logging.getLogger("opentelemetry.exporter")  # the exporter's own retry warnings, expected here
+    monkeypatch.setattr(quiet, "level", logging.CRITICAL)
     port = _closed_loopback_port()
     endpoint = f"http://127.0.0.1:{port}"
     trail = tmp_path / "audit.jsonl"
@@ -187,7 +191,9 @@ def test_unreachable_otlp_endpoint_does_not_slow_recording(
     while len(trail.read_text().splitlines()) < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(trail.read_text().splitlines()) == 300
-    threading.Thread(target=recorder.shutdown, daemon=True).start()  # OTLP retries may take a few seconds
+    started = time.monotonic()
+    recorder.shutdown()
+    assert time.monotonic() - started < 10
 
 
 def test_console_exporter_prints_spans_on_stderr_and_keeps_stdout_empty(capsys: pytest.CaptureFixture[str]) -> None:
