@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import random
@@ -72,14 +73,37 @@ async def measure(server: FakeApiServer, kubeconfig: Path, args: argparse.Namesp
     store = PolicyStore()
     source = KubernetesPolicySource(settings, store)
     rows: list[tuple[str, str]] = []
+    stalls: list[float] = []
+
+    async def ticker() -> None:  # what a connection waiting on this event loop would feel
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            stalls.append(time.perf_counter() - before - 0.005)
+
+    gc_pauses: list[float] = []
+    gc_started: list[float] = []
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[:] = [time.perf_counter()]
+        elif gc_started:
+            gc_pauses.append(time.perf_counter() - gc_started[0])
+
+    gc.callbacks.append(on_gc)
+    ticking = asyncio.create_task(ticker())
     started = time.perf_counter()
     await source.start()
     try:
         if not await source.wait_ready(600):
             raise SystemExit("source never became ready")
         load_s = time.perf_counter() - started
+        ticking.cancel()
         total = len(store.current)
         rows.append((f"load {total:,} policies in {args.namespaces:,} namespaces", f"{load_s:.2f} s"))
+        rows.append(("longest event-loop stall during the load", f"{max(stalls) * 1000:.0f} ms"))
+        rows.append(("longest garbage-collection pause during the load", f"{max(gc_pauses or [0]) * 1000:.0f} ms"))
+        gc_pauses.clear()
 
         if args.status:
             t0 = time.perf_counter()
@@ -123,6 +147,7 @@ async def measure(server: FakeApiServer, kubeconfig: Path, args: argparse.Namesp
             latencies.append((published["t"] - t0) * 1000)
             if latencies[-1] > 200:
                 print(f"# slow update {i}: {latencies[-1]:.0f} ms", file=sys.stderr)
+        rows.append(("longest garbage-collection pause during the updates", f"{max(gc_pauses or [0]) * 1000:.0f} ms"))
         rows.append(
             (
                 f"event -> enforced, {len(latencies)} updates (p50 / p99 / max)",

@@ -13,6 +13,7 @@ path never calls it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 import time
@@ -83,7 +84,7 @@ class Reflector:
         name: str,
         call: ListCall,
         *,
-        on_replace: Callable[[list[RawObject]], None],
+        on_replace: Callable[[list[RawObject]], Awaitable[None] | None],
         on_event: Callable[[str, RawObject], None],
         watch_timeout_s: float = 300.0,
         page_size: int = 500,
@@ -177,7 +178,9 @@ class Reflector:
                 break
         if not resource_version:
             raise ApiError(200, "list response carries no metadata.resourceVersion")
-        self._on_replace(items)
+        replaced = self._on_replace(items)
+        if inspect.isawaitable(replaced):
+            await replaced  # a consumer that yields to the event loop while it digests a large list
         self._last_list = time.monotonic()
         self.resource_version = resource_version
         self._mark_ok()

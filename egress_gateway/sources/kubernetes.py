@@ -2,7 +2,7 @@
 
 Owns: `KubernetesPolicySource(settings, store)`. One `Reflector` per kind lists and watches; every object is
 validated with `validate_object` (the same validator as `lint`) and applied to the `PolicyStore` one object at
-a time (`upsert`/`delete`; a full list or relist goes through `replace_group` plus deletes, one publish). An
+a time (`upsert`/`delete`; a full list or relist goes through `replace_group` in 16 slices plus deletes). An
 invalid object never replaces its last valid version; one that was never valid contributes nothing. What was
 decided about each generation goes to the `StatusWriter` (Accepted condition + observedGeneration), which only
 the Lease holder runs. The store is marked loaded once both kinds are listed; after that the gateway stays
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import zlib
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,14 @@ from egress_gateway.policy.validation import validate_object
 from egress_gateway.settings import Settings
 
 KINDS = ("EgressPolicy", "ClusterEgressPolicy")
+# A full list is published in this many store groups (by a stable hash of the object's key) and validated in steps
+# of this many objects, yielding to the event loop in between: the proxy and /healthz stay served during a large load.
+_SLICES = 16
+_YIELD_EVERY = 200
+
+
+def _slice_of(key: ObjectKey) -> int:
+    return zlib.crc32("/".join(part or "" for part in key).encode()) % _SLICES
 
 
 def _key(kind: str, raw: RawObject) -> ObjectKey:
@@ -142,27 +151,33 @@ class KubernetesPolicySource:
         return self._ready
 
     # ---------------------------------------------------------------- handlers (run on the event loop)
-    def _on_replace(self, kind: str, items: list[RawObject]) -> None:
+    async def _on_replace(self, kind: str, items: list[RawObject]) -> None:
+        """A full list: reconcile, validate what changed, publish in slices so the proxy keeps being served."""
         listed = {_key(kind, raw): raw for raw in items}
         for key in self._known[kind] - listed.keys():
             self._forget(key)
-        batch: list[Versioned] = []
         previous: dict[ObjectKey, Versioned | None] = {}
-        for key, raw in listed.items():
+        for index, (key, raw) in enumerate(listed.items()):
             before = self._good.get(key)
             if self._evaluate(key, raw):
                 previous[key] = before
+            if index % _YIELD_EVERY == _YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+        self._known[kind] = set(listed)
+        slices: list[list[Versioned]] = [[] for _ in range(_SLICES)]
+        for key in listed:
             good = self._good.get(key)
             if good is not None:
-                batch.append(good)
-        self._known[kind] = set(listed)
-        try:
-            self.store.replace_group(f"kubernetes/{kind}", batch)
-        except Exception:
-            # One object the validator passed but the engine cannot compile must not block the others.
-            for item in batch:
-                key = (kind, item.policy.metadata.namespace, item.policy.metadata.name)
-                self._upsert_or_reject(key, item, previous.get(key), listed[key])
+                slices[_slice_of(key)].append(good)
+        for number, batch in enumerate(slices):
+            try:
+                self.store.replace_group(f"kubernetes/{kind}/{number}", batch)
+            except Exception:
+                # One object the validator passed but the engine cannot compile must not block the others.
+                for item in batch:
+                    key = (kind, item.policy.metadata.namespace, item.policy.metadata.name)
+                    self._upsert_or_reject(key, item, previous.get(key), listed[key])
+            await asyncio.sleep(0)
         self._report_counts(kind)
         if not self._ready and all(r.synced or r.name == kind for r in self.reflectors.values()):
             self._ready = True
