@@ -21,7 +21,9 @@ from typing import Any
 import structlog
 import yaml
 
+from egress_gateway.audit import metrics
 from egress_gateway.policy.errors import FieldError, PolicyValidationError
+from egress_gateway.policy.model import KINDS
 from egress_gateway.policy.store import ObjectKey, PolicyStore, Versioned, object_key
 from egress_gateway.policy.validation import validate_object
 
@@ -33,6 +35,7 @@ class LoadError:
     file: str
     document: int | None  # 0-based index within a multi-document file; None for file-level problems
     error: FieldError
+    kind: str | None = None  # the object's kind when the document named a known one
 
     def __str__(self) -> str:
         where = self.file if self.document is None else f"{self.file} (document {self.document})"
@@ -80,7 +83,8 @@ def load_text(text: str, source: str) -> LoadResult:
         try:
             policy = validate_object(data)
         except PolicyValidationError as exc:
-            result.errors.extend(LoadError(source, index, err) for err in exc.errors)
+            kind = data.get("kind") if isinstance(data, dict) and data.get("kind") in KINDS else None
+            result.errors.extend(LoadError(source, index, err, kind) for err in exc.errors)
             continue
         key = object_key(policy)
         if key in seen:
@@ -188,6 +192,7 @@ class FilePolicySource:
         return None if self._last_sync is None else time.monotonic() - self._last_sync
 
     async def start(self) -> None:
+        metrics.track_source("files", self.staleness_seconds, lambda: self.ready)
         await self.sync()
         self._tasks = [
             asyncio.create_task(self._watch(), name="policy-files-watch"),
@@ -228,6 +233,7 @@ class FilePolicySource:
             self._hashes[path] = digest
             self._apply(path, load_file(path))
         self._check_duplicates()
+        self._publish_counts()
         self._last_sync = time.monotonic()
         if not self._ready:
             self._ready = True
@@ -253,6 +259,17 @@ class FilePolicySource:
         self.store.replace_group(str(path), result.objects)
         self.reloads += 1
         self.log.info("policy_file_loaded", file=str(path), objects=len(result.objects))
+
+    def _publish_counts(self) -> None:
+        loaded = {kind: 0 for kind in KINDS}
+        for kind, _namespace, _name in self.store.keys():  # noqa: SIM118 (a method returning a set, not a dict)
+            loaded[kind] = loaded.get(kind, 0) + 1
+        invalid = {kind: set[tuple[str, int | None]]() for kind in KINDS}
+        for errors in self.errors.values():
+            for err in errors:
+                invalid.setdefault(err.kind or "unknown", set()).add((err.file, err.document))
+        for kind in sorted(set(loaded) | set(invalid)):
+            metrics.set_policy_counts(kind, loaded=loaded.get(kind, 0), invalid=len(invalid.get(kind, ())))
 
     def _check_duplicates(self) -> None:
         owners: dict[ObjectKey, str] = {}
