@@ -20,7 +20,8 @@ from typing import Any
 import structlog
 
 from egress_gateway.admin import AdminServer
-from egress_gateway.audit.recorder import NullRecorder, Recorder
+from egress_gateway.audit import build_recorder as build_audit_recorder
+from egress_gateway.audit.recorder import Recorder
 from egress_gateway.identity.base import ChainResolver, IdentityResolver
 from egress_gateway.identity.static import StaticIdentityResolver
 from egress_gateway.policy.decision import IPAddress
@@ -95,10 +96,9 @@ def build_source(settings: Settings, store: PolicyStore) -> PolicySource:
 
 def build_recorder(settings: Settings) -> Recorder:
     try:
-        from egress_gateway.audit import build_recorder as build_audit_recorder
-    except ImportError:
-        return NullRecorder()
-    return build_audit_recorder(settings)
+        return build_audit_recorder(settings)
+    except ValueError as exc:  # e.g. an audit.file path that cannot be opened
+        raise ConfigurationError(f"audit: {exc}") from None
 
 
 class Gateway:

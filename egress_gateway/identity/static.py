@@ -11,6 +11,7 @@ from types import MappingProxyType
 
 from egress_gateway.policy.decision import Identity
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
+from egress_gateway.policy.targets import canonical_ip
 from egress_gateway.settings import StaticIdentity
 
 
@@ -39,8 +40,7 @@ class StaticIdentityResolver:
             address = ipaddress.ip_address(client_ip)
         except ValueError:
             return None
-        if address.version == 6 and address.ipv4_mapped is not None:  # type: ignore[union-attr]
-            address = address.ipv4_mapped  # type: ignore[union-attr]
+        address = canonical_ip(address)
         found = next((ident for net, ident in self._entries if address in net), None)
         if len(self._cache) < 65536:
             self._cache[client_ip] = found
