@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,17 +94,40 @@ class Env:
     tls: OriginServer
     plain: OriginServer
     ca: TestCA
+    _since: dict[str, int] = field(default_factory=dict)
 
-    def decision(self, source: str, reason: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The decision record (log line) of `source` with `reason`; fails if none appears."""
-        return self.gateway.wait_for(
-            "egress_decision",
-            lambda e: e.get("client.address") == source and e.get("egress.reason") == reason,
-            timeout=timeout,
-        )
+    def fresh_source(self) -> str:
+        """A hostile client address for one test; its records are looked up only from this moment on (the 30
+        addresses are reused across tests)."""
+        source = hostile_source()
+        self._since[source] = len(self.gateway.events)
+        return source
 
     def decisions(self, source: str) -> list[dict[str, Any]]:
-        return self.gateway.find("egress_decision", lambda e: e.get("client.address") == source)
+        """The decision records (log lines) of `source` since `fresh_source` handed it out."""
+        events = self.gateway.events[self._since.get(source, 0) :]
+        return [e for e in events if e.get("event") == "egress_decision" and e.get("client.address") == source]
+
+    def decision(self, source: str, reason: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The decision record of `source` with `reason`; fails if none appears within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.decisions(source):
+                if record.get("egress.reason") == reason:
+                    return record
+            time.sleep(0.02)
+        raise AssertionError(f"no {reason} decision for {source}; saw {self.decisions(source)}")
+
+    def wait_decision(
+        self, source: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for record in self.decisions(source):
+                if predicate(record):
+                    return record
+            time.sleep(0.02)
+        raise AssertionError(f"no matching decision for {source}; saw {self.decisions(source)}")
 
     def assert_still_serves(self) -> None:
         """A well-behaved client in another namespace still gets through, over TLS and plain HTTP."""

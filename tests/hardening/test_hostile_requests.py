@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.hardening.conftest import Env, accepted_after, hostile_source
+from tests.hardening.conftest import Env, accepted_after
 from tests.proxy.conftest import closed_by_peer, raw_request
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def _send(env: Env, request: bytes, source: str) -> tuple[int, bytes, dict[str, 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hostile_request_gets_its_defined_answer(env: Env, case: str) -> None:
     request, status, reason = CASES[case]
-    source = hostile_source()
+    source = env.fresh_source()
     before = (env.plain.accepted, env.tls.accepted)
     got, body, headers = _send(env, request, source)
     assert got == status, body
@@ -120,7 +120,7 @@ def test_hostile_request_gets_its_defined_answer(env: Env, case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(SMUGGLING))
 def test_request_smuggling_shapes_are_refused_before_any_upstream_byte(env: Env, case: str) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     version = b"HTTP/1.0" if case == "te_on_http_1_0" else b"HTTP/1.1"
     head = b"POST http://plain.test:{p}/ " + version + b"\r\nHost: plain.test:{p}\r\n"
     smuggled = b"GET http://denied.test:{p}/ HTTP/1.1\r\nHost: denied.test\r\n\r\n"
@@ -135,7 +135,7 @@ def test_request_smuggling_shapes_are_refused_before_any_upstream_byte(env: Env,
 
 
 def test_pipelined_second_request_is_decided_on_its_own(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     port = env.plain.port
     allowed = f"GET http://plain.test:{port}/first HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 0\r\n\r\n"
     denied = f"GET http://denied.test:{port}/second HTTP/1.1\r\nHost: denied.test:{port}\r\n\r\n"
@@ -165,7 +165,7 @@ def test_pipelined_second_request_is_decided_on_its_own(env: Env) -> None:
 
 
 def test_endless_header_is_refused_while_it_is_still_arriving(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     sock = socket.create_connection(("127.0.0.1", env.gateway.proxy_port), timeout=10, source_address=(source, 0))
     sock.sendall(b"GET http://plain.test/ HTTP/1.1\r\nHost: plain.test\r\n")
     refused = b""
@@ -188,7 +188,7 @@ def test_endless_header_is_refused_while_it_is_still_arriving(env: Env) -> None:
 
 
 def test_tls_sent_to_the_proxy_port_itself_is_closed(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     sock = socket.create_connection(("127.0.0.1", env.gateway.proxy_port), timeout=10, source_address=(source, 0))
     sock.sendall(bytes.fromhex("160301002e010000"))
     assert closed_by_peer(sock, timeout=10)
@@ -197,7 +197,7 @@ def test_tls_sent_to_the_proxy_port_itself_is_closed(env: Env) -> None:
 
 
 def test_slowloris_request_head_is_cut_at_the_client_request_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     sock = socket.create_connection(("127.0.0.1", env.gateway.proxy_port), timeout=10, source_address=(source, 0))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     started = time.monotonic()
@@ -225,7 +225,7 @@ def test_slowloris_request_head_is_cut_at_the_client_request_timeout(env: Env) -
 
 
 def test_slowloris_on_a_kept_alive_connection_is_cut_too(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     port = env.plain.port
     answer = raw_request(
         env.gateway.proxy_port,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.hardening.conftest import Env, accepted_after, hostile_source
+from tests.hardening.conftest import Env, accepted_after
 from tests.hardening.tlsbytes import crafted_client_hello, handshake_with_first_flight, real_client_hello, refragment
 from tests.proxy.conftest import closed_by_peer, connect
 
@@ -55,7 +55,7 @@ def _send_in_segments(size: int, pause: float) -> Sender:
     ],
 )
 def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str, sender: Sender) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     # A real handshake that completes verifies the origin's own certificate: the hello arrived intact.
@@ -63,9 +63,9 @@ def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str,
     assert tls.version() is not None
     sock.close()
     record = env.decision(source, "allowed_by_rule")
-    env.gateway.wait_for(
-        "egress_decision",
-        lambda e: e.get("client.address") == source and e.get("tls.client.server_name") == "allowed.test",
+    env.wait_decision(
+        source,
+        lambda e: e.get("tls.client.server_name") == "allowed.test",
     )
     assert record["egress.decision"] == "allow"
     assert accepted_after(env.tls, before) == 1
@@ -74,16 +74,16 @@ def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str,
 
 @pytest.mark.parametrize("size", [1, 16, 100])
 def test_fragmented_client_hello_cannot_smuggle_a_denied_sni(env: Env, size: int) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     hello = real_client_hello(env.ca.client_context(), "denied.test").first_flight
     sock.sendall(refragment(hello, size))
     assert closed_by_peer(sock)
     sock.close()
-    record = env.gateway.wait_for(
-        "egress_decision",
-        lambda e: e.get("client.address") == source and e.get("tls.client.server_name") == "denied.test",
+    record = env.wait_decision(
+        source,
+        lambda e: e.get("tls.client.server_name") == "denied.test",
     )
     assert record["egress.decision"] == "deny"
     assert record["egress.reason"] in ("sni_mismatch", "denied_by_rule")
@@ -106,7 +106,7 @@ MALFORMED_SNI = {
 @pytest.mark.parametrize("case", sorted(MALFORMED_SNI))
 def test_malformed_sni_closes_the_tunnel_with_bad_request(env: Env, case: str) -> None:
     names, twice = MALFORMED_SNI[case]
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(crafted_client_hello(names, extra_sni_extension=twice))
@@ -120,18 +120,14 @@ def test_malformed_sni_closes_the_tunnel_with_bad_request(env: Env, case: str) -
 
 @pytest.mark.parametrize("sni", [b"ALLOWED.TEST", b"allowed.test.", b"Allowed.Test."])
 def test_sni_case_and_trailing_dot_match_the_connect_host(env: Env, sni: bytes) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(crafted_client_hello([(0, sni)]))
     # The hand-built hello reaches the origin (which then fails the handshake): the decision is what matters.
-    env.gateway.wait_for(
-        "egress_decision",
-        lambda e: (
-            e.get("client.address") == source
-            and e.get("tls.client.server_name") == sni.decode()
-            and e.get("egress.decision") == "allow"
-        ),
+    env.wait_decision(
+        source,
+        lambda e: e.get("tls.client.server_name") == sni.decode() and e.get("egress.decision") == "allow",
     )
     sock.close()
     assert accepted_after(env.tls, before) == 1
@@ -140,36 +136,32 @@ def test_sni_case_and_trailing_dot_match_the_connect_host(env: Env, sni: bytes) 
 
 @pytest.mark.parametrize("sni", [b"DENIED.TEST", b"denied.test."])
 def test_sni_spelling_does_not_dodge_a_deny_rule(env: Env, sni: bytes) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(crafted_client_hello([(0, sni)]))
     assert closed_by_peer(sock)
     sock.close()
-    record = env.gateway.wait_for(
-        "egress_decision", lambda e: e.get("client.address") == source and e.get("egress.decision") == "deny"
-    )
+    record = env.wait_decision(source, lambda e: e.get("egress.decision") == "deny")
     assert record["egress.reason"] in ("sni_mismatch", "denied_by_rule")
     assert accepted_after(env.tls, before) == 0
 
 
 def test_ip_address_sni_for_a_named_connect_is_denied(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(crafted_client_hello([(0, b"127.0.0.10")]))
     assert closed_by_peer(sock)
     sock.close()
-    record = env.gateway.wait_for(
-        "egress_decision", lambda e: e.get("client.address") == source and e.get("egress.decision") == "deny"
-    )
+    record = env.wait_decision(source, lambda e: e.get("egress.decision") == "deny")
     assert record["egress.reason"] in ("sni_mismatch", "bad_request")
     assert accepted_after(env.tls, before) == 0
     env.assert_still_serves()
 
 
 def test_truncated_client_hello_then_silence_is_cut_at_the_hello_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     hello = real_client_hello(env.ca.client_context(), "allowed.test").first_flight
@@ -184,7 +176,7 @@ def test_truncated_client_hello_then_silence_is_cut_at_the_hello_timeout(env: En
 
 
 def test_silent_tunnel_is_cut_at_the_hello_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     assert closed_by_peer(sock, timeout=10)
     sock.close()
@@ -192,7 +184,7 @@ def test_silent_tunnel_is_cut_at_the_hello_timeout(env: Env) -> None:
 
 
 def test_oversized_client_hello_is_refused(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     # A handshake header announcing a 16 MB ClientHello: refused at once, nothing is buffered towards it.
@@ -207,7 +199,7 @@ def test_sslv2_style_hello_in_a_tunnel_is_relayed_as_opaque_bytes_to_the_checked
     """Not TLS by its first byte, so it is treated like any non-TLS tunnel: allowed on the CONNECT decision alone,
     to the pinned address of the CONNECT host (the same rule as test_non_tls_tunnel_is_allowed_on_the_connect_decision);
     the origin's TLS stack then rejects it."""
-    source = hostile_source()
+    source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(bytes.fromhex("802e0103010015000000100100800300800700c006004002008004008000") + bytes(16))

@@ -145,7 +145,7 @@ def blackhole_listener() -> Iterator[int]:
 
 
 def test_upstream_that_never_accepts_gets_504_connection_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     with blackhole_listener() as port:
         started = time.monotonic()
         answer = raw_request(
@@ -164,7 +164,7 @@ def test_upstream_that_never_accepts_gets_504_connection_timeout(env: Env) -> No
 
 
 def test_plain_http_to_a_closed_port_gets_502_connection_refused_with_a_record(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     closed = socket.socket()
     closed.bind((BULK_ORIGIN, 0))
     port = closed.getsockname()[1]
@@ -182,7 +182,7 @@ def test_plain_http_to_a_closed_port_gets_502_connection_refused_with_a_record(e
 
 
 def test_tunnel_to_an_upstream_that_never_accepts_is_closed_with_connection_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     with blackhole_listener() as port:
         answer = connect(env.gateway.proxy_port, f"blackhole.test:{port}", source)
         assert answer.status == 200
@@ -193,7 +193,7 @@ def test_tunnel_to_an_upstream_that_never_accepts_is_closed_with_connection_time
 
 
 def test_idle_tunnel_is_closed_after_idle_timeout(env: Env) -> None:
-    source = hostile_source()
+    source = env.fresh_source()
     answer = connect(env.gateway.proxy_port, f"plain.test:{env.plain.port}", source)
     assert answer.status == 200
     answer.sock.sendall(b"GET /idle HTTP/1.1\r\nHost: plain.test\r\n\r\n")
@@ -202,9 +202,9 @@ def test_idle_tunnel_is_closed_after_idle_timeout(env: Env) -> None:
     assert closed_by_peer(answer.sock, timeout=15)
     idle = time.monotonic() - started
     assert 3 < idle < 4 + 4, idle  # timeouts.idle_s = 4
-    env.gateway.wait_for(
-        "egress_decision",
-        lambda e: e.get("client.address") == source and e.get("egress.decision") == "allow",
+    env.wait_decision(
+        source,
+        lambda e: e.get("egress.decision") == "allow",
     )
 
 
@@ -254,7 +254,7 @@ def test_client_that_never_reads_does_not_make_the_gateway_buffer(env: Env) -> N
     pid = env.gateway.process.pid
     bulk = BulkOrigin()
     try:
-        source = hostile_source()
+        source = env.fresh_source()
         rss_before = rss_bytes(pid)
         answer = connect(env.gateway.proxy_port, f"bulk.test:{bulk.port}", source)
         assert answer.status == 200
