@@ -17,6 +17,7 @@ hey and curl (.ci/install-system-deps). Exit code 3 when a prerequisite is missi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -496,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
             f"bench/run.py: missing prerequisites: {', '.join(missing)} (see .ci/install-system-deps)", file=sys.stderr
         )
         return EXIT_MISSING
-    command = "python bench/run.py" + (
-        "" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    python = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        python = python.relative_to(REPO)
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = " ".join([str(python), "bench/run.py", *arguments])
     markdown = args.markdown or (None if args.quick else REPO / "docs" / "benchmarks.md")
     started_at = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="egress-bench-"))
