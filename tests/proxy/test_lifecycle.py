@@ -353,3 +353,18 @@ def test_no_certificate_authority_is_ever_created(
     tunnel.close()
     assert gateway.stop() == 0
     assert not [p for p in data_dir.rglob("*") if p.is_file()], "TLS is never intercepted: no CA, no certificates"
+
+
+def test_environment_overrides_the_config_file(
+    make_gateway: Callable[..., GatewayProcess], origins: tuple[OriginServer, OriginServer], ca: TestCA
+) -> None:
+    api, _ = origins
+    config = base_config(resolver={"hosts": {"api.test": ["127.0.0.99"]}})  # wrong address in the file...
+    gateway = make_gateway(
+        config,
+        {"shop.yaml": policy("api.test")},
+        extra_env={"EGRESS_GATEWAY_RESOLVER__HOSTS": '{"api.test": ["127.0.0.20"]}'},  # ...fixed by the environment
+    )
+    tunnel = tls_through(connect(gateway.proxy_port, f"api.test:{api.port}"), ca, "api.test")
+    assert b'"/env"' in request_over(tunnel, "/env")
+    tunnel.close()
