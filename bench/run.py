@@ -17,6 +17,7 @@ hey and curl (.ci/install-system-deps). Exit code 3 when a prerequisite is missi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -58,6 +59,16 @@ class Target:
     proxy: str | None  # None: the direct path
     pid: int | None  # root of the proxy's process tree
     note: str = ""
+    # More independent processes behind other ports that share the load (emulated workers); hey is split across them.
+    more: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return ([self.pid] if self.pid else []) + [pid for _, pid in self.more]
+
+    @property
+    def proxies(self) -> list[str]:
+        return ([self.proxy] if self.proxy else []) + [proxy for proxy, _ in self.more]
 
 
 @dataclass
@@ -176,22 +187,50 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def _split_load(target: Target, url: str, concurrency: int, duration_s: float) -> LoadResult:
+    """One hey per process of an emulated multi-worker target, run at the same time; results added up."""
+    share = concurrency // len(target.proxies)
+    parts: list[LoadResult] = []
+    with concurrent.futures.ThreadPoolExecutor(len(target.proxies)) as pool:
+        futures = [
+            pool.submit(hey_run, url, share, duration_s, proxy=proxy, host_header=None) for proxy in target.proxies
+        ]
+        parts = [f.result() for f in futures]
+    return LoadResult(
+        ok=sum(p.ok for p in parts),
+        errors=sum(p.errors for p in parts),
+        seconds=max(p.seconds for p in parts),
+        conn_per_s=sum(p.conn_per_s for p in parts),
+        p50_ms=statistics.mean(p.p50_ms for p in parts),
+        p99_ms=max(p.p99_ms for p in parts),
+    )
+
+
+def _tree_cpu(target: Target) -> float:
+    return sum(cpu_seconds(pid) for pid in target.pids)
+
+
 def measure_load(targets: list[Target], origin: Origin, results: dict[str, TargetResults], opts: Options) -> None:
     for rep in range(opts.reps):
         for concurrency in opts.concurrency:
             # Rotate the order each repetition so that no target always runs right after the same neighbour.
             order = targets[rep % len(targets) :] + targets[: rep % len(targets)]
             for target in order:
+                if target.more and concurrency < len(target.proxies):
+                    continue  # cannot split c=1 over two processes
                 url = origin.tiny_url if target.proxy else f"https://{origin.address}/tiny"
-                cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
-                load = hey_run(
-                    url,
-                    concurrency,
-                    opts.duration_s,
-                    proxy=target.proxy,
-                    host_header=None if target.proxy else origin.hostname,
-                )
-                cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
+                cpu_before = _tree_cpu(target)
+                if target.more:
+                    load = _split_load(target, url, concurrency, opts.duration_s)
+                else:
+                    load = hey_run(
+                        url,
+                        concurrency,
+                        opts.duration_s,
+                        proxy=target.proxy,
+                        host_header=None if target.proxy else origin.hostname,
+                    )
+                cpu = _tree_cpu(target) - cpu_before if target.pid else float("nan")
                 results[target.name].samples.setdefault(concurrency, []).append(Sample(load, cpu))
                 log(
                     f"rep {rep + 1} c={concurrency:<3} {target.name:<20} {load.conn_per_s:7.0f} conn/s "
@@ -208,10 +247,11 @@ def measure_bulk(
             return bulk_run(origin.bulk_url, ca_file, proxy=target.proxy, resolve=None)
         return bulk_run(origin.bulk_url, ca_file, proxy=None, resolve=f"{origin.hostname}:443:{origin.address}")
 
-    for target in targets:  # warm-up: the first read of the file and the first large buffers are not measured
+    single = [t for t in targets if not t.more]  # one transfer uses one process: nothing to learn from the others
+    for target in single:  # warm-up: the first read of the file and the first large buffers are not measured
         transfer(target)
     for rep in range(opts.bulk_reps):
-        for target in targets:
+        for target in single:
             cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
             bulk = transfer(target)
             cpu = cpu_seconds(target.pid) - cpu_before if target.pid else float("nan")
@@ -534,25 +574,40 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     processes = gateway.processes
                     if workers > 1 and processes < workers:
+                        # No worker mode in this build: run `workers` independent gateways on their own ports
+                        # and split hey across them, which shows the same CPU picture without a shared port.
+                        extra = [
+                            launch(
+                                proxies,
+                                f"{name}: process {i + 1}",
+                                functools.partial(
+                                    start_gateway, root / f"gateway-w{workers}-{i}", ORIGIN_HOST, args.origin_address
+                                ),
+                            )
+                            for i in range(1, workers)
+                        ]
+                        name = f"{workers} gateway processes"
                         notes.append(
-                            f"`workers: {workers}` started {processes} process(es): worker mode is not "
-                            "implemented in this build, so its row is left out."
+                            f"`workers: {workers}` started {processes} process(es): worker mode is not implemented "
+                            f"in this build. The row '{name}' emulates it with {workers} independent gateways on "
+                            "separate ports, each driven by its own hey with c/workers (so no c=1 figure); CPU and "
+                            "memory are summed over the processes."
                         )
-                        gateway.stop()
+                        more = [(g.proxy, g.server.pid) for g in extra]
+                        targets.append(Target(name, gateway.proxy, gateway.server.pid, more=more))
                         continue
                     targets.append(Target(name, gateway.proxy, gateway.server.pid))
                     audit_files[name] = gateway.audit_file
                 for target in targets:
                     results[target.name] = TargetResults()
-                    if target.pid:
-                        results[target.name].processes = len(process_tree(target.pid))
+                    results[target.name].processes = sum(len(process_tree(pid)) for pid in target.pids)
                 measure_load(targets, origin, results, opts)
                 measure_bulk(targets, origin, str(certs.ca_cert), results, opts)
                 for target in targets:
                     if target.pid:
-                        results[target.name].peak_rss_mib = peak_rss_mib(target.pid)
+                        results[target.name].peak_rss_mib = sum(peak_rss_mib(pid) for pid in target.pids)
                 for target in targets:
-                    if target.proxy and target.pid and opts.idle_tunnels:
+                    if target.proxy and target.pid and not target.more and opts.idle_tunnels:
                         log(f"holding {opts.idle_tunnels} idle tunnels through {target.name}")
                         pid = target.pid
                         results[target.name].idle = hold_idle_tunnels(
