@@ -230,6 +230,26 @@ def test_pod_ip_identity_through_the_proxy(
     apiserver.put(pod("shop", "web-2", [PAYMENTS_POD], labels={"app": "web"}, created="2026-02-01T00:00:00Z"))
     assert poll_status(gateway, target, 403, 1.0) < 1.0
 
+    # relabelling the namespace moves it in and out of a ClusterEgressPolicy's namespaceSelector
+    public = f"other.test:{server.port}"
+    apiserver.put(
+        {
+            "apiVersion": GV,
+            "kind": "ClusterEgressPolicy",
+            "metadata": {"name": "public-tier"},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"tier": "public"}},
+                "rules": [{"name": "r1", "hosts": ["other.test"]}],
+            },
+        }
+    )
+    time.sleep(0.3)
+    assert connect_status(gateway, public) == 403
+    apiserver.put(namespace("shop", {"team": "money", "tier": "public"}))
+    assert poll_status(gateway, public, 200, 1.0) < 1.0
+    apiserver.put(namespace("shop", {"team": "money"}))
+    assert poll_status(gateway, public, 403, 1.0) < 1.0
+
 
 def test_service_account_token_identity_through_the_proxy(
     apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
