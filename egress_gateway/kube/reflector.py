@@ -211,9 +211,10 @@ class Reflector:
                 if line.strip():
                     self._dispatch(line)
             # The server ended the stream (timeoutSeconds): renew quietly from where we are.
-            self._mark_ok()
             self._on_restart("timeout")
         finally:
+            if self.connected:
+                self._mark_ok()  # everything up to the end of an open stream was seen: in sync until now
             self.connected = False
             response.release()
 

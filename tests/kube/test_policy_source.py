@@ -287,7 +287,10 @@ def test_api_server_down_later_keeps_enforcing_stays_ready_and_shows_staleness(
         try:
             assert await source.wait_ready(5)
             await eventually(lambda: source.staleness_seconds() == 0.0, 2)
+            await asyncio.sleep(1.5)  # idle but connected: still in sync
             apiserver.go_down()
+            await eventually(lambda: not any(r.connected for r in source.reflectors.values()), 2)
+            assert (source.staleness_seconds() or 0) < 1.0  # counted from the moment the streams broke
             await eventually(lambda: (source.staleness_seconds() or 0) > 1.0, 5)
             assert source.ready and store.loaded
             assert allowed(store, "a.example.com")
