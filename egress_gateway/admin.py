@@ -1,45 +1,66 @@
 """The admin HTTP listener: `/healthz` (the process is alive), `/readyz` (policies loaded), `/metrics` (Prometheus).
 
 Owns only this small HTTP surface (aiohttp). `/metrics` serves the default `prometheus_client` registry, on which
-the audit package defines the gateway's metrics. Imports nothing from the proxy or the engine: readiness is a
-callable handed in by `app.py`.
+the audit package defines the gateway's metrics. Imports nothing from the proxy or the engine: readiness (and, for
+the worker supervisor, liveness and metrics) are callables handed in by `app.py` / `supervisor.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-Readiness = Callable[[], tuple[bool, str]]  # (ready, one-line reason)
+Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]  # (ok, one-line reason)
+Metrics = Callable[[], Awaitable[bytes]]
 
 
-def build_app(readiness: Readiness) -> web.Application:
+async def _result(check: Check) -> tuple[bool, str]:
+    value = check()
+    if isinstance(value, tuple):
+        return value
+    return await value
+
+
+def _alive() -> tuple[bool, str]:
+    return True, "ok"
+
+
+async def _local_metrics() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def build_app(readiness: Check, liveness: Check = _alive, metrics: Metrics = _local_metrics) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+        alive, reason = await _result(liveness)
+        return web.Response(status=200 if alive else 503, text=f"{reason}\n")
 
     async def readyz(_request: web.Request) -> web.Response:
-        ready, reason = readiness()
+        ready, reason = await _result(readiness)
         return web.Response(status=200 if ready else 503, text=f"{reason}\n")
 
-    async def metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(REGISTRY))
+    async def serve_metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=await metrics())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", serve_metrics)
     return app
 
 
 class AdminServer:
-    def __init__(self, host: str, port: int, readiness: Readiness) -> None:
+    def __init__(
+        self, host: str, port: int, readiness: Check, liveness: Check = _alive, metrics: Metrics = _local_metrics
+    ) -> None:
         self.host = host
         self.port = port
-        self._runner = web.AppRunner(build_app(readiness), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            build_app(readiness, liveness, metrics), access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
 
     async def start(self) -> list[tuple[str, int]]:
         await self._runner.setup()

@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import ipaddress
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -104,7 +105,7 @@ def build_recorder(settings: Settings) -> Recorder:
 class Gateway:
     """One running gateway. `start()` returns once it listens; `stop()` drains and shuts everything down."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, listen_socket: socket.socket | None = None) -> None:
         self.settings = settings
         self.store = PolicyStore()
         self.engine = build_engine(settings)
@@ -120,7 +121,11 @@ class Gateway:
         self.gate = Gate(self.engine, self.identity, self.resolver, ready=lambda: self.store.loaded)
         listen_host, listen_port = split_hostport(settings.listen)
         self.proxy = EmbeddedProxy(
-            listen_host, listen_port, idle_timeout_s=settings.timeouts.idle_s, data_dir=settings.data_dir
+            listen_host,
+            listen_port,
+            idle_timeout_s=settings.timeouts.idle_s,
+            data_dir=settings.data_dir,
+            listen_socket=listen_socket,
         )
         self.addon = GatewayAddon(
             self.gate,
@@ -191,19 +196,26 @@ class Gateway:
         log.info("gateway_stopped", closed_at_deadline=closed)
 
 
-async def serve(settings: Settings, stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> int:
-    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+async def serve(
+    settings: Settings,
+    stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    *,
+    listen_socket: socket.socket | None = None,
+    on_started: Callable[[Gateway], None] | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code.
+
+    `listen_socket` and `on_started` are for worker processes (`egress_gateway.supervisor`): accept on a socket
+    shared with the other workers, and tell the supervisor where this worker's admin listener is."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, listen_socket=listen_socket)
     except ConfigurationError as exc:
         log.error("configuration_error", error=str(exc))
         return 2
-    if settings.workers != 1:
-        log.warning("workers_not_supported", workers=settings.workers, running=1)
     try:
         await gateway.start()
     except Exception as exc:  # a listener that cannot bind, a cluster that cannot be reached, ...
@@ -211,17 +223,29 @@ async def serve(settings: Settings, stop_signals: Sequence[signal.Signals] = (si
         with contextlib.suppress(Exception):
             await gateway.stop()
         return 1
+    if on_started is not None:
+        on_started(gateway)
     await stop.wait()
     await gateway.stop()
     return 0
 
 
-def run(settings: Settings, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
-    """Run the gateway on uvloop when available (the proxy's hot path is event-loop bound)."""
-    if loop_factory is None and sys.platform != "win32":
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when available (the proxy's hot path is event-loop bound)."""
+    if sys.platform != "win32":
         with contextlib.suppress(ImportError):
             import uvloop
 
-            loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return uvloop.new_event_loop
+    return None
+
+
+def run(settings: Settings, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
+    """Run the gateway: in this process, or as `workers` processes under a supervisor."""
+    from egress_gateway.supervisor import resolve_workers, supervise
+
+    workers = resolve_workers(settings.workers)
+    if workers > 1:
+        return supervise(settings, workers)
+    with asyncio.Runner(loop_factory=loop_factory or event_loop_factory()) as runner:
         return runner.run(serve(settings))

@@ -10,27 +10,58 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy.mode_servers import ServerInstance
 
 from egress_gateway.proxy.addon import GatewayAddon, NextLayer
 
 log = logging.getLogger(__name__)
 
 
+class _SelfConnectGuard:
+    """mitmproxy's own self-connect check knows only the listeners it started; with an inherited listening socket
+    (worker processes) it knows none, so this addon refuses upstream connections to the proxy's own port."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        host, port = sock.getsockname()[:2]
+        self.port = int(port)
+        self.hosts = {"127.0.0.1", "::1", "localhost", str(host)}
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        address = data.server.address
+        if address is not None and address[1] == self.port and address[0] in self.hosts:
+            data.server.error = "egress-gateway: refusing to connect to itself"
+
+
 class EmbeddedProxy:
-    def __init__(self, host: str, port: int, *, idle_timeout_s: float, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        idle_timeout_s: float,
+        data_dir: Path | None = None,
+        listen_socket: socket.socket | None = None,
+    ) -> None:
+        """`listen_socket`: an already listening socket to accept on (worker processes share one); otherwise
+        mitmproxy binds `host:port` itself."""
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
         self.data_dir = data_dir
+        self.listen_socket = listen_socket
         self.master: Master | None = None
         self.proxyserver = Proxyserver()
         self._run_task: asyncio.Task[None] | None = None
+        self._own_server: asyncio.Server | None = None
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
@@ -40,8 +71,10 @@ class EmbeddedProxy:
         master._legacy_log_events.uninstall()
         # Our addon first: its `server_connect` pins the checked IP before the proxy server's self-connect check.
         master.addons.add(addon, NextLayer(addon), self.proxyserver)
+        if self.listen_socket is not None:
+            master.addons.add(_SelfConnectGuard(self.listen_socket))
         updates: dict[str, object] = {
-            "mode": ["regular"],
+            "mode": ["regular"] if self.listen_socket is None else [],
             "listen_host": self.host,
             "listen_port": self.port,
             # Never dial before our checks: the upstream opens only when our `next_layer` hands over the tunnel.
@@ -54,6 +87,8 @@ class EmbeddedProxy:
             updates["confdir"] = str(self.data_dir)
         opts.update(**updates)
         self.master = master
+        if self.listen_socket is not None:
+            return await self._serve_inherited_socket(master, self.listen_socket)
         server_log = logging.getLogger("mitmproxy.addons.proxyserver")
         level = server_log.level
         server_log.setLevel(logging.CRITICAL)  # a bind failure is reported once, below, without mitmproxy's CLI hint
@@ -67,6 +102,14 @@ class EmbeddedProxy:
             raise OSError(f"cannot listen on {self.host}:{self.port}: {'; '.join(errors) or 'unknown error'}")
         self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
         return [(str(a[0]), int(a[1])) for a in self.proxyserver.listen_addrs()]
+
+    async def _serve_inherited_socket(self, master: Master, sock: socket.socket) -> list[tuple[str, int]]:
+        # The same connection handling as mitmproxy's own regular-mode listener, on a socket we were handed.
+        instance: ServerInstance[Any] = ServerInstance.make("regular", self.proxyserver)
+        self._own_server = await asyncio.start_server(instance.handle_stream, sock=sock)
+        self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
+        host, port = sock.getsockname()[:2]
+        return [(str(host), int(port))]
 
     @property
     def open_connections(self) -> int:
@@ -87,6 +130,9 @@ class EmbeddedProxy:
         return True
 
     async def stop_accepting(self) -> None:
+        if self._own_server is not None:
+            self._own_server.close()  # other workers may still accept on their copy of the socket
+            self._own_server = None
         await self.proxyserver.servers.update([])
 
     async def drain(self, grace_s: float) -> int:
