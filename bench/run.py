@@ -2,12 +2,13 @@
 
 Starts on loopback: nginx (TLS origin on <origin-address>:443: `/tiny`, `/bulk` = 100 MB), Squid (allowlisting
 CONNECT proxy, ssl_bump peek + splice on SNI), the gateway (`python -O -m egress_gateway run`, realistic policy set,
-audit to a JSON-lines file) with 1 and 2 workers, and the direct path. Measures, interleaved over repetitions:
+audit to a JSON-lines file) with 1 and 2 workers (2 independent processes on separate ports when the build has no
+worker mode), and the direct path. Measures, interleaved over repetitions:
 new connections/s at several concurrencies, p50/p99 latency at c=1, proxy CPU seconds per 1000 connections (from
 /proc), bulk MB/s, peak RSS, RSS with idle tunnels; then the gateway's policy reload costs and the engine
 decision benchmark (bench/decision.py). Prints the tables and writes them between markers in docs/benchmarks.md.
 
-    .venv/bin/python bench/run.py            # full run (~10 minutes), writes docs/benchmarks.md
+    .venv/bin/python bench/run.py            # full run (~5 minutes), writes docs/benchmarks.md
     .venv/bin/python bench/run.py --quick    # < 2 minutes, prints only (add --markdown FILE to write)
 
 Needs root (nginx binds port 443: hey puts host:port into the SNI when the URL has a port), nginx, squid-openssl,
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -61,6 +63,9 @@ class Target:
     note: str = ""
     # More independent processes behind other ports that share the load (emulated workers); hey is split across them.
     more: list[tuple[str, int]] = field(default_factory=list)
+    # Starts a fresh instance of this proxy (same configuration) in the given directory, for the idle-tunnel memory
+    # figure: a process that already carried load keeps its grown heap, which would hide the per-tunnel cost.
+    fresh: Callable[[Path], Any] | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -259,6 +264,26 @@ def measure_bulk(
             log(f"bulk rep {rep + 1} {target.name:<20} {bulk.mb_per_s:7.0f} MB/s status {bulk.status}")
 
 
+def measure_idle(
+    targets: list[Target], root: Path, ca_file: str, results: dict[str, TargetResults], opts: Options
+) -> None:
+    """RSS of a fresh instance of each proxy before and while it holds `opts.idle_tunnels` idle tunnels."""
+    if not opts.idle_tunnels:
+        return
+    for index, target in enumerate(targets):
+        if target.fresh is None:
+            continue
+        log(f"holding {opts.idle_tunnels} idle tunnels through a fresh {target.name}")
+        server = target.fresh(root / f"idle-{index}")
+        try:
+            time.sleep(1.0)  # let start-up garbage settle before the baseline
+            results[target.name].idle = hold_idle_tunnels(
+                server.proxy, ORIGIN_HOST, ca_file, opts.idle_tunnels, functools.partial(rss_mib, server.server.pid)
+            )
+        finally:
+            server.stop()
+
+
 def run_decision(mode: str) -> str:
     if mode == "skip":
         return ""
@@ -293,7 +318,7 @@ def main_table(targets: list[Target], results: dict[str, TargetResults], opts: O
             "bulk MB/s",
             "CPU s/GB bulk",
             "peak RSS MiB",
-            f"RSS MiB: idle / {opts.idle_tunnels} tunnels",
+            f"fresh process RSS MiB: before / {opts.idle_tunnels} idle tunnels",
             "KiB/tunnel",
             "processes",
         ]
@@ -562,7 +587,10 @@ def main(argv: list[str] | None = None) -> int:
                 squid = launch(
                     proxies, "squid", lambda: start_squid(root / "squid", certs, ORIGIN_HOST, args.origin_address)
                 )
-                targets.append(Target("squid", squid.proxy, squid.server.pid))
+                squid_factory = functools.partial(
+                    start_squid, certs=certs, hostname=ORIGIN_HOST, address=args.origin_address
+                )
+                targets.append(Target("squid", squid.proxy, squid.server.pid, fresh=squid_factory))
                 for workers in opts.workers:
                     name = "gateway" if workers == 1 else f"gateway {workers} workers"
                     gateway = launch(
@@ -596,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
                         more = [(g.proxy, g.server.pid) for g in extra]
                         targets.append(Target(name, gateway.proxy, gateway.server.pid, more=more))
                         continue
-                    targets.append(Target(name, gateway.proxy, gateway.server.pid))
+                    gateway_factory = functools.partial(
+                        start_gateway, origin_host=ORIGIN_HOST, origin_address=args.origin_address, workers=workers
+                    )
+                    targets.append(Target(name, gateway.proxy, gateway.server.pid, fresh=gateway_factory))
                     audit_files[name] = gateway.audit_file
                 for target in targets:
                     results[target.name] = TargetResults()
@@ -606,17 +637,7 @@ def main(argv: list[str] | None = None) -> int:
                 for target in targets:
                     if target.pid:
                         results[target.name].peak_rss_mib = sum(peak_rss_mib(pid) for pid in target.pids)
-                for target in targets:
-                    if target.proxy and target.pid and not target.more and opts.idle_tunnels:
-                        log(f"holding {opts.idle_tunnels} idle tunnels through {target.name}")
-                        pid = target.pid
-                        results[target.name].idle = hold_idle_tunnels(
-                            target.proxy,
-                            ORIGIN_HOST,
-                            str(certs.ca_cert),
-                            opts.idle_tunnels,
-                            functools.partial(rss_mib, pid),
-                        )
+                measure_idle(targets, root, str(certs.ca_cert), results, opts)
             # The proxies are stopped now (the gateways flushed their batched audit spans on the way out), so the
             # reload runs do not compete with them for CPU.
             for name, audit_file in audit_files.items():
