@@ -60,6 +60,8 @@ def gateway_config(
     workers: int | str,
     port: int,
     admin_port: int,
+    audit: bool = True,
+    log_level: str = "info",
 ) -> dict[str, Any]:
     hosts = {name: [origin_address] for name in [origin_host, *extra_hosts]}
     return {
@@ -80,8 +82,8 @@ def gateway_config(
         "resolver": {"hosts": hosts, "nameservers": ["127.0.0.1"], "timeout_s": 2},
         "timeouts": {"connect_s": 10, "client_hello_s": 10, "idle_s": 600},
         "limits": {"max_connections": 10000},
-        "audit": {"file": str(root / "audit.jsonl")},
-        "log": {"level": "info", "format": "json"},
+        "audit": {"file": str(root / "audit.jsonl")} if audit else {},
+        "log": {"level": log_level, "format": "json"},
         "shutdown_grace_s": 1,
     }
 
@@ -104,6 +106,8 @@ def start_gateway(
     extra_hosts: list[str] | None = None,
     ready_timeout_s: float = 60,
     cpus: str | None = None,
+    audit: bool = True,
+    log_level: str = "info",
 ) -> Gateway:
     root.mkdir(parents=True, exist_ok=True)
     policies = root / "policies"
@@ -112,7 +116,18 @@ def start_gateway(
     config = root / "gateway.yaml"
     config.write_text(
         yaml.safe_dump(
-            gateway_config(root, policies, origin_host, origin_address, extra_hosts or [], workers, port, admin_port)
+            gateway_config(
+                root,
+                policies,
+                origin_host,
+                origin_address,
+                extra_hosts or [],
+                workers,
+                port,
+                admin_port,
+                audit,
+                log_level,
+            )
         )
     )
     argv = [sys.executable, "-O", "-m", "egress_gateway", "run", "--config", str(config)]

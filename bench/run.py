@@ -108,6 +108,7 @@ class Options:
     workers: list[int]
     decision: str  # "full", "quick" or "skip"
     profile_s: float
+    variants: bool
 
 
 def missing_prerequisites(origin_address: str) -> list[str]:
@@ -522,6 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=float, help="seconds of py-spy profile of the gateway under load (default 20; quick 0 = skip)"
     )
+    parser.add_argument(
+        "--no-variants", action="store_true", help="leave out the gateway rows without audit trail (not in --quick)"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--origin-address", default="127.0.0.77", help="loopback address nginx listens on (:443)")
     parser.add_argument("--keep", action="store_true", help="keep the working directory (configs, logs)")
@@ -542,6 +546,7 @@ def options_from(args: argparse.Namespace) -> Options:
         workers=[int(w) for w in args.workers.split(",") if w],
         decision=args.decision or ("quick" if quick else "full"),
         profile_s=args.profile if args.profile is not None else (0 if quick else 20),
+        variants=not args.no_variants and not quick,
     )
 
 
@@ -629,6 +634,26 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     targets.append(Target(name, gateway.proxy, gateway.server.pid, fresh=gateway_factory))
                     audit_files[name] = gateway.audit_file
+                if opts.variants:
+                    # Configuration-only variants: what the audit trail and the decision log line cost, measured
+                    # by /proc like every other row (the profile only samples).
+                    for name, audit, level in (
+                        ("gateway, no audit.file", False, "info"),
+                        ("gateway, no audit.file, log.level warning", False, "warning"),
+                    ):
+                        variant = launch(
+                            proxies,
+                            name,
+                            functools.partial(
+                                start_gateway,
+                                root / name.replace(" ", "-").replace(",", "").replace(".", "-"),
+                                ORIGIN_HOST,
+                                args.origin_address,
+                                audit=audit,
+                                log_level=level,
+                            ),
+                        )
+                        targets.append(Target(name, variant.proxy, variant.server.pid))
                 for target in targets:
                     results[target.name] = TargetResults()
                     results[target.name].processes = sum(len(process_tree(pid)) for pid in target.pids)
