@@ -26,7 +26,8 @@ import structlog
 RawObject = dict[str, Any]
 ListCall = Callable[..., Awaitable[aiohttp.ClientResponse]]
 
-_LIST_TIMEOUT_S = 60.0
+LIST_TIMEOUT_S = 60.0  # one list page; an API server that accepts and never answers is given up on after this
+WATCH_TIMEOUT_MARGIN_S = 30.0  # client-side limit of a watch = its server-side timeoutSeconds + this
 
 
 class ApiError(Exception):
@@ -168,7 +169,7 @@ class Reflector:
         while True:
             if cont:
                 params["_continue"] = cont
-            response = await self._call(limit=self._page_size, _request_timeout=_LIST_TIMEOUT_S, **params)
+            response = await self._call(limit=self._page_size, _request_timeout=LIST_TIMEOUT_S, **params)
             page = await read_json(response)
             items.extend(page.get("items") or [])
             meta = page.get("metadata") or {}
@@ -197,7 +198,7 @@ class Reflector:
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=max(1, timeout),
-            _request_timeout=float(timeout + 30),
+            _request_timeout=float(timeout + WATCH_TIMEOUT_MARGIN_S),
             **self._selectors,
         )
         try:

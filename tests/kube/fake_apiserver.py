@@ -13,8 +13,8 @@ What it implements, the way kube-apiserver does:
 - bearer-token authentication (401 otherwise); every request is logged with the token that made it.
 
 Test controls (thread-safe, called from the test thread): `put`, `delete`, `compact`, `go_down`/`come_up`,
-`cut_watches(mid_event=True)`, `add_token`, `add_review_token`, `requests`. Runs its own event loop in a daemon
-thread. Imports nothing from egress_gateway.
+`cut_watches(mid_event=True)`, `hang`/`answer_again`, `fail_next`, `add_token`, `add_review_token`, `requests`.
+Runs its own event loop in a daemon thread. Imports nothing from egress_gateway.
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ class FakeApiServer:
         self._lock = threading.RLock()
         self.requests: list[RequestRecord] = []
         self.fail_next: dict[str, int] = {}  # path prefix -> HTTP status to answer once
+        self._answering: asyncio.Event | None = None  # cleared = accept connections but never answer (`hang`)
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fake-apiserver", daemon=True)
@@ -190,6 +191,8 @@ class FakeApiServer:
         self._thread.join(timeout=5)
 
     async def _shutdown(self) -> None:
+        if self._answering is not None:
+            self._answering.set()
         self._abort_watches(mid_event=False)
         if self._runner is not None:
             await self._runner.cleanup()
@@ -372,7 +375,22 @@ class FakeApiServer:
         raise ValueError(f"unknown kind {obj.get('kind')!r}")
 
     # ---------------------------------------------------------------- HTTP
+    def hang(self) -> None:
+        """Keep accepting connections but answer nothing (requests wait until `answer_again`)."""
+
+        def clear() -> None:
+            if self._answering is None:
+                self._answering = asyncio.Event()
+            self._answering.clear()
+
+        self._loop.call_soon_threadsafe(clear)
+
+    def answer_again(self) -> None:
+        self._loop.call_soon_threadsafe(lambda: self._answering.set() if self._answering else None)
+
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self._answering is not None:
+            await self._answering.wait()
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
         response = await self._handle(request, token)

@@ -461,3 +461,66 @@ def test_lease_times_are_valid_micro_times_even_on_a_whole_second(
     assert lease is not None and lease["spec"]["renewTime"].startswith("2026-11-26T12:00:00.000001")
     rejected = apiserver.requests_matching(lambda r: "/leases" in r.path and r.status == 400)
     assert rejected == []
+
+
+def test_api_server_answering_500_to_list_and_watch_is_retried(apiserver: FakeApiServer, kubeconfig: Path) -> None:
+    path = "/apis/egressgateway.io/v1alpha1/egresspolicies"
+    apiserver.put(egress_policy("shop", "a", ["a.example.com"]))
+    apiserver.fail_next[path] = 500  # the first list
+
+    async def scenario() -> None:
+        store = PolicyStore()
+        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
+        await source.start()
+        reflector = source.reflectors["EgressPolicy"]
+        try:
+            assert await source.wait_ready(5)
+            assert reflector.watch_restarts >= 1 and allowed(store, "a.example.com")
+            await eventually(lambda: reflector.connected, 2)
+            apiserver.fail_next[path] = 500  # the next watch
+            apiserver.cut_watches(mid_event=False)
+            await eventually(lambda: reflector.watch_restarts >= 3, 5)  # the cut, then the 500
+            apiserver.put(egress_policy("shop", "b", ["b.example.com"]))
+            await eventually(lambda: allowed(store, "b.example.com"), 5)
+            assert reflector.relists == 0
+            statuses = [r.status for r in apiserver.requests_matching(lambda r: r.path == path)]
+            assert statuses.count(500) == 2
+        finally:
+            await source.stop()
+
+    run(scenario)
+
+
+def test_api_server_that_accepts_but_never_answers_is_given_up_on_and_retried(
+    apiserver: FakeApiServer, kubeconfig: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import egress_gateway.kube.reflector as reflector_module
+
+    monkeypatch.setattr(reflector_module, "LIST_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(reflector_module, "WATCH_TIMEOUT_MARGIN_S", 1.0)
+    apiserver.put(egress_policy("shop", "a", ["a.example.com"]))
+    apiserver.hang()
+
+    async def scenario() -> None:
+        store = PolicyStore()
+        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False, watch_timeout_s=1), store)
+        await source.start()
+        try:
+            assert not await source.wait_ready(2.5)  # the list hangs, times out, is retried
+            assert source.watch_restarts >= 1 and not store.loaded
+            apiserver.answer_again()
+            assert await source.wait_ready(5)
+            await eventually(lambda: source.staleness_seconds() == 0.0, 3)
+            # later: streams end and every new request hangs
+            apiserver.hang()
+            apiserver.cut_watches(mid_event=False)
+            await eventually(lambda: (source.staleness_seconds() or 0) > 2.0, 8)
+            assert source.ready and allowed(store, "a.example.com")
+            apiserver.answer_again()
+            await eventually(lambda: source.staleness_seconds() == 0.0, 8)
+            apiserver.put(egress_policy("shop", "b", ["b.example.com"]))
+            await eventually(lambda: allowed(store, "b.example.com"), 2)
+        finally:
+            await source.stop()
+
+    run(scenario)
