@@ -3,7 +3,8 @@
 Owns the process lifecycle: start order (admin first so /healthz answers, then the proxy, then the policy source),
 the policy-change subscription (swap the engine's policies, revoke tunnels that became denied) and the SIGTERM
 drain (stop accepting, wait for open connections up to `shutdown_grace_s`, close the rest, exit 0).
-It is the only module that knows every adapter.
+It is the only module that knows every adapter. `workers` > 1 hands over to `supervisor.py`, which runs
+`serve` once per worker process.
 """
 
 from __future__ import annotations
