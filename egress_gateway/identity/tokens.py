@@ -31,6 +31,8 @@ from egress_gateway.policy.decision import Identity
 from egress_gateway.settings import Settings
 
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+POD_UID_EXTRA = "authentication.kubernetes.io/pod-uid"
+RECHECK_AFTER_S = 1.0  # a cached verdict whose pod is gone is re-reviewed, at most this often
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 REJECTION_TTL_S = 5.0
 NO_EXPIRY_TTL_S = 60.0  # tokens without an `exp` claim are re-reviewed this often
@@ -44,6 +46,7 @@ class Review:
     namespace: str | None = None
     service_account: str | None = None
     pod: str | None = None
+    pod_uid: str | None = None
     error: str | None = None  # set when the token was rejected
 
 
@@ -51,6 +54,13 @@ class Review:
 class _Cached:
     review: Review
     expires_at: float  # wall clock, seconds
+    reviewed_at: float
+
+
+def _accepted_namespace(review: Review) -> str:
+    if review.error is not None or review.namespace is None:
+        raise AuthenticationFailed(f"ServiceAccount token rejected: {review.error}")
+    return review.namespace
 
 
 def token_from_header(value: str | None) -> str | None:
@@ -128,26 +138,37 @@ class TokenIdentityResolver:
                 else "unsupported Proxy-Authorization: use 'Bearer <token>' or Basic with the token as password"
             )
         review = await self.review(token)
-        if review.error is not None or review.namespace is None:
-            raise AuthenticationFailed(f"ServiceAccount token rejected: {review.error}")
+        namespace = _accepted_namespace(review)
         if not self.index.ready:
             return None  # labels unknown yet: do not guess (fails closed as unknown_client)
+        if review.pod and not self._pod_matches(review):
+            # The pod this token is bound to is gone or was replaced: the API server invalidates such tokens, so a
+            # cached verdict may be stale. Ask again (a brand-new pod may simply not be indexed yet).
+            review = await self.review(token, recheck=True)
+            namespace = _accepted_namespace(review)
         if review.pod:
-            identity = self.index.identity_for_pod(review.namespace, review.pod)
+            identity = self.index.identity_for_pod(namespace, review.pod)
             if identity is not None:
                 return identity
         return Identity(
-            namespace=review.namespace,
+            namespace=namespace,
             pod=review.pod,
-            namespace_labels=self.index.namespace_labels(review.namespace),
+            namespace_labels=self.index.namespace_labels(namespace),
             service_account=review.service_account,
         )
 
-    async def review(self, token: str) -> Review:
+    def _pod_matches(self, review: Review) -> bool:
+        record = self.index.pod(review.namespace or "", review.pod or "")
+        return record is not None and (review.pod_uid is None or record.uid == review.pod_uid)
+
+    async def review(self, token: str, *, recheck: bool = False) -> Review:
+        """TokenReview's verdict on `token`, cached; `recheck` asks again unless the verdict is very recent."""
         digest = hashlib.sha256(token.encode()).hexdigest()
         cached = self._cache.get(digest)
         if cached is not None:
-            if cached.expires_at > time.time():
+            now = time.time()
+            fresh_enough = not recheck or now - cached.reviewed_at < RECHECK_AFTER_S
+            if cached.expires_at > now and fresh_enough:
                 self._cache.move_to_end(digest)
                 return cached.review
             del self._cache[digest]
@@ -171,7 +192,7 @@ class TokenIdentityResolver:
             expires_at = expiry if expiry is not None else time.time() + NO_EXPIRY_TTL_S
         else:
             expires_at = time.time() + REJECTION_TTL_S
-        self._cache[digest] = _Cached(review, expires_at)
+        self._cache[digest] = _Cached(review, expires_at, time.time())
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return review
@@ -198,8 +219,15 @@ class TokenIdentityResolver:
         if not username.startswith(SERVICE_ACCOUNT_PREFIX):
             return Review(error=f"{username!r} is not a ServiceAccount")
         namespace, _, account = username.removeprefix(SERVICE_ACCOUNT_PREFIX).partition(":")
-        pods = (status.user.extra or {}).get(POD_NAME_EXTRA) or []
-        return Review(namespace=namespace, service_account=account or None, pod=pods[0] if pods else None)
+        extra = status.user.extra or {}
+        pods = extra.get(POD_NAME_EXTRA) or []
+        uids = extra.get(POD_UID_EXTRA) or []
+        return Review(
+            namespace=namespace,
+            service_account=account or None,
+            pod=pods[0] if pods else None,
+            pod_uid=uids[0] if uids else None,
+        )
 
 
 def build(settings: Settings) -> TokenIdentityResolver:

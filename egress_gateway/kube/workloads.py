@@ -50,6 +50,7 @@ def canonical_ip(text: str) -> str | None:
 class PodRecord:
     namespace: str
     name: str
+    uid: str
     labels: Mapping[str, str]
     service_account: str | None
     ips: tuple[str, ...]
@@ -80,6 +81,7 @@ def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
     return PodRecord(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
         labels=MappingProxyType(dict(meta.get("labels") or {})),
         service_account=spec.get("serviceAccountName"),
         ips=canonical,
@@ -186,6 +188,9 @@ class WorkloadIndex:
         canonical = canonical_ip(ip)
         key = self._owner.get(canonical) if canonical else None
         return self._pods.get(key) if key else None
+
+    def pod(self, namespace: str, name: str) -> PodRecord | None:
+        return self._pods.get((namespace, name))
 
     def identity_for_ip(self, ip: str) -> Identity | None:
         canonical = canonical_ip(ip)

@@ -319,6 +319,11 @@ class FakeApiServer:
                 "uid": uid or str(uuid.uuid4()),
             }
 
+    def remove_review_token(self, token: str) -> None:
+        """TokenReview stops accepting `token` (as kube-apiserver does when the pod it is bound to is deleted)."""
+        with self._lock:
+            self._review_tokens.pop(token, None)
+
     def requests_matching(self, predicate: Callable[[RequestRecord], bool]) -> list[RequestRecord]:
         with self._lock:
             return [r for r in self.requests if predicate(r)]

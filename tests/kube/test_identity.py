@@ -330,3 +330,39 @@ def test_concurrent_requests_with_one_token_make_one_review(apiserver: FakeApiSe
             await resolver.stop()
 
     run(scenario)
+
+
+def test_a_cached_token_whose_pod_is_gone_is_reviewed_again(apiserver: FakeApiServer, kubeconfig: Path) -> None:
+    _token_env(apiserver)
+    stored = apiserver.get("pods", "shop", "pay-1")
+    assert stored is not None
+    exp = time.time() + 600
+    token = fake_jwt(exp, n="bound")
+    extra = {
+        "authentication.kubernetes.io/pod-name": ["pay-1"],
+        "authentication.kubernetes.io/pod-uid": [stored["metadata"]["uid"]],
+    }
+    apiserver.add_review_token(
+        token, username="system:serviceaccount:shop:pay", audiences=["egress-gateway"], exp=exp, extra=extra
+    )
+
+    async def scenario() -> None:
+        resolver = TokenIdentityResolver(with_modes(kube_settings(kubeconfig), "service-account-token"))
+        await resolver.start()
+        try:
+            assert await resolver.index.wait_ready(5)
+            assert (await resolver.identify("10.5.0.1", f"Bearer {token}")).pod == "pay-1"  # type: ignore[union-attr]
+            assert (await resolver.identify("10.5.0.1", f"Bearer {token}")).pod == "pay-1"  # type: ignore[union-attr]
+            assert resolver.reviews_made == 1
+            # the pod is deleted; the API server stops accepting its bound token (the cache alone would say yes)
+            apiserver.delete("pods", "shop", "pay-1")
+            apiserver.remove_review_token(token)
+            await eventually(lambda: resolver.index.pod("shop", "pay-1") is None, 2)
+            await asyncio.sleep(1.0)  # past the re-check rate limit
+            with pytest.raises(AuthenticationFailed, match="invalid bearer token"):
+                await resolver.identify("10.5.0.1", f"Bearer {token}")
+            assert resolver.reviews_made == 2
+        finally:
+            await resolver.stop()
+
+    run(scenario)
