@@ -173,6 +173,8 @@ def test_not_ready_503_until_first_list_then_enforcing_while_the_api_server_is_d
         if m.startswith('egress_gateway_policy_source_staleness_seconds{source="kubernetes"}')
     )
     assert float(line.rsplit(" ", 1)[1]) >= 1.0
+    assert 'egress_gateway_watch_restarts_total{kind="EgressPolicy",reason="error"}' in metrics
+    assert 'egress_gateway_policy_source_ready{source="kubernetes"} 1.0' in metrics
 
 
 def test_no_credentials_is_a_clear_startup_failure(tmp_path: Path) -> None:
