@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import io
 import os
 import signal
@@ -78,7 +79,16 @@ def _whole_line_stderr(settings: Settings) -> None:
     setup_logging(settings.log.level, settings.log.format)
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM if the supervisor dies (e.g. SIGKILL), so no orphan keeps the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
 def _run_worker(settings: Settings, index: int, sock: socket.socket, report_fd: int) -> int:
+    _die_with_parent()
     _whole_line_stderr(settings)
     structlog.contextvars.bind_contextvars(worker=index)
 

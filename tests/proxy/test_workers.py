@@ -107,3 +107,14 @@ def test_a_dead_worker_takes_the_gateway_down(gateway: GatewayProcess) -> None:
     os.kill(victim, signal.SIGKILL)
     assert gateway.process.wait(timeout=40) == 1
     gateway.wait_for("worker_exited")
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(gateway: GatewayProcess) -> None:
+    assert gateway.process is not None
+    workers = children(gateway.process.pid)
+    gateway.process.kill()
+    gateway.process.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
