@@ -350,24 +350,98 @@ def main_table(targets: list[Target], results: dict[str, TargetResults], opts: O
     return lines
 
 
-def ratio_table(targets: list[Target], results: dict[str, TargetResults], opts: Options) -> list[str]:
+@dataclass
+class Medians:
+    """Median figures of one run, by path name (NaN when a path or figure is missing)."""
+
+    results: dict[str, TargetResults]
+    c_mid: int
+    c_lat: int
+
+    def _med(self, name: str, get: Callable[[TargetResults], list[float]]) -> float:
+        return median(get(self.results[name])) if name in self.results else float("nan")
+
+    def cpu(self, name: str) -> float:
+        return self._med(name, lambda r: [s.cpu_per_1000 for s in r.samples.get(self.c_mid, [])])
+
+    def conn(self, name: str, c: int) -> float:
+        return self._med(name, lambda r: [s.load.conn_per_s for s in r.samples.get(c, [])])
+
+    def p50(self, name: str) -> float:
+        return self._med(name, lambda r: [s.load.p50_ms for s in r.samples.get(self.c_lat, [])])
+
+    def bulk(self, name: str) -> float:
+        return self._med(name, lambda r: [b.mb_per_s for b, _ in r.bulk])
+
+    def bulk_cpu_per_gb(self, name: str) -> float:
+        return self._med(name, lambda r: [cpu / (b.bytes / 1e9) for b, cpu in r.bulk if b.bytes])
+
+
+def medians(results: dict[str, TargetResults], opts: Options) -> Medians:
     c_mid = 16 if 16 in opts.concurrency else opts.concurrency[-1]
     c_lat = 1 if 1 in opts.concurrency else opts.concurrency[0]
+    return Medians(results, c_mid, c_lat)
 
-    def med(name: str, get: Callable[[TargetResults], list[float]]) -> float:
-        return median(get(results[name])) if name in results else float("nan")
 
-    def cpu(name: str) -> float:
-        return med(name, lambda r: [s.cpu_per_1000 for s in r.samples.get(c_mid, [])])
+def summary(
+    targets: list[Target], results: dict[str, TargetResults], reloads: list[ReloadResult], opts: Options
+) -> list[str]:
+    """The headline figures of this run in sentences (all derived from the tables below)."""
+    m = medians(results, opts)
+    names = [t.name for t in targets]
+    out: list[str] = []
+    if "gateway" in names and "squid" in names:
+        cpu_ratio = m.cpu("gateway") / m.cpu("squid")
+        verdict = "meets" if cpu_ratio <= 3 else "does not meet"
+        out.append(
+            f"CPU per connection (c={m.c_mid}): gateway {m.cpu('gateway'):.2f} ms, Squid {m.cpu('squid'):.2f} ms: "
+            f"**{cpu_ratio:.1f}x Squid** ({verdict} the <= 3x milestone; goal <= 1.5x)."
+        )
+        out.append(
+            f"Added p50 latency at c={m.c_lat} over direct ({m.p50('direct'):.2f} ms): Squid "
+            f"+{m.p50('squid') - m.p50('direct'):.2f} ms, gateway +{m.p50('gateway') - m.p50('direct'):.2f} ms."
+        )
+        out.append(
+            f"Bulk (100 MiB): gateway {m.bulk('gateway'):.0f} MB/s = {ratio(m.bulk('gateway'), m.bulk('direct'))} "
+            f"direct, Squid {m.bulk('squid'):.0f} MB/s = {ratio(m.bulk('squid'), m.bulk('direct'))} direct; "
+            f"CPU per GB gateway/Squid {ratio(m.bulk_cpu_per_gb('gateway'), m.bulk_cpu_per_gb('squid'))}."
+        )
+        idle_g, idle_s = results["gateway"].idle, results["squid"].idle
+        if idle_g and idle_s:
+            out.append(
+                f"Idle tunnels: {idle_g.kib_per_tunnel:.0f} KiB each in the gateway, {idle_s.kib_per_tunnel:.0f} KiB "
+                "each in Squid."
+            )
+    workers = [t.name for t in targets if t.name.startswith("gateway ") and ("workers" in t.name)]
+    workers += [t.name for t in targets if t.name.endswith("gateway processes")]
+    for name in workers:
+        parts = [
+            f"c={c}: {m.conn('gateway', c):.0f} -> {m.conn(name, c):.0f} conn/s "
+            f"({ratio(m.conn(name, c), m.conn('gateway', c))})"
+            for c in opts.concurrency
+            if c >= 2
+        ]
+        out.append(
+            f"'{name}' vs one: {'; '.join(parts)}; CPU per connection {ratio(m.cpu(name), m.cpu('gateway'))}. "
+            "hey and nginx share the same 2 cores."
+        )
+    base = m.cpu("gateway")
+    for name in names:
+        if name.startswith("gateway, "):
+            out.append(f"'{name}': {m.cpu(name):.2f} ms CPU per connection ({m.cpu(name) - base:+.2f} ms vs gateway).")
+    for r in reloads:
+        policies = f"{r.policies:,} polic{'y' if r.policies == 1 else 'ies'}"
+        out.append(
+            f"{policies} (files): ready after {r.ready_s:.1f} s, one file's change enforced after "
+            f"{r.change_ms_median:.0f} ms (median), full reload {r.full_reload_s:.1f} s."
+        )
+    return [f"- {line}" for line in out]
 
-    def conn(name: str, c: int) -> float:
-        return med(name, lambda r: [s.load.conn_per_s for s in r.samples.get(c, [])])
 
-    def p50(name: str) -> float:
-        return med(name, lambda r: [s.load.p50_ms for s in r.samples.get(c_lat, [])])
-
-    def bulk(name: str) -> float:
-        return med(name, lambda r: [b.mb_per_s for b, _ in r.bulk])
+def ratio_table(targets: list[Target], results: dict[str, TargetResults], opts: Options) -> list[str]:
+    m = medians(results, opts)
+    c_mid, c_lat = m.c_mid, m.c_lat
+    cpu, conn, p50, bulk = m.cpu, m.conn, m.p50, m.bulk
 
     header = (
         ["path", f"CPU/conn vs Squid (c={c_mid})"]
@@ -454,6 +528,8 @@ def report(
         "included) during the run, divided by the successful connections. The load generator, the origin and the "
         "proxy share the machine's cores, so connections/s at c>=16 measures the machine as much as the proxy; "
         "CPU per connection does not depend on that.",
+        "",
+        *summary(targets, results, reloads, opts),
         "",
         *main_table(targets, results, opts),
         "",
