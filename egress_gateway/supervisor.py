@@ -155,13 +155,8 @@ class _Supervisor:
             self.failed = True
             addresses = []
         await self._wait_for_reports()
-        log.info(
-            "gateway_listening",
-            listen=[self.listening] if not self.failed else [],
-            admin=[f"{h}:{p}" for h, p in addresses],
-            workers=len(self.workers),
-            pids=[w.pid for w in self.workers],
-        )
+        if not self._stop.is_set():
+            self._log_listening(addresses)
         await self._stop.wait()
         await self._stop_workers()
         for task in tasks:
@@ -171,6 +166,15 @@ class _Supervisor:
         codes = [w.exit_code for w in self.workers]
         log.info("gateway_stopped", workers=len(self.workers), exit_codes=codes)
         return 0 if not self.failed and all(code == 0 for code in codes) else 1
+
+    def _log_listening(self, addresses: list[tuple[str, int]]) -> None:
+        log.info(
+            "gateway_listening",
+            listen=[self.listening],
+            admin=[f"{h}:{p}" for h, p in addresses],
+            workers=len(self.workers),
+            pids=[w.pid for w in self.workers],
+        )
 
     async def _wait_for_reports(self) -> None:
         while not self._stop.is_set() and any(w.admin_port is None and w.exit_code is None for w in self.workers):
