@@ -32,6 +32,7 @@ from prometheus_client.samples import Sample
 from egress_gateway.admin import AdminServer
 from egress_gateway.app import Gateway, event_loop_factory, serve
 from egress_gateway.logging import setup_logging
+from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.settings import Settings, split_hostport
 
 log = structlog.get_logger("egress_gateway.supervisor")
@@ -101,6 +102,11 @@ def _run_worker(settings: Settings, index: int, sock: socket.socket, report_fd: 
 
 
 def supervise(settings: Settings, workers: int) -> int:
+    try:  # configuration errors once, here, with exit code 2, rather than once per worker
+        Resolver(settings.resolver.hosts, settings.resolver.nameservers, settings.resolver.timeout_s)
+    except ValueError as exc:
+        log.error("configuration_error", error=str(exc))
+        return 2
     host, port = split_hostport(settings.listen)
     try:
         sock = _listening_socket(host, port)
