@@ -199,6 +199,13 @@ class FilePolicySource:
             asyncio.create_task(self._rescan_forever(), name="policy-files-rescan"),
         ]
 
+    async def _settle(self) -> None:
+        # The watcher only sees changes made after it started; resync shortly after start so an edit made during
+        # startup applies within a second instead of waiting for the periodic rescan.
+        for delay in (0.25, 0.75):
+            await asyncio.sleep(delay)
+            await self.sync()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -296,6 +303,7 @@ class FilePolicySource:
                 await asyncio.sleep(self.rescan_interval_s)
 
     async def _rescan_forever(self) -> None:
+        await self._settle()
         while True:
             await asyncio.sleep(self.rescan_interval_s)
             try:
