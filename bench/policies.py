@@ -1,7 +1,7 @@
 """Policy sets for the benchmark, written as YAML files the way a user keeps them (several policies per file).
 
 `realistic_set`: the load generator's namespace allows the origin among a dozen other rules, 50 other namespaces
-carry two policies each, plus a cluster-wide baseline: about 1,100 rules, so the gateway's decision runs against
+carry two policies each, plus a cluster-wide baseline: about 1,000 rules, so the gateway's decision runs against
 a populated engine. `bulk_set`: N one-rule-group policies for the reload measurements. Imports only yaml.
 """
 
