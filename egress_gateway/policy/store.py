@@ -7,7 +7,8 @@ is recompiled. Pure: no I/O; callers serialize calls (one event loop).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from egress_gateway.policy.engine import CompiledPolicy, PolicySet, compile_policy
@@ -33,6 +34,8 @@ class PolicyStore:
         self._subscribers: list[Callable[[PolicySet], None]] = []
         self._current = PolicySet.build(())
         self.loaded = False  # set by a source once its first full load finished
+        self._batch_depth = 0
+        self._dirty = False
 
     @property
     def current(self) -> PolicySet:
@@ -85,7 +88,22 @@ class PolicyStore:
         self.loaded = True
         self._publish()
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Apply several changes and publish one new PolicySet at the end (e.g. a directory rescan)."""
+        self._batch_depth += 1
+        try:
+            yield
+        finally:
+            self._batch_depth -= 1
+            if self._batch_depth == 0 and self._dirty:
+                self._publish()
+
     def _publish(self) -> None:
+        if self._batch_depth:
+            self._dirty = True
+            return
+        self._dirty = False
         self._current = PolicySet.build(self._compiled.values(), previous=self._current)
         for callback in self._subscribers:
             callback(self._current)

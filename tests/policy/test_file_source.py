@@ -114,3 +114,15 @@ def test_missing_directory_is_not_ready(tmp_path: Path) -> None:
         assert not source.ready and not store.loaded
 
     asyncio.run(scenario())
+
+
+def test_a_directory_load_publishes_one_policy_set(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"p{i}.yaml").write_text(
+            POLICY.format(host=f"h{i}.example.com").replace("name: p,", f"name: p{i},")
+        )
+    store = PolicyStore()
+    published: list[int] = []
+    store.subscribe(lambda policy_set: published.append(len(policy_set)))
+    assert load_into_store([tmp_path], store) == []
+    assert published == [5]
