@@ -82,11 +82,13 @@ class Gate:
         if normalized.ip is not None:
             pinned = replace(facts, destination_ip=normalized.ip)
             return Verdict(pinned, self.engine.decide(pinned), (normalized.ip,))
-        assert normalized.name is not None
+        name = normalized.name or host
         try:
-            candidates = await self.resolver.resolve(normalized.name)
+            candidates = await self.resolver.resolve(name)
         except ResolveError as exc:
             return Verdict(facts, adapter_denial(exc.reason, exc.message))
+        if not candidates:  # e.g. an empty resolver.hosts entry; never connect without a checked address
+            return Verdict(facts, adapter_denial(Reason.DNS_ERROR, f"{name} resolved to no addresses"))
         first_denial: Verdict | None = None
         for address in candidates:
             pinned = replace(facts, destination_ip=address)
@@ -95,8 +97,7 @@ class Gate:
                 return Verdict(pinned, decision, candidates)
             if first_denial is None:
                 first_denial = Verdict(pinned, decision, candidates)
-        assert first_denial is not None
-        return first_denial
+        return first_denial or Verdict(facts, adapter_denial(Reason.DNS_ERROR, f"{name} resolved to no addresses"))
 
     def decide_sni(self, verdict: Verdict, sni: str | None) -> Verdict:
         """Re-decide a tunnel with the SNI its ClientHello carries (consistency and SNI deny rules)."""
