@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from enum import Enum
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
@@ -72,6 +73,7 @@ _SECRET_RE = re.compile(
 )
 
 
+@lru_cache(maxsize=4096)  # keys are a small vocabulary; checked for every attribute and log field
 def is_secret_key(key: str) -> bool:
     return bool(_SECRET_RE.search(key))
 

@@ -2,8 +2,10 @@
 
 Each line is one OTLP `Span` object as the OTLP/JSON mapping writes it (`traceId`/`spanId` as hex, `kind` and
 `status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value:
-AnyValue}`), plus the `resource` and `scope` it came from. Spans are encoded by the OpenTelemetry SDK's own
-OTLP encoder and protobuf's JSON mapping, so the trail says exactly what an OTLP receiver would get.
+AnyValue}`), plus the `resource` and `scope` it came from. Spans are encoded in one pass by `audit/otlp_json.py`,
+which writes what the OpenTelemetry SDK's OTLP encoder plus protobuf's JSON mapping write (a test compares them; that
+SDK path, `sdk_spans_to_lines`, is kept as the fallback for values the direct encoder does not know), so the trail
+says exactly what an OTLP receiver would get.
 
 Runs on the batch processor's worker thread, never on the proxy's event loop. Follows external rotation: when
 the path no longer names the open file (logrotate `create`, `mv`), the next batch reopens it. Must not import
@@ -25,6 +27,8 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from egress_gateway.audit import otlp_json
+
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
@@ -36,8 +40,43 @@ def _hex_ids(obj: dict[str, Any]) -> None:
             obj[key] = base64.b64decode(value).hex()
 
 
+_MAX_CACHED_TAILS = 16
+# (resource, scope) -> the encoded `,"resource":{...},"scope":{...}}` that ends each of their lines.
+_tails: dict[tuple[Any, Any], str] = {}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _tail(span: ReadableSpan) -> str:
+    key = (span.resource, span.instrumentation_scope)
+    tail = _tails.get(key)
+    if tail is None:
+        resource = _dumps(otlp_json.resource(span.resource))
+        scope = _dumps(otlp_json.scope(span.instrumentation_scope))
+        tail = f',"resource":{resource},"scope":{scope}}}'
+        if len(_tails) >= _MAX_CACHED_TAILS:
+            _tails.clear()
+        _tails[key] = tail
+    return tail
+
+
+def span_to_line(span: ReadableSpan) -> str:
+    """One span as a JSON line by the direct encoder; raises `otlp_json.UnsupportedValue` where it cannot."""
+    return _dumps(otlp_json.span(span))[:-1] + _tail(span)
+
+
 def spans_to_lines(spans: Sequence[ReadableSpan]) -> list[str]:
     """Encode finished spans as JSON lines (without the trailing newline)."""
+    try:
+        return [span_to_line(span) for span in spans]
+    except otlp_json.UnsupportedValue:
+        return sdk_spans_to_lines(spans)
+
+
+def sdk_spans_to_lines(spans: Sequence[ReadableSpan]) -> list[str]:
+    """The same lines by the SDK's protobuf encoder and protobuf's JSON mapping (slower: two encodings per span)."""
     request = encode_spans(spans)
     lines: list[str] = []
     for resource_spans in request.resource_spans:

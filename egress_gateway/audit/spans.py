@@ -226,6 +226,10 @@ def build_tracer_provider(
 class SpanRecord:
     """One connection's span. Attributes are gathered and applied at close, so a later decision (SNI after
     CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed; each decision is an event.
+
+    Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
+    allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
+    same (one line, with the SNI), both are written when it changes; any other stage or the close writes it.
     """
 
     def __init__(self, tracer: Tracer, kind: str, client_address: str, client_port: int) -> None:
@@ -245,6 +249,7 @@ class SpanRecord:
         self._resolved_event = False
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
+        self._pending_line: dict[str, fields.AttributeValue] | None = None
         self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
         context = self._span.get_span_context()
         self.trace_id = format_trace_id(context.trace_id)
@@ -263,6 +268,8 @@ class SpanRecord:
         if name == "decided":  # `decided()` writes this event; keep what the caller measured (e.g. duration_s)
             self._pending_decided.update(values)
             return
+        if name != "client_hello":
+            self._write_pending_line()
         if name == "closed":
             self._closed_event = True
         if name == "resolved":
@@ -304,15 +311,27 @@ class SpanRecord:
         would_deny_reason = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
         outcome = (decision.verdict, str(decision.reason.value), would_deny_reason)
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
-        if outcome != self._outcome:
+        changed = outcome != self._outcome
+        if changed:
             self._outcome = outcome
             metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=would_deny_reason)
-        log_decision(
-            {**self._attributes, **self._decision},
-            trace_id=self.trace_id,
-            span_id=self.span_id,
-            name=f"egress {self._kind}",
-        )
+        if changed:
+            self._write_pending_line()
+        else:
+            self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
+        line = {**self._attributes, **self._decision}
+        if self._kind == "CONNECT" and self._decisions == 1 and decision.allowed:
+            self._pending_line = line
+        else:
+            self._write_line(line)
+
+    def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
+        log_decision(line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
+
+    def _write_pending_line(self) -> None:
+        if self._pending_line is not None:
+            line, self._pending_line = self._pending_line, None
+            self._write_line(line)
 
     @_never_raise
     def close(self, *, bytes_sent: int = 0, bytes_received: int = 0) -> None:
@@ -320,6 +339,7 @@ class SpanRecord:
             return
         self._closed = True
         try:
+            self._write_pending_line()
             if not self._closed_event:
                 self._span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
             self._span.set_attributes(
