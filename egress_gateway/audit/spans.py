@@ -20,11 +20,14 @@ from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, format_span_id, format_trace_id
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, format_span_id, format_trace_id
 
 from egress_gateway import __version__
 from egress_gateway.audit import fields, metrics
@@ -39,6 +42,9 @@ SERVICE_NAME = "egress-gateway"
 TRACER_NAME = "egress_gateway.audit"
 MAX_EXPORT_BATCH = 512
 OTLP_TIMEOUT_S = 5.0
+SPAN_LIMITS = SpanLimits(max_span_attributes=256, max_event_attributes=64, max_events=64)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -216,7 +222,7 @@ def build_tracer_provider(
     provider = TracerProvider(
         resource=resource or build_resource(),
         sampler=ALWAYS_ON,
-        span_limits=SpanLimits(max_span_attributes=256, max_event_attributes=64, max_events=64),
+        span_limits=SPAN_LIMITS,
     )
     for name, exporter in exporters:
         provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
@@ -227,14 +233,25 @@ class SpanRecord:
     """One connection's span. Attributes are gathered and applied at close, so a later decision (SNI after
     CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed; each decision is an event.
 
+    The finished span is built once, at close, as a `ReadableSpan` and handed to the tracer's span processors
+    (`on_end`), instead of driving an SDK `Span` through a dozen calls that each re-validate every attribute: every
+    value here is already an attribute primitive (`fields.to_attribute_value`), and the SDK's limits (`SPAN_LIMITS`)
+    are applied the same way (oldest events dropped and counted; attributes bounded). Processors' `on_start` is not
+    called (the batch processors do nothing there). Sampling is always on.
+
     Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
     allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
     same (one line, with the SNI), both are written when it changes; any other stage or the close writes it.
     """
 
-    def __init__(self, tracer: Tracer, kind: str, client_address: str, client_port: int) -> None:
+    def __init__(
+        self, tracer: Tracer, scope: InstrumentationScope, kind: str, client_address: str, client_port: int
+    ) -> None:
+        self._tracer = tracer
+        self._scope = scope
         self._kind = kind
         self._opened = time.monotonic()
+        self._start_ns = time.time_ns()
         self._attributes: dict[str, fields.AttributeValue] = {
             fields.CLIENT_ADDRESS: client_address,
             fields.CLIENT_PORT: client_port,
@@ -250,8 +267,10 @@ class SpanRecord:
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
         self._pending_line: dict[str, fields.AttributeValue] | None = None
-        self._span: Span = tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER, attributes=self._attributes)
-        context = self._span.get_span_context()
+        self._events: BoundedList = BoundedList(SPAN_LIMITS.max_events)
+        ids = tracer.id_generator
+        context = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False, trace_flags=_SAMPLED)
+        self._context = context
         self.trace_id = format_trace_id(context.trace_id)
         self.span_id = format_span_id(context.span_id)
         metrics.connection_opened(kind)
@@ -276,7 +295,7 @@ class SpanRecord:
             if self._resolved_event:
                 return
             self._resolved_event = True
-        self._span.add_event(name, values)
+        self._add_event(name, values)
 
     @_never_raise
     def set(self, **attributes: Any) -> None:
@@ -287,7 +306,7 @@ class SpanRecord:
         if peer is not None and not self._resolved_event:
             # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
             self._resolved_event = True
-            self._span.add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
+            self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
         self._attributes.update(values)
 
     @_never_raise
@@ -307,7 +326,7 @@ class SpanRecord:
                 event[key] = self._decision[key]
         event.update(self._pending_decided)
         self._pending_decided = {}
-        self._span.add_event("decided", event)
+        self._add_event("decided", event)
         would_deny_reason = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
         outcome = (decision.verdict, str(decision.reason.value), would_deny_reason)
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
@@ -325,6 +344,12 @@ class SpanRecord:
         else:
             self._write_line(line)
 
+    def _add_event(self, name: str, values: dict[str, fields.AttributeValue]) -> None:
+        attributes: dict[str, fields.AttributeValue] | BoundedAttributes = values
+        if len(values) > (SPAN_LIMITS.max_event_attributes or 0):
+            attributes = BoundedAttributes(SPAN_LIMITS.max_event_attributes, values, immutable=True)
+        self._events.append(Event(name, attributes, time.time_ns()))
+
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
         log_decision(line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
 
@@ -341,19 +366,31 @@ class SpanRecord:
         try:
             self._write_pending_line()
             if not self._closed_event:
-                self._span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-            self._span.set_attributes(
-                {
-                    **self._attributes,
-                    **self._decision,
-                    fields.BYTES_SENT: bytes_sent,
-                    fields.BYTES_RECEIVED: bytes_received,
-                }
+                self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
+            attributes: dict[str, fields.AttributeValue] | BoundedAttributes = {
+                **self._attributes,
+                **self._decision,
+                fields.BYTES_SENT: bytes_sent,
+                fields.BYTES_RECEIVED: bytes_received,
+            }
+            if len(attributes) > (SPAN_LIMITS.max_span_attributes or 0):
+                attributes = BoundedAttributes(SPAN_LIMITS.max_span_attributes, attributes, immutable=True)
+            status = _UNSET if self._denied is None else Status(StatusCode.ERROR, self._denied)
+            span = ReadableSpan(
+                name=f"egress {self._kind}",
+                context=self._context,
+                parent=None,
+                resource=self._tracer.resource,
+                attributes=attributes,
+                events=self._events,
+                kind=SpanKind.SERVER,
+                status=status,
+                start_time=self._start_ns,
+                end_time=time.time_ns(),
+                instrumentation_scope=self._scope,
             )
-            if self._denied is not None:
-                self._span.set_status(Status(StatusCode.ERROR, self._denied))
+            self._tracer.span_processor.on_end(span)
         finally:
-            self._span.end()
             metrics.connection_closed(self._kind, self._namespace, bytes_sent, bytes_received)
 
 
@@ -362,12 +399,16 @@ class SpanRecorder:
 
     def __init__(self, provider: TracerProvider) -> None:
         self.provider = provider
-        self._tracer = provider.get_tracer(TRACER_NAME, __version__)
+        tracer = provider.get_tracer(TRACER_NAME, __version__)
+        if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
+            raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
+        self._tracer = tracer
+        self._scope = InstrumentationScope(TRACER_NAME, __version__)
         self._shut = False
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         try:
-            return SpanRecord(self._tracer, kind, client_address, client_port)
+            return SpanRecord(self._tracer, self._scope, kind, client_address, client_port)
         except Exception as exc:
             _record_failure(error=repr(exc), method="open")
             return NullRecord()
