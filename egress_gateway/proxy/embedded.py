@@ -22,6 +22,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from egress_gateway.proxy.addon import GatewayAddon, NextLayer
+from egress_gateway.proxy.dispatch import PrecomputedDispatch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class EmbeddedProxy:
         master.addons.add(addon, NextLayer(addon), self.proxyserver)
         if self.listen_socket is not None:
             master.addons.add(_SelfConnectGuard(self.listen_socket))
+        PrecomputedDispatch(master.addons).install()
         updates: dict[str, object] = {
             "mode": ["regular"] if self.listen_socket is None else [],
             "listen_host": self.host,
