@@ -19,18 +19,20 @@ from egress_gateway.audit.fields import AttributeValue, is_secret_key
 
 REDACTED = "[redacted]"
 _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
+_CREDENTIAL_FIRST = frozenset("bBnNdD")  # a cheap first test: most values cannot start like a credential
 
 _decision_log = structlog.get_logger("egress_gateway.audit")
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: never let a credential reach a log line, whoever logged it."""
-    for key in list(event_dict):
-        if key != "event" and is_secret_key(key):
-            event_dict[key] = REDACTED
-            continue
-        value = event_dict[key]
-        if isinstance(value, str) and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
+    for key, value in event_dict.items():  # replacing values (not keys) while iterating is safe
+        secret_key = key != "event" and is_secret_key(key)
+        if secret_key or (
+            isinstance(value, str)
+            and value[:1] in _CREDENTIAL_FIRST
+            and value[:10].lower().startswith(_CREDENTIAL_PREFIXES)
+        ):
             event_dict[key] = REDACTED
     return event_dict
 

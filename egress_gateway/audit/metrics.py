@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
@@ -71,11 +72,27 @@ def namespace_label(namespace: str | None) -> str:
     return namespace or UNKNOWN_NAMESPACE
 
 
+_MAX_CACHED_CHILDREN = 10_000
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, remembered: the per-connection metrics are updated with a handful of label sets."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = metric.labels(*labels)
+        if len(_children) >= _MAX_CACHED_CHILDREN:
+            _children.clear()
+        _children[key] = child
+    return child
+
+
 def record_decision(namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None) -> None:
     ns = namespace_label(namespace)
-    DECISIONS.labels(namespace=ns, decision=decision, reason=reason).inc()
+    _child(DECISIONS, ns, decision, reason).inc()
     if would_deny_reason is not None:
-        WOULD_DENY.labels(namespace=ns, reason=would_deny_reason).inc()
+        _child(WOULD_DENY, ns, would_deny_reason).inc()
 
 
 def observe_decision_latency(seconds: float) -> None:
@@ -90,9 +107,9 @@ def connection_closed(kind: str, namespace: str | None, bytes_sent: int, bytes_r
     (ACTIVE_TUNNELS if kind == "CONNECT" else ACTIVE_REQUESTS).dec()
     ns = namespace_label(namespace)
     if bytes_sent > 0:
-        BYTES.labels(namespace=ns, direction="sent").inc(bytes_sent)
+        _child(BYTES, ns, "sent").inc(bytes_sent)
     if bytes_received > 0:
-        BYTES.labels(namespace=ns, direction="received").inc(bytes_received)
+        _child(BYTES, ns, "received").inc(bytes_received)
 
 
 def set_policy_counts(kind: str, *, loaded: int, invalid: int) -> None:
