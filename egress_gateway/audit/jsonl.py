@@ -64,7 +64,7 @@ def _tail(span: ReadableSpan) -> str:
 
 def span_to_line(span: ReadableSpan) -> str:
     """One span as a JSON line by the direct encoder; raises `otlp_json.UnsupportedValue` where it cannot."""
-    return _dumps(otlp_json.span(span))[:-1] + _tail(span)
+    return otlp_json.span_json_open(span) + _tail(span)
 
 
 def spans_to_lines(spans: Sequence[ReadableSpan]) -> list[str]:

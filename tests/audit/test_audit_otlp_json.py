@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from egress_gateway.audit import otlp_json
 from egress_gateway.audit.jsonl import sdk_spans_to_lines, span_to_line, spans_to_lines
 from egress_gateway.audit.otlp_json import UnsupportedValue
 from egress_gateway.policy.decision import Reason
@@ -25,6 +26,12 @@ def _same_lines(spans: list[ReadableSpan]) -> list[dict[str, object]]:
     assert [json.loads(line) for line in direct] == [json.loads(line) for line in reference]
     # Same keys in the same order too, so a byte-level diff of two trails shows only real differences.
     assert direct == reference
+    # The dict form of the encoder says the same.
+    for span, line in zip(spans, direct, strict=True):
+        as_dict = otlp_json.span(span)
+        as_dict["resource"] = otlp_json.resource(span.resource)
+        as_dict["scope"] = otlp_json.scope(span.instrumentation_scope)
+        assert json.dumps(as_dict, separators=(",", ":"), ensure_ascii=False) == line
     return [json.loads(line) for line in direct]
 
 
