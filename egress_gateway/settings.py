@@ -8,13 +8,15 @@ Every key is documented in docs/configuration.md. Owns configuration only; impor
 from __future__ import annotations
 
 import ipaddress
+import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -54,7 +56,8 @@ IdentityMode = Literal["static", "pod-ip", "service-account-token"]
 
 class IdentitySettings(_Section):
     # Tried in order; the first that identifies the client wins. "service-account-token" before "pod-ip".
-    mode: list[IdentityMode] = Field(default_factory=lambda: list[IdentityMode](["static"]))
+    # NoDecode: the environment may say EGRESS_GATEWAY_IDENTITY__MODE=static,pod-ip (or a JSON list).
+    mode: Annotated[list[IdentityMode], NoDecode] = Field(default_factory=lambda: list[IdentityMode](["static"]))
     static: list[StaticIdentity] = Field(default_factory=list)
     token_audience: str = "egress-gateway"
     token_cache_size: int = Field(default=10_000, ge=1)
@@ -63,6 +66,8 @@ class IdentitySettings(_Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 

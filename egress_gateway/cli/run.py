@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,6 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--policies", type=Path, metavar="DIR", help="policy directory (policies_path)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="proxy listen address (default 127.0.0.1:3128)")
     parser.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listen address (default 127.0.0.1:9901)")
+    parser.add_argument(
+        "--kubernetes", action="store_true", help="read policies from the Kubernetes API (policy_source: kubernetes)"
+    )
+    parser.add_argument("--kubeconfig", type=Path, metavar="FILE", help="kubeconfig file (default: in-cluster)")
     parser.set_defaults(func=run)
 
 
@@ -37,13 +42,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(
-            args.config, policies_path=args.policies, listen=args.listen, admin_listen=args.admin_listen
+            args.config,
+            policies_path=args.policies,
+            listen=args.listen,
+            admin_listen=args.admin_listen,
+            policy_source="kubernetes" if args.kubernetes else None,
+            kubernetes={"kubeconfig": args.kubeconfig} if args.kubeconfig else None,
         )
     except FileNotFoundError as exc:
         print(f"egress-gateway run: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         print(f"egress-gateway run: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # e.g. an EGRESS_GATEWAY_* variable that is not valid JSON for a list/dict key
+        print(f"egress-gateway run: invalid configuration: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log.level, settings.log.format)
 

@@ -7,6 +7,7 @@ to loopback "pod" addresses; origins are TLS servers on other loopback addresses
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -348,3 +349,58 @@ def test_two_gateway_processes_both_enforce_and_one_writes_status(
         for r in apiserver.requests_matching(lambda r: r.method == "PATCH" and r.path.endswith("/broken/status"))
     }
     assert late == {leader, follower}
+
+
+def test_run_flags_select_the_kubernetes_source_and_kubeconfig(
+    apiserver: FakeApiServer, kubeconfig: Path, tmp_path: Path
+) -> None:
+    """`run --kubernetes --kubeconfig FILE` needs no config file: it lists policies from the API and gets ready."""
+    apiserver.put(policy("payments", ["allowed.test"]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EGRESS_GATEWAY_", "KUBE"))}
+    env.update(
+        HOME=str(tmp_path),
+        EGRESS_GATEWAY_KUBERNETES__WRITE_STATUS="false",
+        EGRESS_GATEWAY_IDENTITY__MODE="static",
+    )
+    admin_port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "egress_gateway",
+            "run",
+            "--kubernetes",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            f"127.0.0.1:{admin_port}",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as response:
+                    body = response.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert body.startswith("ready (1 policies)"), body
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
