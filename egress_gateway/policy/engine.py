@@ -243,8 +243,20 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None, policies: PolicySet | None = None) -> None:
         self.config = config or EngineConfig()
         self.addresses = AddressPolicy(self.config.allowed_ranges, self.config.own_addresses)
-        self.policies = policies if policies is not None else PolicySet.build(())
         self._views: dict[tuple[int, ...], RuleView] = {}
+        self.policies = policies if policies is not None else PolicySet.build(())
+
+    @property
+    def policies(self) -> PolicySet:
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: PolicySet) -> None:
+        self._policies = policies
+        # Merged views of replaced policies would keep every old compiled policy alive (found by bench/soak.py:
+        # memory grew with each policy edit until the view cache filled); keep only views of policies in force.
+        live = {id(policy) for policy in policies.policies}
+        self._views = {key: view for key, view in self._views.items() if all(i in live for i in key)}
 
     # ---- step 1 and 2 -------------------------------------------------------------------------------------
     def _normalize(self, facts: Facts) -> tuple[NormalizedHost, str | None, IPAddress | None] | Decision:
