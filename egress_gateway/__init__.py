@@ -1,4 +1,4 @@
-"""egress-gateway: a Kubernetes egress gateway that decides allow/deny/audit per connection from EgressPolicy objects."""
+"""egress-gateway: a Kubernetes egress gateway deciding allow/deny/audit per connection from EgressPolicy objects."""
 
 from importlib.metadata import PackageNotFoundError, version
 

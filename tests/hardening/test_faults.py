@@ -25,8 +25,8 @@ from tests.hardening.conftest import (
     hostile_source,
     open_fds,
 )
-from tests.hardening.fake_dns import GARBAGE, SERVFAIL, SILENT, FaultyDNS
 from tests.proxy.conftest import PAYMENTS_POD, closed_by_peer, connect, curl, raw_request
+from tests.support.dns_server import GARBAGE, SERVFAIL, SILENT, FaultyDNS
 from tests.support.gateway import GatewayProcess
 from tests.support.netns import require_isolated_network
 from tests.support.origins import OriginServer
