@@ -238,13 +238,20 @@ class GatewayAddon:
         self.close_client(state.client_id)
 
     # ---- CONNECT --------------------------------------------------------------------------------------------
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
+    def _request_arrived(self, flow: http.HTTPFlow) -> ClientState | None:
+        """The client of a request that reached our hooks; its request timer stops here. None: not ours, killed."""
         state = self.clients.get(flow.client_conn.id)
         if state is None:
             flow.kill()
-            return
+            return None
         state.request_seen = True
         _cancel(state.request_timer)
+        return state
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        state = self._request_arrived(flow)
+        if state is None:
+            return
         record = self.recorder.open("CONNECT", state.address, state.port)
         request = flow.request
         verdict = await self._decide(state, record, request, host_header=None)
@@ -259,12 +266,9 @@ class GatewayAddon:
 
     # ---- plain HTTP (absolute-form requests) ----------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = self.clients.get(flow.client_conn.id)
+        state = self._request_arrived(flow)
         if state is None:
-            flow.kill()
             return
-        state.request_seen = True
-        _cancel(state.request_timer)
         request = flow.request
         record = self.recorder.open(request.method, state.address, state.port)
         flow.metadata[_RECORD_KEY] = record
