@@ -13,11 +13,12 @@ path never calls it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -245,3 +246,25 @@ class Reflector:
         if self._failing_since is not None:
             self._log.info("kube_watch_recovered", outage_s=round(time.monotonic() - self._failing_since, 3))
             self._failing_since = None
+
+
+def watch_backoff(cap_s: float) -> Backoff:
+    """The backoff every watch uses: from 0.2 s (or the cap, if lower) up to the cap, with jitter."""
+    return Backoff(base_s=min(0.2, cap_s), cap_s=cap_s)
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel background tasks and wait until each has ended, whatever it raised."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def wait_synced(reflectors: Iterable[Reflector], timeout: float) -> None:
+    """Wait until every reflector finished its first full list, or the timeout passed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(r.synced_event.wait() for r in reflectors))

@@ -11,7 +11,6 @@ Imports the decision types, settings, the kube plumbing and audit metrics; never
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import itertools
 from collections.abc import Mapping
@@ -25,7 +24,7 @@ from kubernetes.aio.client import ApiClient, CoreV1Api
 
 from egress_gateway.audit import metrics
 from egress_gateway.kube.client import connect
-from egress_gateway.kube.reflector import Backoff, RawObject, Reflector
+from egress_gateway.kube.reflector import RawObject, Reflector, cancel_all, wait_synced, watch_backoff
 from egress_gateway.policy.decision import Identity
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
 from egress_gateway.settings import KubernetesSettings, Settings
@@ -139,7 +138,7 @@ class WorkloadIndex:
                 on_replace=self._replace_pods,
                 on_event=self._pod_event,
                 watch_timeout_s=self.settings.watch_timeout_s,
-                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                backoff=watch_backoff(backoff_cap),
                 selectors={"field_selector": POD_FIELD_SELECTOR},
                 on_restart=partial(metrics.watch_restarted, "Pod"),
             ),
@@ -149,7 +148,7 @@ class WorkloadIndex:
                 on_replace=self._replace_namespaces,
                 on_event=self._namespace_event,
                 watch_timeout_s=self.settings.watch_timeout_s,
-                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                backoff=watch_backoff(backoff_cap),
                 on_restart=partial(metrics.watch_restarted, "Namespace"),
             ),
         }
@@ -161,20 +160,14 @@ class WorkloadIndex:
         self._users = max(0, self._users - 1)
         if self._users:
             return
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         if self._api is not None and self._own_api:
             await self._api.close()
             self._api = None
 
     async def wait_ready(self, timeout: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(r.synced_event.wait() for r in self.reflectors.values()))
+        await wait_synced(self.reflectors.values(), timeout)
         return self.ready
 
     def staleness_seconds(self) -> float | None:

@@ -13,7 +13,6 @@ Imports the policy core, the kube plumbing and audit metrics; never the proxy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import zlib
@@ -26,7 +25,7 @@ from kubernetes.aio.client import ApiClient, CustomObjectsApi
 from egress_gateway.audit import metrics
 from egress_gateway.kube.client import connect
 from egress_gateway.kube.leader import StatusLeaderElection
-from egress_gateway.kube.reflector import Backoff, RawObject, Reflector
+from egress_gateway.kube.reflector import Backoff, RawObject, Reflector, cancel_all, wait_synced, watch_backoff
 from egress_gateway.kube.status import PLURALS, Acceptance, StatusWriter
 from egress_gateway.policy.errors import PolicyValidationError
 from egress_gateway.policy.model import API_GROUP, API_VERSION
@@ -119,7 +118,7 @@ class KubernetesPolicySource:
                 on_replace=partial(self._on_replace, kind),
                 on_event=partial(self._on_event, kind),
                 watch_timeout_s=k.watch_timeout_s,
-                backoff=Backoff(base_s=min(0.2, backoff_cap), cap_s=backoff_cap),
+                backoff=watch_backoff(backoff_cap),
                 on_restart=partial(metrics.watch_restarted, kind),
             )
         self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{kind}") for kind, r in self.reflectors.items()]
@@ -133,11 +132,7 @@ class KubernetesPolicySource:
         self.log.info("kube_policy_source_started", write_status=k.write_status)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         if self.api is not None:
             await self.api.close()
@@ -145,9 +140,7 @@ class KubernetesPolicySource:
 
     async def wait_ready(self, timeout: float) -> bool:
         """For tools and tests: wait until both kinds are listed (or the timeout passes)."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(r.synced_event.wait() for r in self.reflectors.values()))
+        await wait_synced(self.reflectors.values(), timeout)
         return self._ready
 
     # ---------------------------------------------------------------- handlers (run on the event loop)
