@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import pytest
 
@@ -34,6 +37,20 @@ def accepted(server: FakeApiServer, resource: str, namespace: str | None, name: 
 
 def status_patches(server: FakeApiServer, name: str) -> list:
     return server.requests_matching(lambda r: r.method == "PATCH" and r.path.endswith(f"/{name}/status"))
+
+
+@contextlib.asynccontextmanager
+async def started_source(
+    kubeconfig: Path, **kubernetes: Any
+) -> AsyncIterator[tuple[PolicyStore, KubernetesPolicySource]]:
+    """A started Kubernetes policy source feeding a fresh store; stopped on the way out."""
+    store = PolicyStore()
+    source = KubernetesPolicySource(kube_settings(kubeconfig, **kubernetes), store)
+    await source.start()
+    try:
+        yield store, source
+    finally:
+        await source.stop()
 
 
 def test_initial_sync_loads_both_kinds_and_marks_the_store_loaded(apiserver: FakeApiServer, kubeconfig: Path) -> None:
@@ -68,14 +85,9 @@ def test_list_is_paged_with_limit_and_continue(apiserver: FakeApiServer, kubecon
         apiserver.put(egress_policy(f"ns{i % 7}", f"p{i}", [f"h{i}.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(10)
             assert len(store.keys()) == 1203
-        finally:
-            await source.stop()
 
     run(scenario)
     pages = apiserver.requests_matching(lambda r: r.path.endswith("/egresspolicies") and "watch" not in r.query)
@@ -85,10 +97,7 @@ def test_list_is_paged_with_limit_and_continue(apiserver: FakeApiServer, kubecon
 
 def test_add_modify_delete_reach_the_store_within_one_second(apiserver: FakeApiServer, kubeconfig: Path) -> None:
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(5)
             assert not allowed(store, "api.example.com")
             apiserver.put(egress_policy("shop", "web", ["api.example.com"]))
@@ -100,8 +109,6 @@ def test_add_modify_delete_reach_the_store_within_one_second(apiserver: FakeApiS
             apiserver.delete("egresspolicies", "shop", "web")
             await eventually(lambda: not allowed(store, "new.example.com"), 1.0)
             assert store.keys() == set()
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -111,17 +118,12 @@ def test_an_update_to_one_policy_recompiles_only_that_policy(apiserver: FakeApiS
     apiserver.put(egress_policy("shop", "b", ["b.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(5)
             before_b = store.get(("EgressPolicy", "shop", "b"))
             apiserver.put(egress_policy("shop", "a", ["a2.example.com"]))
             await eventually(lambda: allowed(store, "a2.example.com"), 1.0)
             assert store.get(("EgressPolicy", "shop", "b")) is before_b
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -132,10 +134,7 @@ def test_invalid_policy_is_reported_in_status_with_field_path_and_last_good_is_k
     apiserver.put(egress_policy("shop", "web", ["api.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig) as (store, source):
             assert await source.wait_ready(5)
             await eventually(
                 lambda: (accepted(apiserver, "egresspolicies", "shop", "web") or {}).get("status") == "True", 8
@@ -181,8 +180,6 @@ def test_invalid_policy_is_reported_in_status_with_field_path_and_last_good_is_k
             await eventually(
                 lambda: (accepted(apiserver, "egresspolicies", "shop", "web") or {}).get("status") == "True", 5
             )
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -195,10 +192,7 @@ def test_410_gone_relists_and_reconciles_without_losing_or_duplicating(
     apiserver.put(egress_policy("shop", "changes", ["before.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(5)
             await eventually(lambda: all(r.connected for r in source.reflectors.values()), 2)
             apiserver.go_down()
@@ -222,8 +216,6 @@ def test_410_gone_relists_and_reconciles_without_losing_or_duplicating(
             # and the watch goes on from the relist's resourceVersion
             apiserver.put(egress_policy("shop", "later", ["later.example.com"]))
             await eventually(lambda: allowed(store, "later.example.com"), 1.0)
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -234,10 +226,7 @@ def test_stream_cut_mid_event_rewatches_from_last_version_without_relist(
     apiserver.put(egress_policy("shop", "a", ["a.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(5)
             reflector = source.reflectors["EgressPolicy"]
             await eventually(lambda: reflector.connected, 2)
@@ -248,8 +237,6 @@ def test_stream_cut_mid_event_rewatches_from_last_version_without_relist(
             assert reflector.relists == 0
             assert allowed(store, "a.example.com")
             assert len(store.current) == 2
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -259,18 +246,13 @@ def test_api_server_down_at_start_means_not_ready_until_it_answers(apiserver: Fa
     apiserver.go_down()
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert not await source.wait_ready(1.0)
             assert not store.loaded and source.staleness_seconds() is None
             assert source.watch_restarts >= 1
             apiserver.come_up()
             assert await source.wait_ready(5)
             assert store.loaded and allowed(store, "a.example.com")
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -281,10 +263,7 @@ def test_api_server_down_later_keeps_enforcing_stays_ready_and_shows_staleness(
     apiserver.put(egress_policy("shop", "a", ["a.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False) as (store, source):
             assert await source.wait_ready(5)
             await eventually(lambda: source.staleness_seconds() == 0.0, 2)
             await asyncio.sleep(1.5)  # idle but connected: still in sync
@@ -298,8 +277,6 @@ def test_api_server_down_later_keeps_enforcing_stays_ready_and_shows_staleness(
             await eventually(lambda: source.watch_restarts > restarts + 2, 5)  # retrying, with backoff
             apiserver.come_up()
             await eventually(lambda: source.staleness_seconds() == 0.0, 5)
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -308,10 +285,7 @@ def test_bookmarks_move_the_resource_version_and_server_timeouts_renew_quietly(
     apiserver: FakeApiServer, kubeconfig: Path
 ) -> None:
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False, watch_timeout_s=1), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False, watch_timeout_s=1) as (store, source):
             assert await source.wait_ready(5)
             reflector = source.reflectors["ClusterEgressPolicy"]
             # unrelated writes advance the cluster's resourceVersion; a bookmark tells the watcher
@@ -335,8 +309,6 @@ def test_bookmarks_move_the_resource_version_and_server_timeouts_renew_quietly(
             assert all(1 <= int(r.query["timeoutSeconds"]) <= 2 for r in watches)
             apiserver.put(cluster_policy("late", ["late.example.com"]))
             await eventually(lambda: allowed(store, "late.example.com"), 1.0)
-        finally:
-            await source.stop()
 
     run(scenario, timeout=60)
 
@@ -412,10 +384,7 @@ def test_an_object_the_engine_cannot_compile_does_not_stall_the_others(
     apiserver.put(egress_policy("shop", "ok", ["ok.example.com"]))
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig) as (store, source):
             assert await source.wait_ready(5)
             assert allowed(store, "ok.example.com") and not allowed(store, "boom.example.com")
             apiserver.put(egress_policy("shop", "boom2", ["boom2.example.com"]))
@@ -426,8 +395,6 @@ def test_an_object_the_engine_cannot_compile_does_not_stall_the_others(
             condition = accepted(apiserver, "egresspolicies", "shop", "boom2")
             assert condition is not None and condition["status"] == "False"
             assert "could not compile" in condition["message"] and condition["reason"] == "CompileFailed"
-        finally:
-            await source.stop()
 
     run(scenario)
 
@@ -502,10 +469,7 @@ def test_api_server_that_accepts_but_never_answers_is_given_up_on_and_retried(
     apiserver.hang()
 
     async def scenario() -> None:
-        store = PolicyStore()
-        source = KubernetesPolicySource(kube_settings(kubeconfig, write_status=False, watch_timeout_s=1), store)
-        await source.start()
-        try:
+        async with started_source(kubeconfig, write_status=False, watch_timeout_s=1) as (store, source):
             assert not await source.wait_ready(2.5)  # the list hangs, times out, is retried
             assert source.watch_restarts >= 1 and not store.loaded
             apiserver.answer_again()
@@ -520,7 +484,5 @@ def test_api_server_that_accepts_but_never_answers_is_given_up_on_and_retried(
             await eventually(lambda: source.staleness_seconds() == 0.0, 8)
             apiserver.put(egress_policy("shop", "b", ["b.example.com"]))
             await eventually(lambda: allowed(store, "b.example.com"), 2)
-        finally:
-            await source.stop()
 
     run(scenario)
