@@ -29,7 +29,7 @@ from tests.proxy.conftest import PAYMENTS_POD, closed_by_peer, connect, curl, ra
 from tests.support.dns_server import GARBAGE, SERVFAIL, SILENT, FaultyDNS
 from tests.support.gateway import GatewayProcess
 from tests.support.netns import require_isolated_network
-from tests.support.origins import OriginServer
+from tests.support.origins import OriginServer, RawTcpOrigin
 from tests.support.tls import TestCA
 
 pytestmark = pytest.mark.slow
@@ -155,40 +155,25 @@ def test_dns_answers_pointing_inside_are_403(faulty: FaultEnv, name: str, reason
 # ---- upstream resets ------------------------------------------------------------------------------------------------
 
 
-class ResettingOrigin:
+class ResettingOrigin(RawTcpOrigin):
     """Reads a request, sends a response head and half its body, then resets (SO_LINGER 0)."""
 
     def __init__(self, host: str) -> None:
-        self.listener = socket.create_server((host, 0))
-        self.port = self.listener.getsockname()[1]
         self.resets = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(host)
 
-    def _serve(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                conn.settimeout(5)
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000)
-                time.sleep(0.05)
-            except OSError:
-                pass
-            finally:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()
-                self.resets += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.listener.close()
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            conn.settimeout(5)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 50_000)
+            time.sleep(0.05)
+        except OSError:
+            pass
+        finally:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            self.resets += 1
 
 
 def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:

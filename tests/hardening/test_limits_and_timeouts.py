@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +23,7 @@ from tests.hardening.conftest import (
 )
 from tests.proxy.conftest import PAYMENTS_POD, closed_by_peer, connect, raw_request, tls_through
 from tests.support.gateway import GatewayProcess
-from tests.support.origins import OriginServer
+from tests.support.origins import OriginServer, RawTcpOrigin
 from tests.support.tls import TestCA
 
 pytestmark = pytest.mark.slow
@@ -211,42 +210,26 @@ def test_idle_tunnel_is_closed_after_idle_timeout(env: Env) -> None:
 # ---- a client that never reads ---------------------------------------------------------------------------------------
 
 
-class BulkOrigin:
+class BulkOrigin(RawTcpOrigin):
     """Accepts TCP connections and writes 64 KiB chunks as fast as the peer takes them; counts what was taken."""
 
+    threaded = True
+
     def __init__(self) -> None:
-        self.listener = socket.create_server((BULK_ORIGIN, 0))
-        self.port = self.listener.getsockname()[1]
         self.sent = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(BULK_ORIGIN)
 
-    def _serve(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._pump, args=(conn,), daemon=True).start()
-
-    def _pump(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         chunk = b"x" * 65536
         conn.settimeout(0.5)
         with conn:
-            while not self._stop.is_set():
+            while not self.stopping:
                 try:
                     self.sent += conn.send(chunk)
                 except TimeoutError:
                     continue
                 except OSError:
                     return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.listener.close()
 
 
 def test_client_that_never_reads_does_not_make_the_gateway_buffer(env: Env) -> None:

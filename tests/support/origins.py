@@ -93,3 +93,41 @@ class OriginServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+
+
+class RawTcpOrigin:
+    """A bare TCP listener on loopback whose `handle(conn)` runs for each accepted connection; for origins that
+    misbehave below HTTP (resets, endless streams). Subclasses set what `handle` does."""
+
+    threaded = False  # True: each connection in its own thread (for handlers that run long)
+
+    def __init__(self, host: str) -> None:
+        self.listener = socket.create_server((host, 0))
+        self.port = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _serve(self) -> None:
+        self.listener.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if self.threaded:
+                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+            else:
+                self.handle(conn)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.close()
