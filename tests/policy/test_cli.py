@@ -54,17 +54,23 @@ def test_lint_json_output_and_usage_errors(tmp_path: Path) -> None:
     assert cli("lint").returncode == 2
 
 
+# `check` as the payments pod of namespace shop, with a public IP standing in for DNS.
+CHECK_AS_PAYMENTS = (
+    "check",
+    "--policies",
+    "policies",
+    "--namespace",
+    "shop",
+    "--label",
+    "app=payments",
+    "--ip",
+    "203.0.113.5",
+)
+
+
 def test_check_allow_exit_0_with_policy_rule_and_sentence() -> None:
     result = cli(
-        "check",
-        "--policies",
-        "policies",
-        "--namespace",
-        "shop",
-        "--label",
-        "app=payments",
-        "--ip",
-        "203.0.113.5",
+        *CHECK_AS_PAYMENTS,
         "api.stripe.com:443",
     )
     assert result.returncode == 0, result.stderr
@@ -74,15 +80,7 @@ def test_check_allow_exit_0_with_policy_rule_and_sentence() -> None:
 
 def test_check_deny_exit_1_json() -> None:
     result = cli(
-        "check",
-        "--policies",
-        "policies",
-        "--namespace",
-        "shop",
-        "--label",
-        "app=payments",
-        "--ip",
-        "203.0.113.5",
+        *CHECK_AS_PAYMENTS,
         "--output",
         "json",
         "https://dashboard.stripe.com/login",
@@ -102,15 +100,7 @@ def test_check_ip_literal_metadata_and_unknown_client() -> None:
 
 def test_check_sni_mismatch() -> None:
     result = cli(
-        "check",
-        "--policies",
-        "policies",
-        "--namespace",
-        "shop",
-        "--label",
-        "app=payments",
-        "--ip",
-        "203.0.113.5",
+        *CHECK_AS_PAYMENTS,
         "--sni",
         "evil.example",
         "api.stripe.com:443",
