@@ -32,6 +32,7 @@ from prometheus_client.samples import Sample
 from egress_gateway.admin import AdminServer
 from egress_gateway.app import Gateway, event_loop_factory, serve
 from egress_gateway.logging import setup_logging
+from egress_gateway.proxy.embedded import listening_socket
 from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.settings import Settings, split_hostport
 
@@ -54,13 +55,6 @@ class _Worker:
     report_fd: int
     admin_port: int | None = None
     exit_code: int | None = None
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096)
-    sock.setblocking(False)
-    return sock
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:
@@ -109,7 +103,7 @@ def supervise(settings: Settings, workers: int) -> int:
         return 2
     host, port = split_hostport(settings.listen)
     try:
-        sock = _listening_socket(host, port)
+        sock = listening_socket(host, port)
     except OSError as exc:
         log.error("startup_failed", error=f"cannot listen on {settings.listen}: {exc}")
         return 1

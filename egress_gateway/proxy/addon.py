@@ -110,9 +110,12 @@ class GatewayAddon:
 
     # ---- connection lifecycle ------------------------------------------------------------------------------
     def client_connected(self, client: connection.Client) -> None:
-        host, port = client.peername[0], client.peername[1]
-        state = ClientState(client.id, host, port)
-        if not self.connection_limit.admit(client.id):
+        self.open_client(client.id, client.peername[0], client.peername[1])
+
+    def open_client(self, client_id: str, host: str, port: int) -> ClientState:
+        """A new client connection (from mitmproxy's hook or from the tunnel listener): admission and request timer."""
+        state = ClientState(client_id, host, port)
+        if not self.connection_limit.admit(client_id):
             # Read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels already open
             # are untouched. The request timer below bounds how long such a connection may stay.
             state.refused = adapter_denial(
@@ -121,11 +124,16 @@ class GatewayAddon:
         state.request_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_request_s, self._request_timeout, state
         )
-        self.clients[client.id] = state
+        self.clients[client_id] = state
+        return state
 
     def client_disconnected(self, client: connection.Client) -> None:
-        state = self.clients.pop(client.id, None)
-        self.connection_limit.release(client.id)
+        self.client_gone(client.id)
+
+    def client_gone(self, client_id: str) -> None:
+        """The client connection closed: release its slot, stop its timers, close its tunnel's record."""
+        state = self.clients.pop(client_id, None)
+        self.connection_limit.release(client_id)
         if state is None:
             return
         _cancel(state.request_timer)
@@ -155,9 +163,23 @@ class GatewayAddon:
             return
         state = self.clients.get(context.client.id)
         tunnel = state.tunnel if state is not None else None
-        if tunnel is None or tunnel.closed_reason is not None:
+        if tunnel is None:
             nextlayer.layer = CloseClientLayer(context)
             return
+        opened = self.start_tunnel(tunnel, data)
+        if opened is None:
+            return  # wait for the rest of the ClientHello
+        if not opened or tunnel.verdict.address is None:
+            nextlayer.layer = CloseClientLayer(context)
+            return
+        context.server.address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
+        nextlayer.layer = PassthroughLayer(context, tunnel)
+
+    def start_tunnel(self, tunnel: Tunnel, data: bytes) -> bool | None:
+        """Check a tunnel's first client bytes (the TLS ClientHello, or opaque data). True: the tunnel may dial
+        `tunnel.verdict.address`; False: close the client (the decision is recorded); None: wait for more bytes."""
+        if tunnel.closed_reason is not None:
+            return False
         verdict = tunnel.verdict
         record = tunnel.record
         if starts_like_tls(data):
@@ -169,7 +191,7 @@ class GatewayAddon:
                 )
             else:
                 if hello is None:
-                    return  # wait for the rest of the ClientHello
+                    return None
                 verdict = self.gate.decide_sni(verdict, hello.sni)
                 record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=",".join(hello.alpn) or None)
             record.event("client_hello")
@@ -180,15 +202,19 @@ class GatewayAddon:
         tunnel.verdict = verdict
         if not verdict.decision.allowed or verdict.address is None:
             tunnel.closed_reason = verdict.decision.reason
-            nextlayer.layer = CloseClientLayer(context)
-            return
-        context.server.address = (str(verdict.address), verdict.facts.port)
+            return False
         tunnel.opened = True
-        nextlayer.layer = PassthroughLayer(context, tunnel)
+        return True
 
     def _check_head(self, client_id: str, head: bytes) -> bytes | None:
         """The response for a request head over `limits.max_*` (414/431) or with ambiguous framing (400), recorded
         like any denial; None while the head is acceptable (mitmproxy then parses it as usual)."""
+        checked = self.read_head(client_id, head)
+        return checked if isinstance(checked, bytes) else None
+
+    def read_head(self, client_id: str, head: bytes) -> bytes | http.Request | None:
+        """Check a request head as received so far. bytes: the refusal to send before closing (recorded like any
+        denial); a `Request`: the head is complete and valid; None: acceptable so far, wait for the rest."""
         problem = check_request_head(head, self.head_limits)
         if problem is not None:
             reason = Reason.URI_TOO_LONG if problem.status == 414 else Reason.HEADERS_TOO_LARGE
@@ -197,6 +223,7 @@ class GatewayAddon:
         lines = complete_head_lines(head)
         if malformed is None and lines is None:
             return None
+        request: http.Request | None = None
         if malformed is None and lines is not None:
             malformed = framing_problem(lines)
         if malformed is None and lines is not None:
@@ -208,8 +235,8 @@ class GatewayAddon:
                 malformed = str(exc)
             else:
                 malformed = _request_form_problem(request)
-        if malformed is None:
-            return None
+        if malformed is None and request is not None:
+            return request
         return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, f"malformed request: {malformed}"))
 
     def _refuse_head(self, client_id: str, head: bytes, decision: Decision) -> bytes:
@@ -252,17 +279,25 @@ class GatewayAddon:
         state = self._request_arrived(flow)
         if state is None:
             return
+        refusal = await self.open_tunnel(state, flow.request)
+        if refusal is not None:
+            flow.response = refusal
+
+    async def open_tunnel(self, state: ClientState, request: http.Request) -> http.Response | None:
+        """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (its ClientHello timer runs) and None is
+        returned; denied: the response to send before closing (the record is complete)."""
+        state.request_seen = True
+        _cancel(state.request_timer)
         record = self.recorder.open("CONNECT", state.address, state.port)
-        request = flow.request
         verdict = await self._decide(state, record, request, host_header=None)
         if not verdict.decision.allowed:
-            self._deny(flow, record, verdict.decision)
-            return
+            return self._refusal(state, record, verdict.decision)
         tunnel = Tunnel(record=record, verdict=verdict)
         state.tunnel = tunnel
         tunnel.hello_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
         )
+        return None
 
     # ---- plain HTTP (absolute-form requests) ----------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -376,23 +411,33 @@ class GatewayAddon:
         if data.server.address is None:
             return
         host, port = data.server.address[0], data.server.address[1]
-        if timed_out:
-            decision = adapter_denial(
-                Reason.CONNECTION_TIMEOUT, f"{host}:{port} did not accept within {self.timeouts.connect_s:g} s"
-            )
-        else:
-            decision = adapter_denial(
-                Reason.CONNECTION_REFUSED, f"cannot connect to {host}:{port}: {data.server.error}"
-            )
+        decision = self._upstream_failure(host, port, timed_out, data.server.error)
         if tunnel is None:  # plain HTTP: recorded by `error`, answered by `upstream_error_response`
             state = self.clients.get(data.client.id)
             if state is not None:
                 state.upstream_failure = decision
             return
+        self.tunnel_upstream_failed(tunnel, decision)
+
+    def _upstream_failure(self, host: str, port: int, timed_out: bool, error: str | None) -> Decision:
+        if timed_out:
+            return adapter_denial(
+                Reason.CONNECTION_TIMEOUT, f"{host}:{port} did not accept within {self.timeouts.connect_s:g} s"
+            )
+        return adapter_denial(Reason.CONNECTION_REFUSED, f"cannot connect to {host}:{port}: {error}")
+
+    def tunnel_upstream_failed(self, tunnel: Tunnel, decision: Decision) -> None:
         if not tunnel.opened:
             return
         tunnel.closed_reason = decision.reason
         tunnel.record.decided(tunnel.verdict.facts, decision)
+
+    def tunnel_connect_failed(self, tunnel: Tunnel, timed_out: bool, error: str) -> None:
+        """The tunnel listener could not reach the tunnel's pinned address."""
+        address = tunnel.verdict.address
+        self.tunnel_upstream_failed(
+            tunnel, self._upstream_failure(str(address), tunnel.verdict.facts.port, timed_out, error)
+        )
 
     def upstream_error_response(self, client_id: str) -> bytes | None:
         """For plain HTTP: our answer (502/504 with Proxy-Status) to a failed upstream connect, else None."""
@@ -478,14 +523,18 @@ class GatewayAddon:
         )
 
     def _deny(self, flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
-        flow.response = responses.denial(decision)
-        if decision.reason is Reason.RATE_LIMITED:
-            state = self.clients.get(flow.client_conn.id)
-            if state is not None and state.retry_after is not None:
-                flow.response.headers["Retry-After"] = state.retry_after
-        record.set(http_response_status_code=flow.response.status_code)
-        record.close()
+        state = self.clients.get(flow.client_conn.id)
+        flow.response = self._refusal(state, record, decision)
         flow.metadata.pop(_RECORD_KEY, None)
+
+    def _refusal(self, state: ClientState | None, record: ConnectionRecord, decision: Decision) -> http.Response:
+        """The denial response for a decided request; completes and closes its record."""
+        response = responses.denial(decision)
+        if decision.reason is Reason.RATE_LIMITED and state is not None and state.retry_after is not None:
+            response.headers["Retry-After"] = state.retry_after
+        record.set(http_response_status_code=response.status_code)
+        record.close()
+        return response
 
 
 def _request_form_problem(request: http.Request) -> str | None:

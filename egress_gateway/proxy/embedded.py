@@ -1,8 +1,10 @@
 """The embedded mitmproxy: a `Master` with only the proxy server and our addon, no console, no CA, no flows kept.
 
-Owns starting the listener, closing one client connection by id, and the graceful stop (stop accepting, let open
-connections drain up to a grace period, close the rest, shut the master down). Must run inside a running event loop.
-Imports mitmproxy and the addon; knows nothing about policies.
+Owns binding the listening socket, starting the listener (`TunnelListener`: CONNECT tunnels are served there, every
+other connection is handed to mitmproxy's regular-mode connection handler), closing one client connection by id,
+and the graceful stop (stop accepting, let open connections drain up to a grace period, close the rest, shut the
+master down). Must run inside a running event loop. Imports mitmproxy, the addon and the listener; knows nothing
+about policies.
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 
 from egress_gateway.proxy.addon import GatewayAddon, NextLayer
 from egress_gateway.proxy.dispatch import PrecomputedDispatch
+from egress_gateway.proxy.listener import TunnelListener
 
 log = logging.getLogger(__name__)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The proxy's listening socket (also shared by worker processes)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=4096)
+    sock.setblocking(False)
+    return sock
+
+
 class _SelfConnectGuard:
-    """mitmproxy's own self-connect check knows only the listeners it started; with an inherited listening socket
-    (worker processes) it knows none, so this addon refuses upstream connections to the proxy's own port."""
+    """mitmproxy's own self-connect check knows only the listeners it started; it starts none (the socket is ours),
+    so this addon refuses upstream connections to the proxy's own port."""
 
     def __init__(self, sock: socket.socket) -> None:
         host, port = sock.getsockname()[:2]
@@ -53,7 +64,7 @@ class EmbeddedProxy:
         listen_socket: socket.socket | None = None,
     ) -> None:
         """`listen_socket`: an already listening socket to accept on (worker processes share one); otherwise
-        mitmproxy binds `host:port` itself."""
+        `start` binds `host:port`."""
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
@@ -62,7 +73,7 @@ class EmbeddedProxy:
         self.master: Master | None = None
         self.proxyserver = Proxyserver()
         self._run_task: asyncio.Task[None] | None = None
-        self._own_server: asyncio.Server | None = None
+        self.listener: TunnelListener | None = None
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
@@ -72,11 +83,17 @@ class EmbeddedProxy:
         master._legacy_log_events.uninstall()
         # Our addon first: its `server_connect` pins the checked IP before the proxy server's self-connect check.
         master.addons.add(addon, NextLayer(addon), self.proxyserver)
-        if self.listen_socket is not None:
-            master.addons.add(_SelfConnectGuard(self.listen_socket))
+        sock = self.listen_socket
+        if sock is None:
+            try:
+                sock = listening_socket(self.host, self.port)
+            except OSError as exc:
+                raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+            self.listen_socket = sock
+        master.addons.add(_SelfConnectGuard(sock))
         PrecomputedDispatch(master.addons).install()
         updates: dict[str, object] = {
-            "mode": ["regular"] if self.listen_socket is None else [],
+            "mode": [],  # mitmproxy binds nothing: the listener below accepts and hands it what it serves
             "listen_host": self.host,
             "listen_port": self.port,
             # Never dial before our checks: the upstream opens only when our `next_layer` hands over the tunnel.
@@ -89,36 +106,23 @@ class EmbeddedProxy:
             updates["confdir"] = str(self.data_dir)
         opts.update(**updates)
         self.master = master
-        if self.listen_socket is not None:
-            return await self._serve_inherited_socket(master, self.listen_socket)
-        server_log = logging.getLogger("mitmproxy.addons.proxyserver")
-        level = server_log.level
-        server_log.setLevel(logging.CRITICAL)  # a bind failure is reported once, below, without mitmproxy's CLI hint
-        try:
-            listening = await self.proxyserver.setup_servers()
-        finally:
-            server_log.setLevel(level)
-        if not listening:
-            errors = [str(s.last_exception).splitlines()[0] for s in self.proxyserver.servers if s.last_exception]
-            self.proxyserver.servers._instances.clear()  # nothing started, nothing to stop
-            raise OSError(f"cannot listen on {self.host}:{self.port}: {'; '.join(errors) or 'unknown error'}")
-        self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
-        return [(str(a[0]), int(a[1])) for a in self.proxyserver.listen_addrs()]
-
-    async def _serve_inherited_socket(self, master: Master, sock: socket.socket) -> list[tuple[str, int]]:
-        # The same connection handling as mitmproxy's own regular-mode listener, on a socket we were handed.
+        # The same connection handling as mitmproxy's own regular-mode listener, for what the listener hands over.
         instance: ServerInstance[Any] = ServerInstance.make("regular", self.proxyserver)
-        self._own_server = await asyncio.start_server(instance.handle_stream, sock=sock)
+        address = sock.getsockname()
+        self.listener = TunnelListener(addon, instance.handle_stream, self.idle_timeout_s, (address[0], address[1]))
+        await self.listener.start(sock)
         self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
-        host, port = sock.getsockname()[:2]
-        return [(str(host), int(port))]
+        return [(str(address[0]), int(address[1]))]
 
     @property
     def open_connections(self) -> int:
-        return len(self.proxyserver.connections)
+        tunnels = len(self.listener.connections) if self.listener is not None else 0
+        return len(self.proxyserver.connections) + tunnels
 
     def close_client(self, client_id: str) -> bool:
         """Close one client connection (and with it its upstream). False if it is already gone."""
+        if self.listener is not None and self.listener.close_client(client_id):
+            return True
         handler = self.proxyserver.connections.get(client_id)
         if handler is None:
             return False
@@ -132,21 +136,22 @@ class EmbeddedProxy:
         return True
 
     async def stop_accepting(self) -> None:
-        if self._own_server is not None:
-            self._own_server.close()  # other workers may still accept on their copy of the socket
-            self._own_server = None
+        if self.listener is not None:
+            self.listener.stop_accepting()
         await self.proxyserver.servers.update([])
 
     async def drain(self, grace_s: float) -> int:
         """Wait for open connections to finish, up to `grace_s`; close what is left. Returns how many were closed."""
         deadline = time.monotonic() + grace_s
-        while self.proxyserver.connections and time.monotonic() < deadline:
+        while self.open_connections and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         leftover = [str(client_id) for client_id in self.proxyserver.connections]
+        if self.listener is not None:
+            leftover += list(self.listener.connections)
         for client_id in leftover:
             self.close_client(client_id)
         close_deadline = time.monotonic() + 2.0
-        while self.proxyserver.connections and time.monotonic() < close_deadline:
+        while self.open_connections and time.monotonic() < close_deadline:
             await asyncio.sleep(0.02)
         return len(leftover)
 

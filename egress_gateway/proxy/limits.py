@@ -219,6 +219,17 @@ def request_line_problem(buffer: bytes | bytearray) -> str | None:
     return None
 
 
+def head_length(buffer: bytes | bytearray) -> int | None:
+    """How many bytes the complete request head takes (leading empty lines and its blank line included), or None
+    while its blank line has not arrived. What follows is the body, the next request or a tunnel's first bytes."""
+    data = bytes(buffer)
+    start = 0
+    while data.startswith(b"\r\n", start) or data.startswith(b"\n", start):
+        start += 2 if data.startswith(b"\r\n", start) else 1
+    match = _BLANK_LINE.search(data, start)
+    return match.end() if match is not None else None
+
+
 def complete_head_lines(buffer: bytes | bytearray) -> list[bytes] | None:
     """The lines of the request head (request line first, line ends removed) once its blank line arrived; else None."""
     data = bytes(buffer)
