@@ -15,6 +15,7 @@ Imports asyncio and the addon; knows nothing about policies.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import socket
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ class TunnelListener:
         self.hand_over = hand_over
         self.idle_timeout_s = idle_timeout_s
         self.own_port = own_address[1]
-        self.own_hosts = {"127.0.0.1", "::1", str(own_address[0])}
+        self.own_host = str(own_address[0])
         self.connections: dict[str, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
@@ -70,12 +71,21 @@ class TunnelListener:
         return f"tunnel-{next(self._ids)}"
 
     def is_self(self, address: tuple[str, int]) -> bool:
-        return address[1] == self.own_port and address[0] in self.own_hosts
+        """Would dialing `address` reach this listener (a tunnel into the proxy itself)?"""
+        if address[1] != self.own_port:
+            return False
+        try:
+            ip = ipaddress.ip_address(address[0])
+        except ValueError:
+            return False
+        return address[0] == self.own_host or ip.is_loopback or ip.is_unspecified
 
-    def spawn(self, coroutine: Awaitable[Any]) -> asyncio.Task[Any]:
+    def spawn(self, coroutine: Awaitable[Any], connection: ClientConnection | None = None) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if connection is not None:
+            task.add_done_callback(connection.task_done)
         return task
 
 
@@ -112,7 +122,20 @@ class ClientConnection(asyncio.Protocol):
         self.listener.connections[self.id] = self
 
     def data_received(self, data: bytes) -> None:
-        self._on_data(data)
+        try:
+            self._on_data(data)
+        except Exception:  # a bug must cost this connection only, and be visible
+            log.exception("tunnel_failed", client=self.state.address if self.state else "")
+            self.abort()
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "tunnel_failed",
+                client=self.state.address if self.state else "",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+            self.abort()
 
     def eof_received(self) -> bool:
         self.client_eof = True
@@ -163,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
             return
         del self.buffer[: head_length(self.buffer) or len(self.buffer)]
         self._hold()
-        self.task = self.listener.spawn(self._decide(checked))
+        self.task = self.listener.spawn(self._decide(checked), self)
 
     async def _decide(self, request: http.Request) -> None:
         state = self.state
@@ -195,7 +218,7 @@ class ClientConnection(asyncio.Protocol):
             self.abort()
             return
         self._hold()
-        self.task = self.listener.spawn(self._connect(tunnel))
+        self.task = self.listener.spawn(self._connect(tunnel), self)
 
     async def _connect(self, tunnel: Tunnel) -> None:
         address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
