@@ -43,6 +43,9 @@ def _hex_ids(obj: dict[str, Any]) -> None:
 _MAX_CACHED_TAILS = 16
 # (resource, scope) -> the encoded `,"resource":{...},"scope":{...}}` that ends each of their lines.
 _tails: dict[tuple[Any, Any], str] = {}
+# The last (resource, scope, tail): every span of a gateway has the same two objects, and hashing a `Resource`
+# dumps its attributes as JSON each time.
+_last_tail: tuple[Any, Any, str] | None = None
 
 
 def _dumps(obj: Any) -> str:
@@ -50,15 +53,19 @@ def _dumps(obj: Any) -> str:
 
 
 def _tail(span: ReadableSpan) -> str:
-    key = (span.resource, span.instrumentation_scope)
+    global _last_tail
+    resource, scope = span.resource, span.instrumentation_scope
+    last = _last_tail
+    if last is not None and last[0] is resource and last[1] is scope:
+        return last[2]
+    key = (resource, scope)
     tail = _tails.get(key)
     if tail is None:
-        resource = _dumps(otlp_json.resource(span.resource))
-        scope = _dumps(otlp_json.scope(span.instrumentation_scope))
-        tail = f',"resource":{resource},"scope":{scope}}}'
+        tail = f',"resource":{_dumps(otlp_json.resource(resource))},"scope":{_dumps(otlp_json.scope(scope))}}}'
         if len(_tails) >= _MAX_CACHED_TAILS:
             _tails.clear()
         _tails[key] = tail
+    _last_tail = (resource, scope, tail)
     return tail
 
 

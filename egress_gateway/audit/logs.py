@@ -4,14 +4,24 @@
 timestamp, and a redaction step that drops credential-looking keys and `Basic`/`Bearer` values from every
 line. `log_decision` writes one `egress_decision` line with the span's attributes plus `trace_id`/`span_id`.
 Must not import the proxy or the engine.
+
+The decision line is written once per connection, so while the JSON chain `configure_logging` installed is the one
+in force it is rendered here directly, byte for byte what that chain writes (same keys in the same order, the same
+`json.dumps` text and timestamp, the same stream and lock), without a bound logger and an event dict per line. Any
+line the chain would change in a way this renderer does not repeat (a key or value to redact, a value that is not a
+plain str/bool/int/float, a colliding context variable), and any other configuration (console, a test's
+`capture_logs`, `reset_defaults`), goes through structlog itself.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any, Literal
+from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps (ensure_ascii) writes for a str
+from typing import Any, Literal, NamedTuple
 
 import structlog
 
@@ -21,6 +31,7 @@ REDACTED = "[redacted]"
 _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
 _CREDENTIAL_FIRST = frozenset("bBnNdD")  # a cheap first test: most values cannot start like a credential
 
+DECISION_EVENT = "egress_decision"
 _decision_log = structlog.get_logger("egress_gateway.audit")
 
 
@@ -45,23 +56,30 @@ def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info", fmt: Literal["json", "console"] = "json"
 ) -> None:
+    global _json_chain
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
+    min_level = getattr(logging, level.upper())
+    wrapper_class = structlog.make_filtering_bound_logger(min_level)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        processors=processors,
+        wrapper_class=wrapper_class,
         logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
+    )
+    _json_chain = (
+        _JsonChain(processors, list(processors), wrapper_class, min_level <= logging.INFO) if fmt == "json" else None
     )
     # The SDK's batch processor logs every dropped span; we count drops and log them rate-limited instead.
     logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
@@ -69,6 +87,114 @@ def configure_logging(
 
 def log_decision(attributes: Mapping[str, AttributeValue], *, trace_id: str, span_id: str, name: str) -> None:
     """One line per decision: the same fields as the span, plus its ids so log and trail can be joined."""
+    chain = _json_chain
+    if chain is not None and chain.in_force():
+        if not chain.info_enabled:
+            return
+        line = _render_decision_line(attributes, trace_id, span_id, name)
+        if line is not None:
+            _write(line)
+            return
     fields: dict[str, Any] = {"trace_id": trace_id, "span_id": span_id, "span_name": name}
     fields.update(attributes)
-    _decision_log.info("egress_decision", **fields)
+    _decision_log.info(DECISION_EVENT, **fields)
+
+
+class _JsonChain(NamedTuple):
+    """What `configure_logging(fmt="json")` installed, to recognize that it is still what structlog uses."""
+
+    processors: list[Any]
+    snapshot: list[Any]  # a copy: an in-place edit of the installed list is a different chain
+    wrapper_class: Any
+    info_enabled: bool
+
+    def in_force(self) -> bool:
+        config = structlog.get_config()
+        return (
+            config["processors"] is self.processors
+            and config["wrapper_class"] is self.wrapper_class
+            and config["logger_factory"] is _stderr_logger
+            and self.processors == self.snapshot
+        )
+
+
+_json_chain: _JsonChain | None = None
+
+# Keys the decision line itself writes (or that structlog would handle differently): never rendered directly.
+_RESERVED = frozenset(("trace_id", "span_id", "span_name", "event", "level", "timestamp"))
+_MAX_CACHED_KEYS = 4096
+# key -> '"key": ' as json.dumps writes it, for keys that are neither reserved nor credential-looking.
+_key_fragments: dict[str, str] = {}
+_EVENT_FRAGMENT = '"event": ' + _json_string(DECISION_EVENT)
+
+
+def _key_fragment(key: str) -> str | None:
+    if type(key) is not str or key in _RESERVED or is_secret_key(key):
+        return None
+    if len(_key_fragments) >= _MAX_CACHED_KEYS:
+        _key_fragments.clear()
+    fragment = _key_fragments[key] = _json_string(key) + ": "
+    return fragment
+
+
+def _value_json(value: Any) -> str | None:
+    """`value` as json.dumps writes it, or None when the chain would redact it or it is not a plain primitive."""
+    kind = type(value)
+    if kind is str:
+        if value[:1] in _CREDENTIAL_FIRST and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
+            return None
+        return _json_string(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
+    return None
+
+
+def _render_decision_line(
+    attributes: Mapping[str, AttributeValue], trace_id: str, span_id: str, name: str
+) -> str | None:
+    """The line the JSON chain writes for this decision, or None to leave it to structlog."""
+    parts = []
+    for own_key, own_value in (("trace_id", trace_id), ("span_id", span_id), ("span_name", name)):
+        own = _value_json(own_value)
+        if own is None:
+            return None
+        parts.append(f'"{own_key}": {own}')
+    fragments = _key_fragments
+    for key, value in attributes.items():
+        fragment = fragments.get(key) or _key_fragment(key)
+        encoded = _value_json(value)
+        if fragment is None or encoded is None:
+            return None
+        parts.append(fragment + encoded)
+    parts.append(_EVENT_FRAGMENT)
+    context = structlog.contextvars.get_contextvars()
+    for var_name, var_value in context.items():  # merge_contextvars adds them after the event (setdefault)
+        if var_name in attributes:
+            return None
+        fragment = fragments.get(var_name) or _key_fragment(var_name)
+        encoded = _value_json(var_value)
+        if fragment is None or encoded is None:
+            return None
+        parts.append(fragment + encoded)
+    parts.append('"level": "info"')
+    # structlog's TimeStamper(fmt="iso", utc=True), to the microsecond.
+    timestamp = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
+    parts.append('"timestamp": "' + timestamp + '"')
+    return "{" + ", ".join(parts) + "}"
+
+
+_printer: tuple[Any, structlog.PrintLogger] | None = None
+
+
+def _write(line: str) -> None:
+    """Through a `PrintLogger` on the current sys.stderr, as the configured `logger_factory` gives one."""
+    global _printer
+    stream = sys.stderr
+    printer = _printer
+    if printer is None or printer[0] is not stream:
+        printer = _printer = (stream, _stderr_logger())
+    printer[1].msg(line)

@@ -199,16 +199,37 @@ def _value_json(value: Any) -> str:
     return _dumps(any_value(value))  # everything else (and every error) the slow, general way
 
 
+_MAX_CACHED_KEYS = 4096
+# attribute key -> '{"key":"<key>","value":' (the vocabulary is small: names from audit/fields.py and label keys)
+_key_openings: dict[str, str] = {}
+
+
+def _key_opening(key: str) -> str:
+    opening = '{"key":' + _string(key) + ',"value":' if key else '{"value":'
+    if len(_key_openings) >= _MAX_CACHED_KEYS:
+        _key_openings.clear()
+    _key_openings[key] = opening
+    return opening
+
+
 def _attributes_json(values: Mapping[str, Any]) -> str:
-    return ",".join(
-        ('{"key":' + _string(key) + ',"value":' + _value_json(value) + "}")
-        if key
-        else ('{"value":' + _value_json(value) + "}")
-        for key, value in values.items()
-    )
+    openings = _key_openings
+    parts = []
+    for key, value in values.items():
+        opening = openings.get(key) or _key_opening(key)
+        if type(value) is str:  # most values: inlined
+            parts.append(opening + '{"stringValue":' + _string(value) + "}}")
+        else:
+            parts.append(opening + _value_json(value) + "}")
+    return ",".join(parts)
 
 
 def _event_json(event: Any) -> str:
+    timestamp, name, attrs = event.timestamp, event.name, event.attributes
+    if timestamp and name and not event.dropped_attributes:  # every event the gateway records
+        if attrs:
+            return f'{{"timeUnixNano":"{timestamp}","name":{_string(name)},"attributes":[{_attributes_json(attrs)}]}}'
+        return f'{{"timeUnixNano":"{timestamp}","name":{_string(name)}}}'
     members = []
     if event.timestamp:
         members.append('"timeUnixNano":"' + str(event.timestamp) + '"')
