@@ -78,8 +78,13 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_RE.search(key))
 
 
+_PRIMITIVES = frozenset((str, bool, int, float))
+
+
 def to_attribute_value(value: Any) -> AttributeValue | None:
     """Coerce a value to an OpenTelemetry attribute primitive; None means "leave unset"."""
+    if type(value) in _PRIMITIVES:  # exactly a primitive (an Enum member is a subclass): as is
+        return value
     if value is None:
         return None
     if isinstance(value, Enum):
@@ -91,28 +96,55 @@ def to_attribute_value(value: Any) -> AttributeValue | None:
     return str(value)
 
 
+_MAX_CACHED = 4096
+# `set()` key -> attribute name, or "" for a credential-looking key (dropped).
+_proxy_names: dict[str, str] = {}
+
+
+def _proxy_name(key: str) -> str:
+    if is_secret_key(key):
+        name = ""
+    else:
+        name = PROXY_KEYS.get(key) or (key if key.startswith("egress.") else "egress." + key.removeprefix("egress_"))
+    if len(_proxy_names) >= _MAX_CACHED:
+        _proxy_names.clear()
+    _proxy_names[key] = name
+    return name
+
+
 def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
     """Map `set(**values)` keys from the proxy to attribute names; secrets and None are dropped.
 
     Unknown keys land under `egress.` so nothing the proxy reports is silently lost.
     """
     out: dict[str, AttributeValue] = {}
+    names = _proxy_names
     for key, value in values.items():
-        if is_secret_key(key):
+        name = names.get(key)
+        if name is None:
+            name = _proxy_name(key)
+        if not name:
             continue
         coerced = to_attribute_value(value)
         if coerced is None:
             continue
-        name = PROXY_KEYS.get(key)
-        if name is None:
-            name = key if key.startswith("egress.") else "egress." + key.removeprefix("egress_")
         out[name] = coerced
     return out
+
+
+# id(identity) -> (identity, its attributes). Identities are immutable values (frozen, labels copied into a read-only
+# mapping by the resolvers), and the resolvers hand out the same object for every connection of a workload.
+_identity_attributes: dict[int, tuple[Identity, dict[str, AttributeValue]]] = {}
+# The last IP written as text, and its text (a tunnel reports the same address object at CONNECT and at the SNI).
+_last_ip: tuple[Any, str] = (None, "")
 
 
 def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
     if identity is None:
         return {}
+    cached = _identity_attributes.get(id(identity))
+    if cached is not None and cached[0] is identity:
+        return dict(cached[1])
     out: dict[str, AttributeValue] = {K8S_NAMESPACE: identity.namespace}
     if identity.pod:
         out[K8S_POD] = identity.pod
@@ -123,10 +155,14 @@ def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
         out[K8S_POD_LABEL_PREFIX + key] = value
     for key, value in sorted(identity.namespace_labels.items())[:MAX_LABELS]:
         out[K8S_NAMESPACE_LABEL_PREFIX + key] = value
-    return out
+    if len(_identity_attributes) >= _MAX_CACHED:
+        _identity_attributes.clear()
+    _identity_attributes[id(identity)] = (identity, out)  # holds the identity: its id cannot be reused meanwhile
+    return dict(out)
 
 
 def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
+    global _last_ip
     out = identity_attributes(facts.identity)
     out[SERVER_ADDRESS] = facts.target
     out[SERVER_PORT] = facts.port
@@ -134,8 +170,12 @@ def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
         out[TLS_SERVER_NAME] = facts.sni
     if facts.host_header is not None:
         out[HOST_HEADER] = facts.host_header
-    if facts.destination_ip is not None:
-        out[NETWORK_PEER_ADDRESS] = str(facts.destination_ip)
+    ip = facts.destination_ip
+    if ip is not None:
+        last = _last_ip
+        if last[0] is not ip:
+            last = _last_ip = (ip, str(ip))
+        out[NETWORK_PEER_ADDRESS] = last[1]
     return out
 
 

@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
@@ -46,9 +46,6 @@ SPAN_LIMITS = SpanLimits(max_span_attributes=256, max_event_attributes=64, max_e
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
 
 class _RateLimitedWarning:
     """Logs a warning at most once per `interval` seconds, carrying how many occurrences it summarizes."""
@@ -71,19 +68,6 @@ class _RateLimitedWarning:
 
 
 _record_failure = _RateLimitedWarning("audit_record_failed")
-
-
-def _never_raise[**P, R](method: Callable[P, R | None]) -> Callable[P, R | None]:
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        try:
-            return method(*args, **kwargs)
-        except Exception as exc:  # the audit trail must never break a connection
-            _record_failure(error=repr(exc), method=method.__name__)
-            return None
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
 
 
 class CountingExporter(SpanExporter):
@@ -229,6 +213,12 @@ def build_tracer_provider(
     return provider
 
 
+_MAX_EVENTS = SPAN_LIMITS.max_events or 0
+_MAX_EVENT_ATTRIBUTES = SPAN_LIMITS.max_event_attributes or 0
+_MAX_SPAN_ATTRIBUTES = SPAN_LIMITS.max_span_attributes or 0
+_DECIDED_EVENT_KEYS = (fields.DECISION, fields.REASON, fields.POLICY, fields.RULE, fields.WOULD_DENY)
+
+
 class SpanRecord:
     """One connection's span. Attributes are gathered and applied at close, so a later decision (SNI after
     CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed; each decision is an event.
@@ -242,13 +232,37 @@ class SpanRecord:
     Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
     allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
     same (one line, with the SNI), both are written when it changes; any other stage or the close writes it.
+
+    Every public method catches its own exceptions (the audit trail must never break a connection): written out
+    rather than as a decorator, which cost an extra call per method on the per-connection path.
     """
 
-    def __init__(
-        self, tracer: Tracer, scope: InstrumentationScope, kind: str, client_address: str, client_port: int
-    ) -> None:
-        self._tracer = tracer
-        self._scope = scope
+    __slots__ = (
+        "_attributes",
+        "_closed",
+        "_closed_event",
+        "_decision",
+        "_decisions",
+        "_denied",
+        "_dropped_events",
+        "_events",
+        "_kind",
+        "_namespace",
+        "_opened",
+        "_outcome",
+        "_pending_decided",
+        "_pending_line",
+        "_recorder",
+        "_resolved_event",
+        "_span_id",
+        "_start_ns",
+        "_trace_id",
+        "span_id",
+        "trace_id",
+    )
+
+    def __init__(self, recorder: SpanRecorder, kind: str, client_address: str, client_port: int) -> None:
+        self._recorder = recorder
         self._kind = kind
         self._opened = time.monotonic()
         self._start_ns = time.time_ns()
@@ -267,78 +281,85 @@ class SpanRecord:
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
         self._pending_line: dict[str, fields.AttributeValue] | None = None
-        self._events: BoundedList = BoundedList(SPAN_LIMITS.max_events)
-        ids = tracer.id_generator
-        context = SpanContext(ids.generate_trace_id(), ids.generate_span_id(), is_remote=False, trace_flags=_SAMPLED)
-        self._context = context
-        self.trace_id = format_trace_id(context.trace_id)
-        self.span_id = format_span_id(context.span_id)
+        # The SDK's BoundedList semantics (oldest dropped and counted) on a plain list, without a lock per span.
+        self._events: list[Event] = []
+        self._dropped_events = 0
+        ids = recorder.id_generator
+        self._trace_id = ids.generate_trace_id()
+        self._span_id = ids.generate_span_id()
+        self.trace_id = format_trace_id(self._trace_id)
+        self.span_id = format_span_id(self._span_id)
         metrics.connection_opened(kind)
 
-    @_never_raise
     def event(self, name: str, **attributes: Any) -> None:
-        if self._closed:
-            return
-        values = {
-            key: value
-            for key, value in ((k, fields.to_attribute_value(v)) for k, v in attributes.items())
-            if value is not None and not fields.is_secret_key(key)
-        }
-        if name == "decided":  # `decided()` writes this event; keep what the caller measured (e.g. duration_s)
-            self._pending_decided.update(values)
-            return
-        if name != "client_hello":
-            self._write_pending_line()
-        if name == "closed":
-            self._closed_event = True
-        if name == "resolved":
-            if self._resolved_event:
+        try:
+            if self._closed:
                 return
-            self._resolved_event = True
-        self._add_event(name, values)
+            values: dict[str, fields.AttributeValue] = {}
+            for key, value in attributes.items():
+                coerced = fields.to_attribute_value(value)
+                if coerced is not None and not fields.is_secret_key(key):
+                    values[key] = coerced
+            if name == "decided":  # `decided()` writes this event; keep what the caller measured (e.g. duration_s)
+                self._pending_decided.update(values)
+                return
+            if name != "client_hello" and self._pending_line is not None:
+                self._write_pending_line()
+            if name == "closed":
+                self._closed_event = True
+            elif name == "resolved":
+                if self._resolved_event:
+                    return
+                self._resolved_event = True
+            self._add_event(name, values)
+        except Exception as exc:  # the audit trail must never break a connection
+            _record_failure(error=repr(exc), method="event")
 
-    @_never_raise
     def set(self, **attributes: Any) -> None:
-        if self._closed:
-            return
-        values = fields.proxy_attributes(attributes)
-        peer = values.get(fields.NETWORK_PEER_ADDRESS)
-        if peer is not None and not self._resolved_event:
-            # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
-            self._resolved_event = True
-            self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
-        self._attributes.update(values)
+        try:
+            if self._closed:
+                return
+            values = fields.proxy_attributes(attributes)
+            peer = values.get(fields.NETWORK_PEER_ADDRESS)
+            if peer is not None and not self._resolved_event:
+                # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
+                self._resolved_event = True
+                self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
+            self._attributes.update(values)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="set")
 
-    @_never_raise
     def decided(self, facts: Facts, decision: Decision) -> None:
+        try:
+            self._decided(facts, decision)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="decided")
+
+    def _decided(self, facts: Facts, decision: Decision) -> None:
         if self._closed:
             return
         self._decisions += 1
         if self._decisions == 1:
             metrics.observe_decision_latency(time.monotonic() - self._opened)
         self._attributes.update(fields.facts_attributes(facts))
-        self._decision = fields.decision_attributes(decision)
+        attributes = self._decision = fields.decision_attributes(decision)
         self._namespace = facts.identity.namespace if facts.identity else None
         self._denied = None if decision.allowed else decision.message
-        event = {key: self._decision[key] for key in (fields.DECISION, fields.REASON) if key in self._decision}
-        for key in (fields.POLICY, fields.RULE, fields.WOULD_DENY):
-            if key in self._decision:
-                event[key] = self._decision[key]
-        event.update(self._pending_decided)
-        self._pending_decided = {}
+        event = {key: attributes[key] for key in _DECIDED_EVENT_KEYS if key in attributes}
+        if self._pending_decided:
+            event.update(self._pending_decided)
+            self._pending_decided = {}
         self._add_event("decided", event)
         would_deny_reason = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
         outcome = (decision.verdict, str(decision.reason.value), would_deny_reason)
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
-        changed = outcome != self._outcome
-        if changed:
+        if outcome != self._outcome:
             self._outcome = outcome
             metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=would_deny_reason)
-        if changed:
             self._write_pending_line()
         else:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
-        line = {**self._attributes, **self._decision}
+        line = {**self._attributes, **attributes}
         if self._kind == "CONNECT" and self._decisions == 1 and decision.allowed:
             self._pending_line = line
         else:
@@ -346,9 +367,13 @@ class SpanRecord:
 
     def _add_event(self, name: str, values: dict[str, fields.AttributeValue]) -> None:
         attributes: dict[str, fields.AttributeValue] | BoundedAttributes = values
-        if len(values) > (SPAN_LIMITS.max_event_attributes or 0):
-            attributes = BoundedAttributes(SPAN_LIMITS.max_event_attributes, values, immutable=True)
-        self._events.append(Event(name, attributes, time.time_ns()))
+        if len(values) > _MAX_EVENT_ATTRIBUTES:
+            attributes = BoundedAttributes(_MAX_EVENT_ATTRIBUTES, values, immutable=True)
+        events = self._events
+        if len(events) >= _MAX_EVENTS:
+            del events[0]
+            self._dropped_events += 1
+        events.append(Event(name, attributes, time.time_ns()))
 
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
         log_decision(line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
@@ -358,40 +383,49 @@ class SpanRecord:
             line, self._pending_line = self._pending_line, None
             self._write_line(line)
 
-    @_never_raise
     def close(self, *, bytes_sent: int = 0, bytes_received: int = 0) -> None:
-        if self._closed:
-            return
-        self._closed = True
         try:
-            self._write_pending_line()
-            if not self._closed_event:
-                self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-            attributes: dict[str, fields.AttributeValue] | BoundedAttributes = {
-                **self._attributes,
-                **self._decision,
-                fields.BYTES_SENT: bytes_sent,
-                fields.BYTES_RECEIVED: bytes_received,
-            }
-            if len(attributes) > (SPAN_LIMITS.max_span_attributes or 0):
-                attributes = BoundedAttributes(SPAN_LIMITS.max_span_attributes, attributes, immutable=True)
-            status = _UNSET if self._denied is None else Status(StatusCode.ERROR, self._denied)
-            span = ReadableSpan(
-                name=f"egress {self._kind}",
-                context=self._context,
-                parent=None,
-                resource=self._tracer.resource,
-                attributes=attributes,
-                events=self._events,
-                kind=SpanKind.SERVER,
-                status=status,
-                start_time=self._start_ns,
-                end_time=time.time_ns(),
-                instrumentation_scope=self._scope,
-            )
-            self._tracer.span_processor.on_end(span)
-        finally:
-            metrics.connection_closed(self._kind, self._namespace, bytes_sent, bytes_received)
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._end(bytes_sent, bytes_received)
+            finally:
+                metrics.connection_closed(self._kind, self._namespace, bytes_sent, bytes_received)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="close")
+
+    def _end(self, bytes_sent: int, bytes_received: int) -> None:
+        self._write_pending_line()
+        if not self._closed_event:
+            self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
+        attributes: dict[str, fields.AttributeValue] | BoundedAttributes = {
+            **self._attributes,
+            **self._decision,
+            fields.BYTES_SENT: bytes_sent,
+            fields.BYTES_RECEIVED: bytes_received,
+        }
+        if len(attributes) > _MAX_SPAN_ATTRIBUTES:
+            attributes = BoundedAttributes(_MAX_SPAN_ATTRIBUTES, attributes, immutable=True)
+        events: list[Event] | BoundedList = self._events
+        if self._dropped_events:
+            events = BoundedList.from_seq(SPAN_LIMITS.max_events, self._events)
+            events.dropped = self._dropped_events
+        recorder = self._recorder
+        span = ReadableSpan(
+            name=f"egress {self._kind}",
+            context=SpanContext(self._trace_id, self._span_id, is_remote=False, trace_flags=_SAMPLED),
+            parent=None,
+            resource=recorder.resource,
+            attributes=attributes,
+            events=events,
+            kind=SpanKind.SERVER,
+            status=_UNSET if self._denied is None else Status(StatusCode.ERROR, self._denied),
+            start_time=self._start_ns,
+            end_time=time.time_ns(),
+            instrumentation_scope=recorder.scope,
+        )
+        recorder.span_processor.on_end(span)
 
 
 class SpanRecorder:
@@ -403,12 +437,16 @@ class SpanRecorder:
         if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
             raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
         self._tracer = tracer
-        self._scope = InstrumentationScope(TRACER_NAME, __version__)
+        # What every record needs from the tracer, looked up once.
+        self.id_generator = tracer.id_generator
+        self.resource = tracer.resource
+        self.span_processor = tracer.span_processor
+        self.scope = InstrumentationScope(TRACER_NAME, __version__)
         self._shut = False
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         try:
-            return SpanRecord(self._tracer, self._scope, kind, client_address, client_port)
+            return SpanRecord(self, kind, client_address, client_port)
         except Exception as exc:
             _record_failure(error=repr(exc), method="open")
             return NullRecord()
