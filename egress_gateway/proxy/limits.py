@@ -19,6 +19,7 @@ from enum import StrEnum
 
 Clock = Callable[[], float]
 _BLANK_LINE = re.compile(rb"\n\r?\n")
+_CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls except HTAB, and DEL
 
 
 class ConnectionLimit:
@@ -254,7 +255,7 @@ def framing_problem(lines: list[bytes]) -> str | None:
         return "empty request head"
     hosts = 0
     for index, line in enumerate(lines):
-        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in line):
+        if _CONTROL_CHARACTER.search(line):
             return "control character in the request head"
         if index == 0:
             continue
