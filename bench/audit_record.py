@@ -61,6 +61,7 @@ IDENTITY = Identity(
 POLICY = PolicyRef(kind="EgressPolicy", namespace="shop", name="payments", version="sha256:0494fe3bb5bb")
 HOST = "api.stripe.com"
 PEER = ipaddress.ip_address("93.184.216.34")
+PEER_TEXT = str(PEER)  # the proxy's own work, not the recorder's
 CONNECT_FACTS = Facts(identity=IDENTITY, target=HOST, port=443, destination_ip=PEER)
 SNI_FACTS = Facts(identity=IDENTITY, target=HOST, port=443, sni=HOST, destination_ip=PEER)
 DECISION = Decision(
@@ -77,7 +78,7 @@ def one_tunnel(recorder: SpanRecorder, port: int) -> None:
     """The calls proxy/addon.py makes on one allowed CONNECT tunnel, in its order."""
     record = recorder.open("CONNECT", "10.244.1.17", port)
     record.set(server_address=HOST, server_port=443)
-    record.set(network_peer_address=str(PEER))
+    record.set(network_peer_address=PEER_TEXT)
     record.event("decided", duration_s=0.000123)
     record.decided(CONNECT_FACTS, DECISION)
     record.set(tls=True, tls_client_server_name=HOST, tls_alpn="h2,http/1.1")

@@ -139,7 +139,7 @@ class JsonLinesSpanExporter(SpanExporter):
                 if self._file is None:
                     self._open()
                 assert self._file is not None
-                self._file.write("".join(line + "\n" for line in lines))
+                self._file.write("\n".join(lines) + "\n")
                 self._file.flush()
             except (OSError, ValueError):
                 return SpanExportResult.FAILURE

@@ -123,8 +123,12 @@ _json_chain: _JsonChain | None = None
 # Keys the decision line itself writes (or that structlog would handle differently): never rendered directly.
 _RESERVED = frozenset(("trace_id", "span_id", "span_name", "event", "level", "timestamp"))
 _MAX_CACHED_KEYS = 4096
+_MAX_CACHED_ITEMS = 8192
 # key -> '"key": ' as json.dumps writes it, for keys that are neither reserved nor credential-looking.
 _key_fragments: dict[str, str] = {}
+# (key, str value) -> '"key": "value"', for pairs the chain writes unchanged. Most of a line repeats from one
+# connection to the next (namespace, pod, labels, destination, decision, policy, rule, message).
+_string_items: dict[tuple[str, str], str] = {}
 _EVENT_FRAGMENT = '"event": ' + _json_string(DECISION_EVENT)
 
 
@@ -153,6 +157,20 @@ def _value_json(value: Any) -> str | None:
     return None
 
 
+def _item(key: str, value: Any) -> str | None:
+    """'"key": value' as the chain writes it, or None to leave the line to structlog."""
+    fragment = _key_fragments.get(key) or _key_fragment(key)
+    encoded = _value_json(value)
+    if fragment is None or encoded is None:
+        return None
+    item = fragment + encoded
+    if type(value) is str:
+        if len(_string_items) >= _MAX_CACHED_ITEMS:
+            _string_items.clear()
+        _string_items[key, value] = item
+    return item
+
+
 def _render_decision_line(
     attributes: Mapping[str, AttributeValue], trace_id: str, span_id: str, name: str
 ) -> str | None:
@@ -163,23 +181,21 @@ def _render_decision_line(
         if own is None:
             return None
         parts.append(f'"{own_key}": {own}')
-    fragments = _key_fragments
+    items = _string_items
     for key, value in attributes.items():
-        fragment = fragments.get(key) or _key_fragment(key)
-        encoded = _value_json(value)
-        if fragment is None or encoded is None:
+        item = (type(value) is str and items.get((key, value))) or _item(key, value)
+        if item is None:
             return None
-        parts.append(fragment + encoded)
+        parts.append(item)
     parts.append(_EVENT_FRAGMENT)
     context = structlog.contextvars.get_contextvars()
     for var_name, var_value in context.items():  # merge_contextvars adds them after the event (setdefault)
         if var_name in attributes:
             return None
-        fragment = fragments.get(var_name) or _key_fragment(var_name)
-        encoded = _value_json(var_value)
-        if fragment is None or encoded is None:
+        item = _item(var_name, var_value)
+        if item is None:
             return None
-        parts.append(fragment + encoded)
+        parts.append(item)
     parts.append('"level": "info"')
     # structlog's TimeStamper(fmt="iso", utc=True), to the microsecond.
     timestamp = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")

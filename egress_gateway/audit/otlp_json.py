@@ -200,8 +200,12 @@ def _value_json(value: Any) -> str:
 
 
 _MAX_CACHED_KEYS = 4096
+_MAX_CACHED_ITEMS = 8192
 # attribute key -> '{"key":"<key>","value":' (the vocabulary is small: names from audit/fields.py and label keys)
 _key_openings: dict[str, str] = {}
+# (key, str value) -> the whole `{"key":...,"value":{"stringValue":...}}` item: most string attributes (namespace,
+# pod, labels, destination, decision, policy, rule, message) repeat from one connection to the next.
+_string_items: dict[tuple[str, str], str] = {}
 
 
 def _key_opening(key: str) -> str:
@@ -212,21 +216,29 @@ def _key_opening(key: str) -> str:
     return opening
 
 
+def _string_item(key: str, value: str) -> str:
+    item = (_key_openings.get(key) or _key_opening(key)) + '{"stringValue":' + _string(value) + "}}"
+    if len(_string_items) >= _MAX_CACHED_ITEMS:
+        _string_items.clear()
+    _string_items[key, value] = item
+    return item
+
+
 def _attributes_json(values: Mapping[str, Any]) -> str:
+    items = _string_items
     openings = _key_openings
     parts = []
     for key, value in values.items():
-        opening = openings.get(key) or _key_opening(key)
-        if type(value) is str:  # most values: inlined
-            parts.append(opening + '{"stringValue":' + _string(value) + "}}")
+        if type(value) is str:
+            parts.append(items.get((key, value)) or _string_item(key, value))
         else:
-            parts.append(opening + _value_json(value) + "}")
+            parts.append((openings.get(key) or _key_opening(key)) + _value_json(value) + "}")
     return ",".join(parts)
 
 
 def _event_json(event: Any) -> str:
     timestamp, name, attrs = event.timestamp, event.name, event.attributes
-    if timestamp and name and not event.dropped_attributes:  # every event the gateway records
+    if timestamp and name and type(attrs) is dict:  # every event the gateway records (a plain dict drops nothing)
         if attrs:
             return f'{{"timeUnixNano":"{timestamp}","name":{_string(name)},"attributes":[{_attributes_json(attrs)}]}}'
         return f'{{"timeUnixNano":"{timestamp}","name":{_string(name)}}}'
@@ -248,9 +260,10 @@ def span_json_open(sdk_span: ReadableSpan) -> str:
     if context is None:
         raise UnsupportedValue("span without a context")
     members = [f'{{"traceId":"{context.trace_id:032x}","spanId":"{context.span_id:016x}"']
-    trace_state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
-    if trace_state:
-        members.append('"traceState":' + _string(trace_state))
+    if context.trace_state:
+        trace_state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
+        if trace_state:
+            members.append('"traceState":' + _string(trace_state))
     parent = sdk_span.parent
     if parent:
         members.append(f'"parentSpanId":"{parent.span_id:016x}"')
@@ -261,23 +274,27 @@ def span_json_open(sdk_span: ReadableSpan) -> str:
         members.append('"startTimeUnixNano":"' + str(sdk_span.start_time) + '"')
     if sdk_span.end_time:
         members.append('"endTimeUnixNano":"' + str(sdk_span.end_time) + '"')
-    if sdk_span.attributes:
-        members.append('"attributes":[' + _attributes_json(sdk_span.attributes) + "]")
+    attributes = sdk_span.attributes
+    if attributes:
+        members.append('"attributes":[' + _attributes_json(attributes) + "]")
     if sdk_span.dropped_attributes:
         members.append('"droppedAttributesCount":' + str(sdk_span.dropped_attributes))
-    if sdk_span.events:
-        members.append('"events":[' + ",".join(_event_json(event) for event in sdk_span.events) + "]")
+    events = sdk_span.events
+    if events:
+        members.append('"events":[' + ",".join([_event_json(event) for event in events]) + "]")
     if sdk_span.dropped_events:
         members.append('"droppedEventsCount":' + str(sdk_span.dropped_events))
-    if sdk_span.links:
-        members.append('"links":' + _dumps([_link(link) for link in sdk_span.links]))
+    links = sdk_span.links
+    if links:
+        members.append('"links":' + _dumps([_link(link) for link in links]))
     if sdk_span.dropped_links:
         members.append('"droppedLinksCount":' + str(sdk_span.dropped_links))
-    status = []
-    if sdk_span.status.description:
-        status.append('"message":' + _string(sdk_span.status.description))
-    if sdk_span.status.status_code.value:
-        status.append('"code":' + str(sdk_span.status.status_code.value))
-    members.append('"status":{' + ",".join(status) + "}")
+    status = sdk_span.status
+    code = status.status_code.value
+    if status.description:
+        message = '"message":' + _string(status.description)
+        members.append('"status":{' + message + ',"code":' + str(code) + "}" if code else '"status":{' + message + "}")
+    else:
+        members.append('"status":{"code":' + str(code) + "}" if code else '"status":{}')
     members.append('"flags":' + str(_flags(parent)))
     return ",".join(members)
