@@ -203,6 +203,8 @@ _MAX_CACHED_KEYS = 4096
 _MAX_CACHED_ITEMS = 8192
 # attribute key -> '{"key":"<key>","value":' (the vocabulary is small: names from audit/fields.py and label keys)
 _key_openings: dict[str, str] = {}
+_TRUE = '{"boolValue":true}}'
+_FALSE = '{"boolValue":false}}'
 # (key, str value) -> the whole `{"key":...,"value":{"stringValue":...}}` item: most string attributes (namespace,
 # pod, labels, destination, decision, policy, rule, message) repeat from one connection to the next.
 _string_items: dict[tuple[str, str], str] = {}
@@ -229,8 +231,11 @@ def _attributes_json(values: Mapping[str, Any]) -> str:
     openings = _key_openings
     parts = []
     for key, value in values.items():
-        if type(value) is str:
+        kind = type(value)
+        if kind is str:
             parts.append(items.get((key, value)) or _string_item(key, value))
+        elif kind is bool:
+            parts.append((openings.get(key) or _key_opening(key)) + (_TRUE if value else _FALSE))
         else:
             parts.append((openings.get(key) or _key_opening(key)) + _value_json(value) + "}")
     return ",".join(parts)

@@ -117,13 +117,13 @@ class BoundedBatchSpanProcessor(BatchSpanProcessor):
         )
         self.name = name
         self._warn = _RateLimitedWarning("audit_queue_full")
+        # The SDK's bounded deque, looked up once (it is cleared, never replaced, after a fork).
+        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        self._sdk_queue: Any = queue if queue is not None and queue.maxlen is not None else None
 
     def _queue_full(self) -> bool:
-        batch = getattr(self, "_batch_processor", None)
-        queue = getattr(batch, "_queue", None)
-        if queue is None or queue.maxlen is None:
-            return False
-        return len(queue) >= queue.maxlen
+        queue = self._sdk_queue
+        return queue is not None and len(queue) >= queue.maxlen
 
     def on_end(self, span: ReadableSpan) -> None:
         if self._queue_full():
@@ -241,6 +241,7 @@ class SpanRecord:
         "_attributes",
         "_closed",
         "_closed_event",
+        "_decided_by",
         "_decision",
         "_decisions",
         "_denied",
@@ -272,6 +273,7 @@ class SpanRecord:
             fields.HTTP_METHOD: kind,
         }
         self._decision: dict[str, fields.AttributeValue] = {}
+        self._decided_by: Decision | None = None
         self._denied: str | None = None
         self._namespace: str | None = None
         self._decisions = 0
@@ -342,7 +344,10 @@ class SpanRecord:
         if self._decisions == 1:
             metrics.observe_decision_latency(time.monotonic() - self._opened)
         self._attributes.update(fields.facts_attributes(facts))
-        attributes = self._decision = fields.decision_attributes(decision)
+        if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
+            self._decided_by = decision
+            self._decision = fields.decision_attributes(decision)
+        attributes = self._decision
         self._namespace = facts.identity.namespace if facts.identity else None
         self._denied = None if decision.allowed else decision.message
         event = {key: attributes[key] for key in _DECIDED_EVENT_KEYS if key in attributes}
