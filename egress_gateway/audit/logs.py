@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import sys
+import time
 from collections.abc import Mapping, MutableMapping
 from json.encoder import encode_basestring_ascii as _json_string  # what json.dumps (ensure_ascii) writes for a str
 from typing import Any, Literal, NamedTuple
@@ -175,12 +176,20 @@ def _render_decision_line(
     attributes: Mapping[str, AttributeValue], trace_id: str, span_id: str, name: str
 ) -> str | None:
     """The line the JSON chain writes for this decision, or None to leave it to structlog."""
-    parts = []
-    for own_key, own_value in (("trace_id", trace_id), ("span_id", span_id), ("span_name", name)):
-        own = _value_json(own_value)
-        if own is None:
-            return None
-        parts.append(f'"{own_key}": {own}')
+    ids = trace_id + span_id if type(trace_id) is str and type(span_id) is str else ""
+    if ids.isascii() and ids.isalnum():  # hex ids (always): nothing to escape, nothing that looks like a credential
+        parts = ['"trace_id": "' + trace_id + '"', '"span_id": "' + span_id + '"']
+    else:
+        parts = []
+        for own_key, own_value in (("trace_id", trace_id), ("span_id", span_id)):
+            own = _value_json(own_value)
+            if own is None:
+                return None
+            parts.append(f'"{own_key}": {own}')
+    span_name = _value_json(name)
+    if span_name is None:
+        return None
+    parts.append('"span_name": ' + span_name)
     items = _string_items
     for key, value in attributes.items():
         item = (type(value) is str and items.get((key, value))) or _item(key, value)
@@ -197,10 +206,23 @@ def _render_decision_line(
             return None
         parts.append(item)
     parts.append('"level": "info"')
-    # structlog's TimeStamper(fmt="iso", utc=True), to the microsecond.
-    timestamp = datetime.datetime.now(tz=datetime.UTC).isoformat().replace("+00:00", "Z")
-    parts.append('"timestamp": "' + timestamp + '"')
+    parts.append('"timestamp": "' + _timestamp() + '"')
     return "{" + ", ".join(parts) + "}"
+
+
+_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp() -> str:
+    """What structlog's TimeStamper(fmt="iso", utc=True) writes: `datetime.now(UTC).isoformat()` with `Z`, from the
+    same clock truncated to the microsecond the same way, and the date and time part computed once per second."""
+    global _second
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    second = _second
+    if second[0] != seconds:
+        second = _second = (seconds, datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat()[:19])
+    microseconds = nanoseconds // 1000
+    return f"{second[1]}.{microseconds:06d}Z" if microseconds else second[1] + "Z"
 
 
 _printer: tuple[Any, structlog.PrintLogger] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -128,3 +129,22 @@ def test_console_format_and_warning_level_are_honoured(capsys: pytest.CaptureFix
     log_decision(ALLOWED, **IDS)
     err = capsys.readouterr().err
     assert DECISION_EVENT in err and not err.startswith("{")
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [1_764_165_841_258_134_999, 1_764_165_841_000_000_000, 1_764_165_841_000_000_999, 1_764_165_899_999_999_999, 0],
+)
+def test_the_timestamp_is_the_time_stampers_format(monkeypatch: pytest.MonkeyPatch, nanoseconds: int) -> None:
+    monkeypatch.setattr(logs.time, "time_ns", lambda: nanoseconds)
+    expected = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(microseconds=nanoseconds // 1000)
+    assert logs._timestamp() == expected.isoformat().replace("+00:00", "Z")
+
+
+def test_the_timestamp_reads_the_same_clock_as_the_time_stamper() -> None:
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    before = stamper(None, "info", {})["timestamp"]
+    ours = logs._timestamp()
+    after = stamper(None, "info", {})["timestamp"]
+    parse = datetime.datetime.fromisoformat
+    assert parse(before) <= parse(ours) <= parse(after)
