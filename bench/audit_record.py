@@ -13,7 +13,7 @@ clock stops after a final `force_flush`). Four configurations:
 - `all`: spans, trail file and log line.
 
 How the export thread gets the GIL matters. By default the loop behaves like an event loop that waits for I/O:
-every 64 records it idles (sleeps, no CPU) while the export thread is busy, so the export thread writes every full
+every 16 records it idles (sleeps, no CPU) while the export thread is busy, so the export thread writes every full
 batch without competing. `--busy` models a loop that never idles: the export thread is then starved (every time the
 loop releases the GIL for the decision line's write it is woken and loses the race, and CPython's forced switch
 never fires because the GIL keeps changing hands), so the loop calls `force_flush` every 1000 records itself and
@@ -51,7 +51,7 @@ from egress_gateway.policy.decision import Decision, Facts, Identity, PolicyRef,
 from egress_gateway.settings import AuditSettings, Settings
 
 FLUSH_EVERY = 1000  # --busy: well below the default audit.max_queue_size (8192)
-IDLE_EVERY = 64  # default: how often the loop lets a busy export thread finish its batch
+IDLE_EVERY = 16  # default: how often the loop lets a busy export thread finish its batch
 CONFIGURATIONS: dict[str, tuple[bool, bool]] = {  # name -> (trail file, decision log line)
     "spans": (False, False),
     "+jsonl": (True, False),

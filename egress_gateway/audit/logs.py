@@ -7,10 +7,10 @@ Must not import the proxy or the engine.
 
 The decision line is written once per connection, so while the JSON chain `configure_logging` installed is the one
 in force it is rendered here directly, byte for byte what that chain writes (same keys in the same order, the same
-`json.dumps` text and timestamp, the same stream and lock), without a bound logger and an event dict per line. Any
-line the chain would change in a way this renderer does not repeat (a key or value to redact, a value that is not a
-plain str/bool/int/float, a colliding context variable), and any other configuration (console, a test's
-`capture_logs`, `reset_defaults`), goes through structlog itself.
+`json.dumps` text, the same timestamp format and clock, the same stream and lock), without a bound logger and an
+event dict per line. Any line the chain would change in a way this renderer does not repeat (a key or value to
+redact, a value that is not a plain str/bool/int/float, a colliding context variable), and any other configuration
+(console, a test's `capture_logs`, `reset_defaults`), goes through structlog itself.
 """
 
 from __future__ import annotations
