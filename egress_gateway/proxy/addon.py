@@ -285,13 +285,22 @@ class GatewayAddon:
 
     async def open_tunnel(self, state: ClientState, request: http.Request) -> http.Response | None:
         """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (its ClientHello timer runs) and None is
-        returned; denied: the response to send before closing (the record is complete)."""
+        returned; denied: the response to send before closing (the record is complete). A client that left while
+        the decision was pending gets its record completed and no tunnel."""
         state.request_seen = True
         _cancel(state.request_timer)
         record = self.recorder.open("CONNECT", state.address, state.port)
-        verdict = await self._decide(state, record, request, host_header=None)
+        try:
+            verdict = await self._decide(state, record, request, host_header=None)
+        except BaseException:
+            record.close()
+            raise
         if not verdict.decision.allowed:
             return self._refusal(state, record, verdict.decision)
+        if self.clients.get(state.client_id) is not state:  # the client left while the decision was pending
+            record.event("closed")
+            record.close()
+            return None
         tunnel = Tunnel(record=record, verdict=verdict)
         state.tunnel = tunnel
         tunnel.hello_timer = asyncio.get_running_loop().call_later(

@@ -151,8 +151,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.listener.connections.pop(self.id, None)
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        if self.task is not None and self.tunnel is not None and not self.task.done():
+            self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         if self.upstream is not None:

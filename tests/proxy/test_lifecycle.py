@@ -368,3 +368,44 @@ def test_environment_overrides_the_config_file(
     tunnel = tls_through(connect(gateway.proxy_port, f"api.test:{api.port}"), ca, "api.test")
     assert b'"/env"' in request_over(tunnel, "/env")
     tunnel.close()
+
+
+class SlowDNS(ScriptedDNS):
+    """Answers like `ScriptedDNS`, each answer `delay_s` late."""
+
+    delay_s = 0.8
+
+    def respond(self, query: object, raw: bytes, name: str, qtype: str) -> bytes | None:
+        time.sleep(self.delay_s)
+        return super().respond(query, raw, name, qtype)  # type: ignore[arg-type]
+
+
+def _active_tunnels(gateway: GatewayProcess) -> float:
+    text = httpx.get(f"{gateway.admin_url}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("egress_gateway_active_tunnels "):
+            return float(line.split()[1])
+    raise AssertionError("no egress_gateway_active_tunnels sample")
+
+
+def test_client_leaving_during_a_pending_decision_leaves_a_complete_record_and_no_tunnel(
+    make_gateway: Callable[..., GatewayProcess],
+) -> None:
+    dns = SlowDNS({"late.test": [ORIGIN]}).start()
+    try:
+        gateway = make_gateway(
+            base_config(resolver={"nameservers": [dns.address], "timeout_s": 5}), {"shop.yaml": policy("late.test")}
+        )
+        sock = socket.create_connection(("127.0.0.1", gateway.proxy_port), timeout=5, source_address=("127.0.0.2", 0))
+        sock.sendall(b"CONNECT late.test:443 HTTP/1.1\r\nHost: late.test:443\r\n\r\n")
+        time.sleep(0.2)
+        sock.close()  # before the DNS answer arrives
+        record = gateway.wait_for("egress_decision", lambda e: e.get("server.address") == "late.test")
+        assert record["egress.decision"] == "allow"  # decided and recorded although nobody waits for it
+        deadline = time.monotonic() + 5
+        while _active_tunnels(gateway) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _active_tunnels(gateway) == 0, "the record was closed: no tunnel counted as open"
+        assert not any(e.get("event") == "tunnel_failed" for e in gateway.events)
+    finally:
+        dns.stop()
