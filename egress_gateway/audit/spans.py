@@ -242,6 +242,7 @@ class SpanRecord:
         "_closed",
         "_closed_event",
         "_decided_by",
+        "_decided_outcome",
         "_decision",
         "_decisions",
         "_denied",
@@ -274,6 +275,7 @@ class SpanRecord:
         }
         self._decision: dict[str, fields.AttributeValue] = {}
         self._decided_by: Decision | None = None
+        self._decided_outcome: tuple[str, str, str | None] = ("", "", None)  # verdict, reason, would-deny reason
         self._denied: str | None = None
         self._namespace: str | None = None
         self._decisions = 0
@@ -347,6 +349,8 @@ class SpanRecord:
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
+            would_deny = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
+            self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
         self._namespace = facts.identity.namespace if facts.identity else None
         self._denied = None if decision.allowed else decision.message
@@ -355,12 +359,11 @@ class SpanRecord:
             event.update(self._pending_decided)
             self._pending_decided = {}
         self._add_event("decided", event)
-        would_deny_reason = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
-        outcome = (decision.verdict, str(decision.reason.value), would_deny_reason)
+        outcome = self._decided_outcome
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
         if outcome != self._outcome:
             self._outcome = outcome
-            metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=would_deny_reason)
+            metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=outcome[2])
             self._write_pending_line()
         else:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
