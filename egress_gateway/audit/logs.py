@@ -125,6 +125,7 @@ _json_chain: _JsonChain | None = None
 _RESERVED = frozenset(("trace_id", "span_id", "span_name", "event", "level", "timestamp"))
 _MAX_CACHED_KEYS = 4096
 _MAX_CACHED_ITEMS = 8192
+_MAX_CACHED_VALUE = 256
 # key -> '"key": ' as json.dumps writes it, for keys that are neither reserved nor credential-looking.
 _key_fragments: dict[str, str] = {}
 # (key, str value) -> '"key": "value"', for pairs the chain writes unchanged. Most of a line repeats from one
@@ -165,7 +166,7 @@ def _item(key: str, value: Any) -> str | None:
     if fragment is None or encoded is None:
         return None
     item = fragment + encoded
-    if type(value) is str:
+    if type(value) is str and len(value) <= _MAX_CACHED_VALUE:  # long values do not repeat; nor fill memory
         if len(_string_items) >= _MAX_CACHED_ITEMS:
             _string_items.clear()
         _string_items[key, value] = item

@@ -201,6 +201,7 @@ def _value_json(value: Any) -> str:
 
 _MAX_CACHED_KEYS = 4096
 _MAX_CACHED_ITEMS = 8192
+_MAX_CACHED_VALUE = 256
 # attribute key -> '{"key":"<key>","value":' (the vocabulary is small: names from audit/fields.py and label keys)
 _key_openings: dict[str, str] = {}
 _TRUE = '{"boolValue":true}}'
@@ -220,9 +221,10 @@ def _key_opening(key: str) -> str:
 
 def _string_item(key: str, value: str) -> str:
     item = (_key_openings.get(key) or _key_opening(key)) + '{"stringValue":' + _string(value) + "}}"
-    if len(_string_items) >= _MAX_CACHED_ITEMS:
-        _string_items.clear()
-    _string_items[key, value] = item
+    if len(value) <= _MAX_CACHED_VALUE:  # long values (a client's odd Host header) do not repeat; nor fill memory
+        if len(_string_items) >= _MAX_CACHED_ITEMS:
+            _string_items.clear()
+        _string_items[key, value] = item
     return item
 
 

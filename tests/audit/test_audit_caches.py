@@ -112,3 +112,16 @@ def test_decision_lines_stay_exact_when_the_line_caches_overflow(
     assert [line["n"] for line in lines] == [0, 1, 2, 3]
     assert len(logs._string_items) <= 2 and len(logs._key_fragments) <= 2
     assert all(list(line)[:3] == ["trace_id", "span_id", "span_name"] for line in lines)
+
+
+def test_long_values_are_encoded_but_not_kept(recorder: MemoryRecorder, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", "json")
+    long_host = "h" * 1000 + ".example"
+    record = recorder.open("GET", "10.0.0.1", 40030)
+    record.decided(facts(target=long_host, host_header=long_host), allow())
+    record.close()
+    (span,) = recorder.exporter.get_finished_spans()
+    assert span_to_line(span) == sdk_spans_to_lines([span])[0]
+    assert json.loads(capsys.readouterr().err)["egress.host_header"] == long_host
+    assert all(len(value) <= otlp_json._MAX_CACHED_VALUE for _, value in otlp_json._string_items)
+    assert all(len(value) <= logs._MAX_CACHED_VALUE for _, value in logs._string_items)
