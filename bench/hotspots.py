@@ -92,7 +92,7 @@ CALLER_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
 OWNER_BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("asyncio streams: socket reads/writes, incl. the syscalls", ("stdlib:asyncio.streams",)),
     ("event loop: uvloop C code, tasks, futures", ("stdlib:asyncio", "uvloop")),
-    ("our proxy code: addon, gate, layers, resolver, ClientHello parser", ("egress_gateway",)),
+    ("our proxy code: listener, addon, gate, layers, resolver, ClientHello parser", ("egress_gateway",)),
     ("mitmproxy: layers, hook dispatch, connection objects", ("mitmproxy",)),
 ]
 _HELPERS = ("stdlib:", "other:")  # charged to their caller
