@@ -47,6 +47,7 @@ def test_identity_attributes_are_copies_and_the_cache_is_bounded(monkeypatch: py
     first["k8s.pod.name"] = "changed by a caller"
     assert fields.identity_attributes(SHOP)["k8s.pod.name"] == "web-7d9f"
     monkeypatch.setattr(fields, "_MAX_CACHED", 2)
+    monkeypatch.setattr(fields, "_identity_attributes", {})
     names = [f"ns-{index}" for index in range(5)]
     for name in names * 2:
         assert fields.identity_attributes(Identity(namespace=name))["k8s.namespace.name"] == name
@@ -84,6 +85,8 @@ def test_trail_lines_stay_exact_when_the_encoder_caches_overflow(
 ) -> None:
     monkeypatch.setattr(otlp_json, "_MAX_CACHED_ITEMS", 3)
     monkeypatch.setattr(otlp_json, "_MAX_CACHED_KEYS", 3)
+    monkeypatch.setattr(otlp_json, "_string_items", {})
+    monkeypatch.setattr(otlp_json, "_key_openings", {})
     for port in range(40020, 40026):
         _tunnel(recorder, SHOP, port)
     spans = list(recorder.exporter.get_finished_spans())
@@ -98,6 +101,8 @@ def test_decision_lines_stay_exact_when_the_line_caches_overflow(
     configure_logging("info", "json")
     monkeypatch.setattr(logs, "_MAX_CACHED_ITEMS", 2)
     monkeypatch.setattr(logs, "_MAX_CACHED_KEYS", 2)
+    monkeypatch.setattr(logs, "_string_items", {})
+    monkeypatch.setattr(logs, "_key_fragments", {})
     lines = []
     for index in range(4):
         attributes: dict[str, fields.AttributeValue] = {
