@@ -1,8 +1,9 @@
 """Wiring of `egress-gateway run`: settings -> store + source -> engine -> identity chain -> recorder -> proxy + admin.
 
 Owns the process lifecycle: start order (admin first so /healthz answers, then the proxy, then the policy source),
-the policy-change subscription (swap the engine's policies, revoke tunnels that became denied) and the SIGTERM
-drain (stop accepting, wait for open connections up to `shutdown_grace_s`, close the rest, exit 0).
+the policy-change subscription (swap the engine's policies, revoke tunnels that became denied), the same revocation
+when cluster identities change (pod or namespace relabelled, pod gone), and the SIGTERM drain (stop accepting,
+wait for open connections up to `shutdown_grace_s`, close the rest, exit 0).
 It is the only module that knows every adapter. `workers` > 1 hands over to `supervisor.py`, which runs
 `serve` once per worker process.
 """
@@ -17,7 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -36,6 +37,9 @@ from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
 from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.settings import DefaultAction, Settings, split_hostport
 from egress_gateway.sources.base import PolicySource
+
+if TYPE_CHECKING:  # imported at run time only when a cluster identity mode is configured
+    from egress_gateway.kube.workloads import IdentityChanges
 
 log = structlog.get_logger("egress_gateway")
 
@@ -150,6 +154,10 @@ class Gateway:
         self.listen_addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
         self.store.subscribe(self._policies_changed)
+        # pod-ip / service-account-token: their shared WorkloadIndex says when the clients' labels change.
+        indexes = {id(i): i for r in self._identity_lifecycle if (i := getattr(r, "index", None)) is not None}
+        for index in indexes.values():
+            index.subscribe(self._identities_changed)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.store.loaded:
@@ -166,7 +174,20 @@ class Gateway:
         if self.settings.revoke_open_tunnels:
             revoked = self.addon.revoke()
             if revoked:
-                log.info("tunnels_revoked", count=revoked, generation=policies.generation)
+                log.info("tunnels_revoked", cause="policy_change", count=revoked, generation=policies.generation)
+
+    def _identities_changed(self, changes: IdentityChanges) -> None:
+        """`kube.workloads.IdentityChanges`: re-identify the open tunnels of changed pods and namespaces."""
+        if self.settings.revoke_open_tunnels:
+            revoked = self.addon.revoke(changes.refresh)
+            if revoked:
+                log.info(
+                    "tunnels_revoked",
+                    cause="identity_change",
+                    count=revoked,
+                    pods=len(changes.pods),
+                    namespaces=len(changes.namespaces),
+                )
 
     async def start(self) -> None:
         self.admin_addresses = await self.admin.start()

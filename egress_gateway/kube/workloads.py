@@ -5,6 +5,9 @@ finished pods, and Namespaces). It keeps only what identity needs (name, labels,
 creation time) and indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the
 node's). When an IP is claimed by several pods (reuse during churn), the newest pod that is not terminating owns
 it. `WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one pair of watches).
+Identities it hands out are `ClusterIdentity`s. `subscribe(callback)` tells the gateway which of them changed
+(pod labels, service account or IPs, pod gone, namespace labels), coalesced: at most one call per
+`NOTIFY_INTERVAL_S`, so a busy cluster costs a bounded number of passes over the open tunnels.
 Imports the decision types, settings, the kube plumbing and audit metrics; never the proxy or the engine.
 """
 
@@ -13,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import itertools
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -33,6 +37,42 @@ PodKey = tuple[str, str]  # (namespace, name)
 # Finished pods never own an address again; let the API server drop them (and send DELETED when a pod finishes).
 POD_FIELD_SELECTOR = "status.phase!=Succeeded,status.phase!=Failed"
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+# Identity changes are handed to subscribers at most this often. The first change after a quiet period goes out on
+# the next loop iteration (a lone relabel is acted on at once); changes arriving within this interval of the last
+# notification are gathered into one, so a rollout of thousands of pods costs at most 1/interval passes per second
+# over the open tunnels, and a relabel waits at most this long.
+NOTIFY_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterIdentity(Identity):
+    """An `Identity` read from this index (pod-IP or token identity): its pod or namespace labels can change, or
+    its pod can go away, while a tunnel it opened is still open. Static identities are plain `Identity`s."""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanges:
+    """What changed since the last notification: pods whose identity-relevant data changed (added, relabelled,
+    other IPs or service account, removed) and namespaces whose labels changed."""
+
+    index: WorkloadIndex
+    pods: frozenset[PodKey] = field(default_factory=frozenset)
+    namespaces: frozenset[str] = field(default_factory=frozenset)
+
+    def affects(self, identity: Identity) -> bool:
+        return (
+            isinstance(identity, ClusterIdentity)
+            and identity.pod is not None
+            and (identity.namespace in self.namespaces or (identity.namespace, identity.pod) in self.pods)
+        )
+
+    def refresh(self, identity: Identity) -> Identity | None:
+        """The current identity of the pod behind `identity` (the same object when nothing about it changed or it
+        did not come from the cluster); None when its pod is gone."""
+        if not self.affects(identity) or identity.pod is None:  # (pod: for the type checker; affects() says so)
+            return identity
+        current = self.index.identity_for_pod(identity.namespace, identity.pod)
+        return identity if current == identity else current
 
 
 def canonical_ip(text: str) -> str | None:
@@ -62,6 +102,10 @@ class PodRecord:
         # A pod that lists an IP is using it (a Pending pod's init containers already are); the CNI hands an IP
         # to a new pod only after the old sandbox is gone, so the newest, not terminating claimant is the owner.
         return (not self.terminating, self.created, self.seen)
+
+    def identity_data(self) -> tuple[Mapping[str, str], str | None, tuple[str, ...]]:
+        """What an identity (or the address that leads to it) is made of: a change is reported to subscribers."""
+        return (self.labels, self.service_account, self.ips)
 
 
 def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
@@ -108,6 +152,11 @@ class WorkloadIndex:
         self.reflectors: dict[str, Reflector] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
+        self._subscribers: list[Callable[[IdentityChanges], None]] = []
+        self._changed_pods: set[PodKey] = set()
+        self._changed_namespaces: set[str] = set()
+        self._notify_handle: asyncio.Handle | None = None
+        self._last_notified = -NOTIFY_INTERVAL_S
 
     @classmethod
     def shared(cls, settings: Settings) -> WorkloadIndex:
@@ -162,6 +211,9 @@ class WorkloadIndex:
             return
         await cancel_all(self._tasks)
         self._tasks = []
+        if self._notify_handle is not None:
+            self._notify_handle.cancel()
+            self._notify_handle = None
         if self._api is not None and self._own_api:
             await self._api.close()
             self._api = None
@@ -175,6 +227,45 @@ class WorkloadIndex:
         if not values or any(v is None for v in values):
             return None
         return max(v for v in values if v is not None)
+
+    # ---------------------------------------------------------------- change notifications
+    def subscribe(self, callback: Callable[[IdentityChanges], None]) -> None:
+        """`callback(changes)` runs on the event loop after identities changed, at most once per
+        `NOTIFY_INTERVAL_S`. Changes that matter to no identity (pod status, phase, readiness) are not reported."""
+        self._subscribers.append(callback)
+
+    def _changed(self, pod: PodKey | None = None, namespace: str | None = None) -> None:
+        if not self._subscribers:
+            return
+        if pod is not None:
+            self._changed_pods.add(pod)
+        if namespace is not None:
+            self._changed_namespaces.add(namespace)
+        if self._notify_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): `flush_changes()` hands them out
+            return
+        wait = self._last_notified + NOTIFY_INTERVAL_S - time.monotonic()
+        self._notify_handle = (
+            loop.call_later(wait, self.flush_changes) if wait > 0 else loop.call_soon(self.flush_changes)
+        )
+
+    def flush_changes(self) -> None:
+        """Hand the pending changes to the subscribers now (one call each)."""
+        self._notify_handle = None
+        if not self._changed_pods and not self._changed_namespaces:
+            return
+        changes = IdentityChanges(self, frozenset(self._changed_pods), frozenset(self._changed_namespaces))
+        self._changed_pods.clear()
+        self._changed_namespaces.clear()
+        self._last_notified = time.monotonic()
+        for callback in list(self._subscribers):
+            try:
+                callback(changes)
+            except Exception:  # one subscriber's bug must not stop the others or the watch
+                self._log.exception("identity_change_subscriber_failed")
 
     # ---------------------------------------------------------------- lookups (data path: dict reads only)
     def owner_of(self, ip: str) -> PodRecord | None:
@@ -198,7 +289,7 @@ class WorkloadIndex:
         record = self._pods.get(key)
         if record is None:
             return None
-        identity = Identity(
+        identity = ClusterIdentity(
             namespace=namespace,
             pod=name,
             labels=record.labels,
@@ -244,6 +335,8 @@ class WorkloadIndex:
             return
         self._pods[key] = record
         self._identities.pop(key, None)
+        if old is None or old.identity_data() != record.identity_data():
+            self._changed(pod=key)  # not for status-only updates (phase, readiness, deletion mark)
         touched = set(record.ips) | set(old.ips if old else ())
         for ip in set(old.ips if old else ()) - set(record.ips):
             self._claims.get(ip, set()).discard(key)
@@ -256,6 +349,7 @@ class WorkloadIndex:
         self._identities.pop(key, None)
         if old is None:
             return
+        self._changed(pod=key)
         for ip in old.ips:
             self._claims.get(ip, set()).discard(key)
         self._elect(set(old.ips))
@@ -302,3 +396,4 @@ class WorkloadIndex:
             self._namespaces[name] = labels
         for key in [k for k in self._identities if k[0] == name]:
             del self._identities[key]
+        self._changed(namespace=name)

@@ -461,24 +461,38 @@ class GatewayAddon:
         return state.tunnel if state is not None else None
 
     # ---- hot reload -----------------------------------------------------------------------------------------
-    def revoke(self) -> int:
-        """Re-decide every open tunnel against the policies now in force; close those that became denied."""
+    def revoke(self, reidentify: Callable[[Identity], Identity | None] | None = None) -> int:
+        """Re-decide every open tunnel against the policies now in force; close those that became denied.
+
+        With `reidentify` (the clients' workloads changed, not the policies), each tunnel's identity is first
+        replaced by `reidentify(identity)` (None: the client's pod is gone); a tunnel for which it returns the same
+        object is not re-decided. Tunnels still allowed keep running with the refreshed identity."""
         revoked = 0
         for state in list(self.clients.values()):
             tunnel = state.tunnel
             if tunnel is None or tunnel.closed_reason is not None:
                 continue
-            decision = self.gate.redecide(tunnel.verdict.facts)
+            facts = tunnel.verdict.facts
+            cause = "a policy change denies this open tunnel"
+            if reidentify is not None:
+                if facts.identity is None:
+                    continue
+                identity = reidentify(facts.identity)
+                if identity is facts.identity:
+                    continue
+                cause = self._reidentified_cause(facts.identity, identity)
+                facts = replace(facts, identity=identity)
+            decision = self.gate.redecide(facts)
             if decision.allowed:
-                tunnel.verdict = Verdict(tunnel.verdict.facts, decision, tunnel.verdict.candidates)
+                tunnel.verdict = Verdict(facts, decision, tunnel.verdict.candidates)
                 continue
             tunnel.closed_reason = Reason.REVOKED
             tunnel.record.decided(
-                tunnel.verdict.facts,
+                tunnel.verdict.facts,  # the identity that opened it; the message says what changed
                 Decision(
                     allowed=False,
                     reason=Reason.REVOKED,
-                    message=f"a policy change denies this open tunnel ({decision.reason.value}: {decision.message})",
+                    message=f"{cause} ({decision.reason.value}: {decision.message})",
                     policy=decision.policy,
                     rule=decision.rule,
                     matched=decision.matched,
@@ -487,6 +501,26 @@ class GatewayAddon:
             self.close_client(state.client_id)
             revoked += 1
         return revoked
+
+    @staticmethod
+    def _reidentified_cause(before: Identity, after: Identity | None) -> str:
+        """Why `revoke(reidentify)` closes a tunnel: the start of its `revoked` message (which labels changed)."""
+        if after is None:
+            return f"the client's pod {before.namespace}/{before.pod} is gone, which denies this open tunnel"
+        changed = []
+        for what, old, new in (
+            (f"pod {before.namespace}/{before.pod}", before.labels, after.labels),
+            (f"namespace {before.namespace}", before.namespace_labels, after.namespace_labels),
+        ):
+            keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            if keys:
+                shown = ", ".join(f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys[:4])
+                more = f", {len(keys) - 4} more" if len(keys) > 4 else ""
+                changed.append(f"{what} ({shown}{more})")
+        if not changed:
+            accounts = f"{before.service_account} -> {after.service_account}"
+            return f"the client's service account changed ({accounts}), which denies this open tunnel"
+        return f"the client's labels changed: {' and '.join(changed)}, which denies this open tunnel"
 
     # ---- shared -----------------------------------------------------------------------------------------------
     async def _decide(
