@@ -1,9 +1,11 @@
-"""The mitmproxy addon that enforces decisions: one short hook per proxy event, each delegating to `Gate`.
+"""The checks that enforce decisions, as mitmproxy hooks and as plain methods the tunnel listener calls.
 
-Owns the per-connection state (`ClientState`, `Tunnel`), the tunnel layer choice (`next_layer`), IP pinning
-(`server_connect` dials only an address the gate approved), the client timers (request, ClientHello, connect) and
-revocation of open tunnels after a policy change. TLS is never terminated: tunnels get `PassthroughLayer`.
-Imports mitmproxy, the gate, the recorder contract and the decision types; never the policy sources.
+Owns the per-connection state (`ClientState`, `Tunnel`), the request-head checks (`read_head`), the CONNECT decision
+(`open_tunnel`), the ClientHello check (`start_tunnel`), the tunnel layer choice for connections mitmproxy serves
+(`next_layer`), IP pinning (`server_connect` dials only an address the gate approved), the client timers (request,
+ClientHello, connect) and revocation of open tunnels after a policy change or a change of the clients' labels.
+TLS is never terminated. Imports mitmproxy, the gate, the recorder contract and the decision types; never the
+policy sources.
 """
 
 from __future__ import annotations
