@@ -25,7 +25,7 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 
 from egress_gateway.proxy.addon import GatewayAddon, NextLayer
 from egress_gateway.proxy.dispatch import PrecomputedDispatch
-from egress_gateway.proxy.listener import TunnelListener
+from egress_gateway.proxy.listener import TunnelListener, dials_itself
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,11 @@ class _SelfConnectGuard:
 
     def __init__(self, sock: socket.socket) -> None:
         host, port = sock.getsockname()[:2]
-        self.port = int(port)
-        self.hosts = {"127.0.0.1", "::1", "localhost", str(host)}
+        self.own_address = (str(host), int(port))
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
-        if address is not None and address[1] == self.port and address[0] in self.hosts:
+        if address is not None and dials_itself((str(address[0]), int(address[1])), self.own_address):
             data.server.error = "egress-gateway: refusing to connect to itself"
 
 

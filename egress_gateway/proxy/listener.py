@@ -35,6 +35,21 @@ HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None
 log = structlog.get_logger("egress_gateway.proxy")
 
 
+def dials_itself(address: tuple[str, int], own_address: tuple[str, int]) -> bool:
+    """Would dialing `address` reach the proxy listening on `own_address`? Its port on the bound address, on any
+    loopback or unspecified address, or on `localhost`. Used by both paths: the listener's tunnels and mitmproxy's."""
+    host, port = str(address[0]), int(address[1])
+    if port != int(own_address[1]):
+        return False
+    if host in (str(own_address[0]), "localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
 class TunnelListener:
     """Accepts on one listening socket; owns the tunnels it serves (`connections`, `close_client`)."""
 
@@ -71,14 +86,7 @@ class TunnelListener:
         return f"tunnel-{next(self._ids)}"
 
     def is_self(self, address: tuple[str, int]) -> bool:
-        """Would dialing `address` reach this listener (a tunnel into the proxy itself)?"""
-        if address[1] != self.own_port:
-            return False
-        try:
-            ip = ipaddress.ip_address(address[0])
-        except ValueError:
-            return False
-        return address[0] == self.own_host or ip.is_loopback or ip.is_unspecified
+        return dials_itself(address, (self.own_host, self.own_port))
 
     def spawn(self, coroutine: Awaitable[Any], connection: ClientConnection | None = None) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)

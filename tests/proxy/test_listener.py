@@ -263,3 +263,23 @@ def _get(env: Env, url: str) -> tuple[int, bytes]:
     answer = raw_request(env.gateway.proxy_port, f"GET {url} HTTP/1.1\r\nHost: {host_port}\r\n\r\n".encode())
     answer.sock.close()
     return answer.status, answer.body
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        (("127.0.0.1", 3128), True),
+        (("127.0.0.2", 3128), True),  # any loopback address reaches a listener bound to a wildcard or 127.0.0.1
+        (("::1", 3128), True),
+        (("0.0.0.0", 3128), True),
+        (("localhost", 3128), True),
+        (("10.0.0.5", 3128), True),  # the bound address itself
+        (("10.0.0.6", 3128), False),
+        (("127.0.0.1", 3129), False),
+        (("example.test", 3128), False),
+    ],
+)
+def test_dials_itself_is_the_one_rule_for_both_paths(address: tuple[str, int], expected: bool) -> None:
+    from egress_gateway.proxy.listener import dials_itself
+
+    assert dials_itself(address, ("10.0.0.5", 3128)) is expected
