@@ -3,8 +3,10 @@
 Owns: `Acceptance` (what the gateway thinks of one generation of one object) and `StatusWriter`, which
 compares it with the status the object already carries (as last seen by the watch) and patches the status
 subresource (`application/merge-patch+json`) only when they differ, and only while this replica is the leader.
-Writes are serialized, retried with backoff, and dropped when the object is gone. Imports no policy engine
-code.
+Each patch carries the resourceVersion the watch saw, so it lands only on exactly that version of that object:
+never on a newer spec, and never on a different object re-created under the same name (409 Conflict; the watch
+then brings the current object and its own verdict). Writes are serialized, retried with backoff, and dropped
+when the object is gone. Imports no policy engine code.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class StatusWriter:
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=30.0)
         self._wanted: dict[ObjectKey, Acceptance] = {}
         self._current: dict[ObjectKey, dict[str, Any] | None] = {}
+        self._versions: dict[ObjectKey, str | None] = {}  # resourceVersion the verdict was made for
         self._dirty: set[ObjectKey] = set()
         self._wake = asyncio.Event()
         self._log = structlog.get_logger("egress_gateway.kube")
@@ -94,10 +97,18 @@ class StatusWriter:
         self.writes = 0
         self.on_write: Callable[[ObjectKey, Acceptance], None] | None = None
 
-    def observe(self, key: ObjectKey, current_status: dict[str, Any] | None, wanted: Acceptance) -> None:
-        """The object as the watch saw it, and what its Accepted condition should say."""
+    def observe(
+        self,
+        key: ObjectKey,
+        current_status: dict[str, Any] | None,
+        wanted: Acceptance,
+        resource_version: str | None = None,
+    ) -> None:
+        """The object as the watch saw it (its status and resourceVersion), and what its Accepted condition should
+        say."""
         self._wanted[key] = wanted
         self._current[key] = current_status
+        self._versions[key] = resource_version
         if needs_write(current_status, wanted):
             self._dirty.add(key)
             self._wake.set()
@@ -107,6 +118,7 @@ class StatusWriter:
     def forget(self, key: ObjectKey) -> None:
         self._wanted.pop(key, None)
         self._current.pop(key, None)
+        self._versions.pop(key, None)
         self._dirty.discard(key)
 
     def set_leader(self, leader: bool) -> None:
@@ -137,6 +149,11 @@ class StatusWriter:
                 except ApiException as exc:
                     if exc.status == 404:
                         continue  # deleted meanwhile; the watch will tell us
+                    if exc.status == 409:
+                        # Changed (or deleted and re-created) since the watch saw it: the watch brings the new
+                        # version, which is judged and observed afresh.
+                        self._log.info("kube_status_write_stale", object="/".join(p for p in key if p))
+                        continue
                     await self._retry_later(key, f"HTTP {exc.status}: {exc.reason}")
                 except Exception as exc:
                     await self._retry_later(key, f"{type(exc).__name__}: {exc}")
@@ -156,6 +173,9 @@ class StatusWriter:
     async def _write(self, key: ObjectKey, wanted: Acceptance) -> None:
         kind, namespace, name = key
         body = status_patch(self._current.get(key), wanted)
+        version = self._versions.get(key)
+        if version:
+            body["metadata"] = {"resourceVersion": version}
         if namespace is None:
             result = await self._api.patch_cluster_custom_object_status(
                 API_GROUP,
@@ -178,6 +198,7 @@ class StatusWriter:
         self.writes += 1
         if isinstance(result, dict) and key in self._wanted:
             self._current[key] = result.get("status")
+            self._versions[key] = (result.get("metadata") or {}).get("resourceVersion") or version
         self._log.info(
             "kube_status_written",
             object="/".join(p for p in key if p),

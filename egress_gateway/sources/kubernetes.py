@@ -58,6 +58,11 @@ def _version(raw: RawObject) -> str:
     return f"sha256:{digest[:12]}"
 
 
+def _resource_version(raw: RawObject) -> str | None:
+    version = (raw.get("metadata") or {}).get("resourceVersion")
+    return str(version) if version else None
+
+
 def _name(key: ObjectKey) -> str:
     kind, namespace, name = key
     return f"{kind}/{namespace}/{name}" if namespace else f"{kind}/{name}"
@@ -76,6 +81,7 @@ class KubernetesPolicySource:
         self._reasons: dict[ObjectKey, str] = {}  # key -> condition reason for that problem
         self._good: dict[ObjectKey, Versioned] = {}  # last valid version of each object
         self._seen: dict[ObjectKey, str] = {}  # last generation looked at (valid or not)
+        self._uids: dict[ObjectKey, str] = {}  # which object holds the name: generations are per uid
         self._known: dict[str, set[ObjectKey]] = {kind: set() for kind in KINDS}
         self._ready = False
         self._counts_changed = True
@@ -147,8 +153,11 @@ class KubernetesPolicySource:
     async def _on_replace(self, kind: str, items: list[RawObject]) -> None:
         """A full list: reconcile, validate what changed, publish in slices so the proxy keeps being served."""
         listed = {_key(kind, raw): raw for raw in items}
-        for key in self._known[kind] - listed.keys():
-            self._forget(key)
+        with self.store.batch():
+            for key in self._known[kind] - listed.keys():
+                self._forget(key)
+            for key, raw in listed.items():
+                self._adopt(key, raw)
         previous: dict[ObjectKey, Versioned | None] = {}
         for index, (key, raw) in enumerate(listed.items()):
             before = self._good.get(key)
@@ -184,6 +193,7 @@ class KubernetesPolicySource:
             self._forget(key)
         else:
             self._known[kind].add(key)
+            self._adopt(key, raw)
             before = self._good.get(key)
             if self._evaluate(key, raw):
                 self._upsert_or_reject(key, self._good[key], before, raw)
@@ -203,7 +213,9 @@ class KubernetesPolicySource:
             self._reasons[key] = "CompileFailed"
             if self.status_writer is not None:
                 generation = (raw.get("metadata") or {}).get("generation")
-                self.status_writer.observe(key, raw.get("status"), self._acceptance(key, generation))
+                self.status_writer.observe(
+                    key, raw.get("status"), self._acceptance(key, generation), _resource_version(raw)
+                )
 
     def _evaluate(self, key: ObjectKey, raw: RawObject) -> bool:
         """Validate one object if its generation is new. True when a new valid version must go to the store."""
@@ -232,7 +244,9 @@ class KubernetesPolicySource:
                 self._good[key] = Versioned(policy, version)
                 changed = True
         if self.status_writer is not None:
-            self.status_writer.observe(key, raw.get("status"), self._acceptance(key, generation))
+            self.status_writer.observe(
+                key, raw.get("status"), self._acceptance(key, generation), _resource_version(raw)
+            )
         return changed
 
     def _acceptance(self, key: ObjectKey, generation: Any) -> Acceptance:
@@ -249,8 +263,20 @@ class KubernetesPolicySource:
         )
         return Acceptance(False, self._reasons.get(key, "InvalidSpec"), problem + tail, gen, rules)
 
+    def _adopt(self, key: ObjectKey, raw: RawObject) -> None:
+        """Identity is the uid, not the name: generations count per object, so a different object under a known name
+        (deleted and re-created while the watch was away, seen only in a relist) replaces the old one entirely.
+        Nothing of the old one stays in force, counts as its last good version, or decides its status."""
+        uid = str((raw.get("metadata") or {}).get("uid") or "")
+        known = self._uids.get(key)
+        if known is not None and known != uid:
+            self.log.info("policy_replaced", policy=_name(key), old_uid=known, uid=uid)
+            self._forget(key)
+        self._uids[key] = uid
+
     def _forget(self, key: ObjectKey) -> None:
         self._counts_changed = True
+        self._uids.pop(key, None)
         self._seen.pop(key, None)
         self.invalid.pop(key, None)
         self._reasons.pop(key, None)
