@@ -47,6 +47,7 @@ def _start(binaries: Binaries, apiservers: int) -> Cluster:
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     except BaseException:
         cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
         raise
     return cluster
 
