@@ -8,8 +8,8 @@ What it implements, the way kube-apiserver does:
   `allowWatchBookmarks=true`, `timeoutSeconds` ending the stream cleanly, an ERROR event with a 410 Status when
   the requested resourceVersion was compacted away, ADDED/DELETED synthesized when an object moves in or out of
   a field/label selector;
-- the status subresource (merge-patch of `status` only), TokenReview, and coordination.k8s.io Leases with
-  optimistic concurrency (409 on a stale resourceVersion);
+- the status subresource (merge-patch of `status` only; 409 when the patch's `metadata.resourceVersion` is stale),
+  TokenReview, and coordination.k8s.io Leases with optimistic concurrency (409 on a stale resourceVersion);
 - bearer-token authentication (401 otherwise); every request is logged with the token that made it.
 
 Test controls (thread-safe, called from the test thread): `put`, `delete`, `compact`, `go_down`/`come_up`,
@@ -589,6 +589,10 @@ class FakeApiServer:
             old = self._objects[resource].get((namespace, name or ""))
             if old is None:
                 return web.json_response(_status(404, "NotFound", f'"{name}" not found'), status=404)
+            precondition = (patch.get("metadata") or {}).get("resourceVersion")
+            if precondition and precondition != old["metadata"]["resourceVersion"]:
+                msg = "the object has been modified; please apply your changes to the latest version and try again"
+                return web.json_response(_status(409, "Conflict", msg), status=409)
             new = copy.deepcopy(old)
             if "status" in patch:
                 new["status"] = _merge(new.get("status") or {}, patch["status"])
