@@ -74,7 +74,7 @@ def queries(total: int, rng: random.Random) -> list[tuple[str, int, ipaddress.IP
     for _ in range(2000):
         r = rng.randrange(total)
         kind = rng.randrange(5)
-        ip = ipaddress.IPv4Address("203.0.113.10")
+        ip = ipaddress.IPv4Address("93.184.216.10")
         if kind == 0:
             out.append((f"api{r - r % 4}.svc{(r - r % 4) % 97}.example.com", 443, ip))
         elif kind == 1:

@@ -27,15 +27,15 @@ from egress_gateway.audit import build_recorder as build_audit_recorder
 from egress_gateway.audit.recorder import Recorder
 from egress_gateway.identity.base import ChainResolver, IdentityResolver
 from egress_gateway.identity.static import StaticIdentityResolver
-from egress_gateway.policy.decision import IPAddress
 from egress_gateway.policy.engine import Engine, EngineConfig, PolicySet
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts
 from egress_gateway.proxy.embedded import EmbeddedProxy
 from egress_gateway.proxy.gate import Gate
 from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
+from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import Resolver
-from egress_gateway.settings import DefaultAction, Settings, split_hostport
+from egress_gateway.settings import DefaultAction, Settings, configured_own_addresses, split_hostport
 from egress_gateway.sources.base import PolicySource
 
 if TYPE_CHECKING:  # imported at run time only when a cluster identity mode is configured
@@ -52,17 +52,11 @@ class ConfigurationError(Exception):
 
 
 def build_engine(settings: Settings) -> Engine:
-    listen_host, _ = split_hostport(settings.listen)
-    own: set[IPAddress] = set()
-    with contextlib.suppress(ValueError):
-        address = ipaddress.ip_address(listen_host)
-        if not address.is_unspecified:
-            own.add(address)
     return Engine(
         EngineConfig(
             default_allow=settings.default_action is DefaultAction.ALLOW,
             allowed_ranges=tuple(ipaddress.ip_network(r) for r in settings.allowed_ranges),
-            own_addresses=frozenset(own),
+            own_addresses=configured_own_addresses(settings),
             require_sni_match=settings.require_sni_match,
         )
     )
@@ -117,14 +111,22 @@ class Gateway:
         self.source = build_source(settings, self.store)
         try:
             self.resolver = Resolver(
-                settings.resolver.hosts, settings.resolver.nameservers, settings.resolver.timeout_s
+                settings.resolver.hosts,
+                settings.resolver.nameservers,
+                settings.resolver.timeout_s,
+                max_addresses=settings.resolver.max_addresses,
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         self.identity, self._identity_lifecycle = build_identity(settings)
         self.recorder = build_recorder(settings)
-        self.gate = Gate(self.engine, self.identity, self.resolver, ready=lambda: self.store.loaded)
         listen_host, listen_port = split_hostport(settings.listen)
+        admin_host, admin_port = split_hostport(settings.admin_listen)
+        # Ports bound to 0 are added once known (start()).
+        self.own = OwnAddresses(configured_own_addresses(settings), settings.own_ports)
+        self.own.add_port(listen_port, "its proxy port")
+        self.own.add_port(admin_port, "its admin port")
+        self.gate = Gate(self.engine, self.identity, self.resolver, ready=lambda: self.store.loaded, own=self.own)
         self.proxy = EmbeddedProxy(
             listen_host,
             listen_port,
@@ -148,8 +150,8 @@ class Gateway:
                 max_header_bytes=settings.limits.max_header_bytes,
                 max_headers=settings.limits.max_headers,
             ),
+            namespace_connections=settings.limits.namespace_connections,
         )
-        admin_host, admin_port = split_hostport(settings.admin_listen)
         self.admin = AdminServer(admin_host, admin_port, self.readiness)
         self.listen_addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
@@ -191,10 +193,14 @@ class Gateway:
 
     async def start(self) -> None:
         self.admin_addresses = await self.admin.start()
+        for _, port in self.admin_addresses:
+            self.own.add_port(port, "its admin port")
         for resolver in self._identity_lifecycle:
             await resolver.start()
         # Listen before the first load: until then every connection gets 503 policies_not_loaded.
         self.listen_addresses = await self.proxy.start(self.addon)
+        for _, port in self.listen_addresses:
+            self.own.add_port(port, "its proxy port")
         await self.source.start()
         self.engine.policies = self.store.current
         log.info(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -76,6 +77,9 @@ class ResolverSettings(_Section):
     hosts: dict[str, list[str]] = Field(default_factory=dict)
     nameservers: list[str] = Field(default_factory=list)  # "ip" or "ip:port"; empty = system resolver
     timeout_s: float = Field(default=2.0, gt=0)
+    # At most this many addresses of one answer are considered (checked, pinned); the rest are ignored, so a huge
+    # answer costs no more than a small one.
+    max_addresses: int = Field(default=16, ge=1, le=1024)
 
 
 class TimeoutSettings(_Section):
@@ -92,6 +96,9 @@ class NamespaceRate(_Section):
 
 class LimitSettings(_Section):
     max_connections: int = Field(default=10_000, ge=1)
+    # Each namespace's share of max_connections (counted from accept, before any decision). None: a quarter of
+    # max_connections (at least 1); equal to max_connections: no share.
+    namespace_connections: int | None = Field(default=None, ge=1)
     namespace_rate: NamespaceRate = Field(default_factory=NamespaceRate)
     max_request_line_bytes: int = Field(default=8192, ge=64)  # longer -> 414
     max_header_bytes: int = Field(default=32768, ge=256)  # whole request head; larger -> 431
@@ -140,6 +147,11 @@ class Settings(BaseSettings):
     require_sni_match: bool = True
     revoke_open_tunnels: bool = True
     allowed_ranges: list[str] = Field(default_factory=list)
+    # Addresses that reach this gateway besides its interfaces' (enumerated at run time): its Service ClusterIPs,
+    # load-balancer or node addresses. No tunnel or plain-HTTP request may dial them on a port the gateway listens on.
+    own_addresses: list[str] = Field(default_factory=list)
+    own_ports: list[int] = Field(default_factory=list)  # further ports that are the gateway (e.g. a Service port)
+    pod_ip: str | None = None  # default: the POD_IP environment variable (the chart sets it from status.podIP)
     shutdown_grace_s: float = Field(default=25.0, ge=0)
     workers: int | Literal["auto"] = 1
     data_dir: Path | None = None
@@ -156,6 +168,16 @@ class Settings(BaseSettings):
     @classmethod
     def _ranges(cls, values: list[str]) -> list[str]:
         return _check_cidrs(values)
+
+    @field_validator("own_addresses")
+    @classmethod
+    def _addresses(cls, values: list[str]) -> list[str]:
+        return [str(ipaddress.ip_address(v.strip("[]"))) for v in values]
+
+    @field_validator("pod_ip")
+    @classmethod
+    def _pod_ip(cls, value: str | None) -> str | None:
+        return str(ipaddress.ip_address(value)) if value else None
 
     @classmethod
     def settings_customise_sources(
@@ -183,6 +205,22 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     _FileSettings.config_file = config_file
     values = {k: v for k, v in overrides.items() if v is not None}
     return Settings.model_validate(_FileSettings(**values).model_dump())
+
+
+def configured_own_addresses(settings: Settings) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The gateway's own addresses known from configuration: a specific listen address, the pod IP (`pod_ip`, else
+    the POD_IP environment variable) and `own_addresses`. Every EngineConfig and the self-dial check use this."""
+    found: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    pod_ip = settings.pod_ip or os.environ.get("POD_IP", "")
+    texts = [split_hostport(settings.listen)[0], pod_ip, *settings.own_addresses]
+    for text in texts:
+        try:
+            address = ipaddress.ip_address(text.strip())
+        except ValueError:
+            continue
+        if not address.is_unspecified:
+            found.add(address)
+    return frozenset(found)
 
 
 def split_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:

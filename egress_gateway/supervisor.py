@@ -58,7 +58,13 @@ class _Worker:
 
 
 def _worker_settings(settings: Settings, index: int) -> Settings:
-    update: dict[str, object] = {"admin_listen": "127.0.0.1:0", "workers": 1}
+    # The supervisor's admin port stays a port of this gateway for each worker's self-dial check.
+    supervisor_admin_port = split_hostport(settings.admin_listen)[1]
+    update: dict[str, object] = {
+        "admin_listen": "127.0.0.1:0",
+        "workers": 1,
+        "own_ports": [*settings.own_ports, supervisor_admin_port],
+    }
     if index > 0:
         update["kubernetes"] = settings.kubernetes.model_copy(update={"write_status": False})
     return settings.model_copy(update=update)

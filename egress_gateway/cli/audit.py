@@ -227,7 +227,7 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     from egress_gateway.audit.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
     from egress_gateway.policy.engine import Engine, EngineConfig
     from egress_gateway.policy.store import PolicyStore
-    from egress_gateway.settings import load_settings
+    from egress_gateway.settings import configured_own_addresses, load_settings
     from egress_gateway.sources.files import load_into_store
 
     if not args.replay.exists():
@@ -248,6 +248,7 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         allowed_ranges=tuple(
             ipaddress.ip_network(r, strict=False) for r in (settings.allowed_ranges if settings else [])
         ),
+        own_addresses=configured_own_addresses(settings) if settings else frozenset(),
         require_sni_match=settings.require_sni_match if settings else True,
     )
     report = replay(records, Engine(config, store.current))

@@ -22,7 +22,7 @@ from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.targets import normalize_host, parse_authority
-from egress_gateway.settings import DefaultAction, load_settings
+from egress_gateway.settings import DefaultAction, configured_own_addresses, load_settings
 from egress_gateway.sources.files import load_into_store
 
 _SCHEME_PORTS = {"http": 80, "https": 443}
@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         config = EngineConfig(
             default_allow=default_action == "Allow",
             allowed_ranges=tuple(ipaddress.ip_network(r, strict=False) for r in ranges),
+            own_addresses=configured_own_addresses(settings) if settings else frozenset(),
             require_sni_match=settings.require_sni_match if settings else True,
         )
         ips = [ipaddress.ip_address(ip) for ip in args.ip]

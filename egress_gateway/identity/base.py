@@ -2,6 +2,8 @@
 
 `IdentityResolver.identify` gets the client's source address and the raw `Proxy-Authorization` header (or None)
 and returns an `Identity`, or None when it cannot say (the next resolver is tried; none left = `unknown_client`).
+Resolvers that can tell a source address's namespace synchronously (static, pod IP) also offer
+`namespace_of_address(client_ip)`, which the proxy uses at accept for `limits.namespace_connections`.
 `AuthenticationFailed` means credentials were presented and rejected or required and missing: the proxy answers
 407 with `Proxy-Authenticate`, and opens no upstream connection.
 """
@@ -35,4 +37,13 @@ class ChainResolver:
             identity = await resolver.identify(client_ip, proxy_authorization)
             if identity is not None:
                 return identity
+        return None
+
+    def namespace_of_address(self, client_ip: str) -> str | None:
+        """The namespace a source address belongs to, known at accept before any request (static map, pod index),
+        or None (e.g. ServiceAccount tokens: known only once the request is identified). Used for connection shares."""
+        for resolver in self._resolvers:
+            lookup = getattr(resolver, "namespace_of_address", None)
+            if lookup is not None and (namespace := lookup(client_ip)) is not None:
+                return str(namespace)
         return None

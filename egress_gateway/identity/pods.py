@@ -29,6 +29,10 @@ class PodIdentityResolver:
     async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
         return self.index.identity_for_ip(client_ip)
 
+    def namespace_of_address(self, client_ip: str) -> str | None:
+        identity = self.index.identity_for_ip(client_ip)
+        return identity.namespace if identity is not None else None
+
 
 def build(settings: Settings) -> PodIdentityResolver:
     """Factory used by the app's `identity.mode` wiring."""

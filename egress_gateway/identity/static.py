@@ -48,3 +48,7 @@ class StaticIdentityResolver:
 
     async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
         return self.lookup(client_ip)
+
+    def namespace_of_address(self, client_ip: str) -> str | None:
+        identity = self.lookup(client_ip)
+        return identity.namespace if identity is not None else None

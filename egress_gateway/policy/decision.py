@@ -45,6 +45,7 @@ class Reason(StrEnum):
     CLIENT_TIMEOUT = "client_timeout"
     URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
+    SELF_CONNECT = "self_connect"
 
 
 @dataclass(frozen=True, slots=True)

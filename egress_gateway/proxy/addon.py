@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from mitmproxy import connection, http
+from mitmproxy import connection, http, tcp
 from mitmproxy.net.http import http1, url
 from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import layer, server_hooks
@@ -30,8 +30,10 @@ from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_he
 from egress_gateway.proxy.gate import Gate, Verdict
 from egress_gateway.proxy.layers import CloseClientLayer, HeadLimitedHttpLayer, PassthroughLayer
 from egress_gateway.proxy.limits import (
+    FRAMING_HEADERS,
     ConnectionLimit,
     HeadLimits,
+    NamespaceConnections,
     NamespaceRateLimiter,
     check_request_head,
     complete_head_lines,
@@ -41,6 +43,7 @@ from egress_gateway.proxy.limits import (
 
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"
+_VERDICT_KEY = "egress_gateway.verdict"
 # Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
 _HOP_BY_HOP = ("proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive", "te", "trailer")
 _KEEP_CONNECTION_TOKENS = frozenset({"close", "keep-alive", "upgrade"})
@@ -96,12 +99,15 @@ class GatewayAddon:
         log: Any = None,
         rate: NamespaceRateLimiter | None = None,
         head_limits: HeadLimits | None = None,
+        namespace_connections: int | None = None,
     ) -> None:
         self.gate = gate
         self.recorder = recorder
         self.timeouts = timeouts
         self.max_connections = max_connections
         self.connection_limit = ConnectionLimit(max_connections)
+        # `limits.namespace_connections`; None: a quarter of max_connections.
+        self.namespace_connections = NamespaceConnections(namespace_connections or max(1, max_connections // 4))
         self.rate = rate if rate is not None else NamespaceRateLimiter(0.0, 1)
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self.close_client = close_client
@@ -117,7 +123,11 @@ class GatewayAddon:
     def open_client(self, client_id: str, host: str, port: int) -> ClientState:
         """A new client connection (from mitmproxy's hook or from the tunnel listener): admission and request timer."""
         state = ClientState(client_id, host, port)
-        if not self.connection_limit.admit(client_id):
+        namespace = self.gate.namespace_of_address(host)
+        if namespace is not None and not self.namespace_connections.admit(client_id, namespace):
+            # Counted from accept: a namespace's silent or undecided sockets use up its share, not everyone's slots.
+            state.refused = self._namespace_share_denial(namespace)
+        elif not self.connection_limit.admit(client_id):
             # Read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels already open
             # are untouched. The request timer below bounds how long such a connection may stay.
             state.refused = adapter_denial(
@@ -136,6 +146,7 @@ class GatewayAddon:
         """The client connection closed: release its slot, stop its timers, close its tunnel's record."""
         state = self.clients.pop(client_id, None)
         self.connection_limit.release(client_id)
+        self.namespace_connections.release(client_id)
         if state is None:
             return
         _cancel(state.request_timer)
@@ -335,6 +346,7 @@ class GatewayAddon:
             return
         state.pins[(request.host, request.port)] = str(verdict.address)
         flow.metadata[_FACTS_KEY] = verdict.facts
+        flow.metadata[_VERDICT_KEY] = verdict
         _strip_hop_by_hop(request.headers)
         request.stream = True
 
@@ -346,6 +358,8 @@ class GatewayAddon:
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = self.clients.get(flow.client_conn.id)
+        if state is not None and state.tunnel is None and self._upgraded(state, flow):
+            return
         if state is not None and state.tunnel is None:
             # Keep-alive: the next request head must also arrive within client_request_s (no slowloris on reuse).
             state.request_seen = False
@@ -358,6 +372,33 @@ class GatewayAddon:
             if flow.response is not None:
                 record.set(http_response_status_code=flow.response.status_code)
             record.close()
+
+    def _upgraded(self, state: ClientState, flow: http.HTTPFlow) -> bool:
+        """101 Switching Protocols (WebSocket or any other upgrade): from here on the connection is a tunnel to the
+        checked address. Its record stays open and counts bytes (`tcp_message`), and revocation closes it like any
+        tunnel. mitmproxy relays it as raw TCP (`websocket` off, `rawtcp` on): the bytes are never reframed."""
+        verdict = flow.metadata.get(_VERDICT_KEY)
+        record = flow.metadata.get(_RECORD_KEY)
+        if flow.response is None or flow.response.status_code != 101 or verdict is None or record is None:
+            return False
+        flow.metadata.pop(_RECORD_KEY, None)
+        record.set(http_response_status_code=101)
+        record.event("upgraded", protocol=flow.response.headers.get("upgrade", ""))
+        state.tunnel = Tunnel(record=record, verdict=verdict, opened=True)
+        return True
+
+    def tcp_message(self, flow: tcp.TCPFlow) -> None:
+        """Bytes of an upgraded connection (mitmproxy's TCP layer after a 101): counted, then dropped from the flow so
+        a long-lived connection does not keep every message in memory."""
+        tunnel = self._tunnel_of(flow.client_conn.id)
+        if flow.messages:
+            message = flow.messages[-1]
+            if tunnel is not None:
+                if message.from_client:
+                    tunnel.bytes_sent += len(message.content)
+                else:
+                    tunnel.bytes_received += len(message.content)
+            flow.messages.clear()
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.pop(_RECORD_KEY, None)
@@ -543,7 +584,7 @@ class GatewayAddon:
             except AuthenticationFailed as exc:
                 verdict = Verdict(facts, adapter_denial(Reason.AUTH_REQUIRED, exc.reason))
             else:
-                limited = self._rate_limited(state, identity)
+                limited = self._over_namespace_share(state, identity) or self._rate_limited(state, identity)
                 if limited is not None:
                     verdict = Verdict(replace(facts, identity=identity), limited)
                 else:
@@ -553,6 +594,21 @@ class GatewayAddon:
         record.event("decided", duration_s=time.perf_counter() - started)
         record.decided(verdict.facts, verdict.decision)
         return verdict
+
+    def _namespace_share_denial(self, namespace: str) -> Decision:
+        return adapter_denial(
+            Reason.CONNECTION_LIMIT,
+            f"namespace {namespace} already holds its share of {self.namespace_connections.share} connections"
+            " (limits.namespace_connections)",
+        )
+
+    def _over_namespace_share(self, state: ClientState, identity: Identity | None) -> Decision | None:
+        """A client whose namespace was not known at accept (e.g. token identity) is counted when identified."""
+        if identity is None or self.namespace_connections.counted(state.client_id):
+            return None
+        if self.namespace_connections.admit(state.client_id, identity.namespace):
+            return None
+        return self._namespace_share_denial(identity.namespace)
 
     def _rate_limited(self, state: ClientState, identity: Identity | None) -> Decision | None:
         """`limits.namespace_rate`: one token per new tunnel or plain-HTTP request, checked before any DNS query."""
@@ -591,11 +647,13 @@ def _request_form_problem(request: http.Request) -> str | None:
 
 
 def _strip_hop_by_hop(headers: http.Headers) -> None:
+    """Remove hop-by-hop headers, never a framing header (a head naming one in Connection was refused already;
+    skipping them here keeps any rewrite from changing how the origin frames the message)."""
     named = [
         token.strip().lower()
         for value in headers.get_all("connection")
         for token in value.split(",")
-        if token.strip() and token.strip().lower() not in _KEEP_CONNECTION_TOKENS
+        if token.strip() and token.strip().lower() not in _KEEP_CONNECTION_TOKENS | FRAMING_HEADERS
     ]
     for name in (*_HOP_BY_HOP, *named):
         if name in headers:

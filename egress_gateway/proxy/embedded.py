@@ -42,13 +42,17 @@ class _SelfConnectGuard:
     """mitmproxy's own self-connect check knows only the listeners it started; it starts none (the socket is ours),
     so this addon refuses upstream connections to the proxy's own port."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, addon: GatewayAddon) -> None:
         host, port = sock.getsockname()[:2]
         self.own_address = (str(host), int(port))
+        self.addon = addon
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         address = data.server.address
-        if address is not None and dials_itself((str(address[0]), int(address[1])), self.own_address):
+        if address is None:
+            return
+        host, port = str(address[0]), int(address[1])
+        if dials_itself((host, port), self.own_address) or self.addon.gate.dials_itself(host, port) is not None:
             data.server.error = "egress-gateway: refusing to connect to itself"
 
 
@@ -89,7 +93,7 @@ class EmbeddedProxy:
             except OSError as exc:
                 raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
             self.listen_socket = sock
-        master.addons.add(_SelfConnectGuard(sock))
+        master.addons.add(_SelfConnectGuard(sock, addon))
         PrecomputedDispatch(master.addons).install()
         updates: dict[str, object] = {
             "mode": [],  # mitmproxy binds nothing: the listener below accepts and hands it what it serves
@@ -99,6 +103,9 @@ class EmbeddedProxy:
             "connection_strategy": "lazy",
             "tcp_timeout": max(1, round(self.idle_timeout_s)),
             "http2": False,
+            # An upgraded connection (101) is relayed as raw TCP, counted and revocable like a tunnel (addon).
+            "websocket": False,
+            "rawtcp": True,
         }
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)

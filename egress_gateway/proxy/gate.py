@@ -16,6 +16,7 @@ from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress,
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.targets import normalize_host
+from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import ResolveError, Resolver
 
 # Denials that no destination address can turn into an allow: answered before any DNS query is sent.
@@ -51,15 +52,35 @@ class Gate:
         identity: IdentityResolver,
         resolver: Resolver,
         ready: Callable[[], bool],
+        own: OwnAddresses | None = None,
     ) -> None:
         self.engine = engine
         self.identity = identity
         self.resolver = resolver
         self.ready = ready
+        self.own = own if own is not None else OwnAddresses()
+
+    def dials_itself(self, address: IPAddress | str, port: int) -> str | None:
+        """Why `address:port` is this gateway (any of its addresses, on a port it listens on), or None."""
+        return self.own.dials_itself(address, port)
+
+    def _checked(self, facts: Facts, decision: Decision, candidates: tuple[IPAddress, ...]) -> Verdict:
+        """An engine decision for a pinned address, overridden when that address is the gateway itself."""
+        address = facts.destination_ip
+        if decision.allowed and address is not None:
+            itself = self.own.dials_itself(address, facts.port)
+            if itself is not None:
+                decision = adapter_denial(Reason.SELF_CONNECT, f"{itself}; the gateway never connects to itself")
+        return Verdict(facts, decision, candidates)
 
     async def identify(self, client_ip: str, proxy_authorization: str | None) -> Identity | None:
         """May raise `AuthenticationFailed` (-> 407)."""
         return await self.identity.identify(client_ip, proxy_authorization)
+
+    def namespace_of_address(self, client_ip: str) -> str | None:
+        """The client's namespace from its source address alone (no request yet), when the identity modes know it."""
+        lookup = getattr(self.identity, "namespace_of_address", None)
+        return lookup(client_ip) if lookup is not None else None
 
     def not_ready(self) -> Decision | None:
         if self.ready():
@@ -81,7 +102,7 @@ class Gate:
             return Verdict(facts, first)
         if normalized.ip is not None:
             pinned = replace(facts, destination_ip=normalized.ip)
-            return Verdict(pinned, self.engine.decide(pinned), (normalized.ip,))
+            return self._checked(pinned, self.engine.decide(pinned), (normalized.ip,))
         name = normalized.name or host
         try:
             candidates = await self.resolver.resolve(name)
@@ -92,11 +113,11 @@ class Gate:
         first_denial: Verdict | None = None
         for address in candidates:
             pinned = replace(facts, destination_ip=address)
-            decision = self.engine.decide(pinned)
-            if decision.allowed:
-                return Verdict(pinned, decision, candidates)
+            verdict = self._checked(pinned, self.engine.decide(pinned), candidates)
+            if verdict.decision.allowed:
+                return verdict
             if first_denial is None:
-                first_denial = Verdict(pinned, decision, candidates)
+                first_denial = verdict
         return first_denial or Verdict(facts, adapter_denial(Reason.DNS_ERROR, f"{name} resolved to no addresses"))
 
     def decide_sni(self, verdict: Verdict, sni: str | None) -> Verdict:
@@ -109,4 +130,4 @@ class Gate:
         return Verdict(facts, self.engine.decide(facts), verdict.candidates)
 
     def redecide(self, facts: Facts) -> Decision:
-        return self.engine.decide(facts)
+        return self._checked(facts, self.engine.decide(facts), ()).decision

@@ -1,6 +1,7 @@
 """Resource limits of the proxy, as plain classes: connection accounting, per-namespace rate, request-head size.
 
-Owns: `ConnectionLimit` (how many client connections are served at once), `TokenBucket` and `NamespaceRateLimiter`
+Owns: `ConnectionLimit` (how many client connections are served at once), `NamespaceConnections` (each
+namespace's share of them), `TokenBucket` and `NamespaceRateLimiter`
 (`limits.namespace_rate`: new tunnels and plain-HTTP requests per namespace), `HeadLimits` / `check_request_head`
 (request-line length, header-section size and header count, checked on the bytes received so far so that an
 endless head is refused before it is buffered). No sockets, no mitmproxy, no engine: time comes from an injectable
@@ -20,6 +21,8 @@ from enum import StrEnum
 Clock = Callable[[], float]
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _CONTROL_CHARACTER = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # C0 controls except HTAB, and DEL
+# Headers that say where a message ends or where it goes: never hop-by-hop, never removed or rewritten on the way.
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host"})
 
 
 class ConnectionLimit:
@@ -45,6 +48,46 @@ class ConnectionLimit:
     @property
     def open(self) -> int:
         return len(self._open)
+
+
+class NamespaceConnections:
+    """`limits.namespace_connections`: how many client connections one namespace may hold at once.
+
+    A connection is counted from the moment its namespace is known (at accept from its source address, or at
+    identification) until it closes, whatever it is doing: silent, waiting for a decision, or relaying."""
+
+    def __init__(self, share: int) -> None:
+        if share < 1:
+            raise ValueError("share must be at least 1")
+        self.share = share
+        self._namespace_of: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+
+    def admit(self, connection_id: str, namespace: str) -> bool:
+        if connection_id in self._namespace_of:
+            return True
+        count = self._counts.get(namespace, 0)
+        if count >= self.share:
+            return False
+        self._counts[namespace] = count + 1
+        self._namespace_of[connection_id] = namespace
+        return True
+
+    def release(self, connection_id: str) -> None:
+        namespace = self._namespace_of.pop(connection_id, None)
+        if namespace is None:
+            return
+        count = self._counts[namespace] - 1
+        if count:
+            self._counts[namespace] = count
+        else:
+            del self._counts[namespace]
+
+    def counted(self, connection_id: str) -> bool:
+        return connection_id in self._namespace_of
+
+    def open(self, namespace: str) -> int:
+        return self._counts.get(namespace, 0)
 
 
 class TokenBucket:
@@ -243,13 +286,23 @@ def complete_head_lines(buffer: bytes | bytearray) -> list[bytes] | None:
     return [line[:-1] if line.endswith(b"\r") else line for line in data[start:end].split(b"\n")]
 
 
+def _framing_header_named(value: bytes) -> str | None:
+    for token in value.split(b","):
+        name = token.strip(b" \t").lower().decode("latin-1")
+        if name in FRAMING_HEADERS:
+            return name
+    return None
+
+
 def framing_problem(lines: list[bytes]) -> str | None:
     """What makes a complete request head ambiguous to forward (RFC 9112), or None.
 
     These are the request-smuggling and header-injection shapes that mitmproxy's own parser tolerates: folded
     header lines, whitespace between a field name and its colon, control characters (NUL, bare CR) in a line, and
-    more than one Host header. Framing headers (Content-Length/Transfer-Encoding) are checked by mitmproxy's
-    `validate_headers`, which the proxy runs as well.
+    more than one Host header, and a Connection header naming a framing header (`Connection: content-length`
+    would make a proxy that strips hop-by-hop headers remove the header that fixed the body length, so the origin
+    would read the body as a second request). Framing headers (Content-Length/Transfer-Encoding) are checked by
+    mitmproxy's `validate_headers`, which the proxy runs as well.
     """
     if not lines:
         return "empty request head"
@@ -264,8 +317,13 @@ def framing_problem(lines: list[bytes]) -> str | None:
         name, colon, _ = line.partition(b":")
         if not colon or not name or name != name.strip(b" \t"):
             return f"malformed header line {line[:64]!r}"
-        if name.lower() == b"host":
+        lowered = name.lower()
+        if lowered == b"host":
             hosts += 1
+        elif lowered == b"connection":
+            named = _framing_header_named(line[len(name) + 1 :])
+            if named is not None:
+                return f"the Connection header names {named}, which can never be hop-by-hop"
     if hosts > 1:
         return "more than one Host header"
     return None

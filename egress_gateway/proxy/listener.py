@@ -86,7 +86,9 @@ class TunnelListener:
         return f"tunnel-{next(self._ids)}"
 
     def is_self(self, address: tuple[str, int]) -> bool:
-        return dials_itself(address, (self.own_host, self.own_port))
+        return dials_itself(address, (self.own_host, self.own_port)) or (
+            self.addon.gate.dials_itself(address[0], address[1]) is not None
+        )
 
     def spawn(self, coroutine: Awaitable[Any], connection: ClientConnection | None = None) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)

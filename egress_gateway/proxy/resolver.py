@@ -1,6 +1,8 @@
 """Name resolution for the gateway: `resolver.hosts` first, then DNS (dnspython) or the system resolver.
 
 Owns: `Resolver.resolve(name) -> candidate IPs` and `ResolveError` (with the reason `dns_error` or `dns_timeout`).
+At most `max_addresses` candidates of an answer are kept (in answer order), so a huge answer cannot multiply the
+work per connection (each candidate may cost an engine decision); the whole lookup is bounded by `timeout_s`.
 The gateway resolves a name exactly once per connection, checks the candidates, and connects to the one it
 checked, so nobody (mitmproxy, the OS) ever looks the name up a second time: DNS rebinding has no second answer
 to exploit. Imports the policy value types only; no mitmproxy, no engine.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import socket
 from collections.abc import Mapping, Sequence
 
@@ -49,13 +52,22 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _dedupe(addresses: list[IPAddress]) -> tuple[IPAddress, ...]:
-    return tuple(dict.fromkeys(addresses))
+def _dedupe(addresses: list[IPAddress], limit: int | None = None) -> tuple[IPAddress, ...]:
+    return tuple(itertools.islice(dict.fromkeys(addresses), limit))
 
 
 class Resolver:
-    def __init__(self, hosts: Mapping[str, Sequence[str]], nameservers: Sequence[str], timeout_s: float) -> None:
+    def __init__(
+        self,
+        hosts: Mapping[str, Sequence[str]],
+        nameservers: Sequence[str],
+        timeout_s: float,
+        max_addresses: int = 16,
+    ) -> None:
+        if max_addresses < 1:
+            raise ValueError("resolver.max_addresses must be at least 1")
         self.timeout_s = timeout_s
+        self.max_addresses = max_addresses
         self._hosts: dict[str, tuple[IPAddress, ...]] = {}
         for name, addresses in hosts.items():
             try:
@@ -106,12 +118,15 @@ class Resolver:
                 ) from None
             except dns.exception.DNSException as exc:
                 raise ResolveError(Reason.DNS_ERROR, f"DNS lookup of {name} failed: {exc}") from None
-            found.extend(canonical_ip(ipaddress.ip_address(r.address)) for r in answer)
+            # Twice the cap: room for duplicates without converting a huge answer.
+            found.extend(
+                canonical_ip(ipaddress.ip_address(r.address)) for r in itertools.islice(answer, 2 * self.max_addresses)
+            )
             if found:
                 break  # IPv4 first; AAAA is asked only for names without A records
         if not found:
             raise ResolveError(Reason.DNS_ERROR, f"{name} has no A or AAAA records")
-        return _dedupe(found)
+        return _dedupe(found, self.max_addresses)
 
     async def _resolve_system(self, name: str) -> tuple[IPAddress, ...]:
         loop = asyncio.get_running_loop()
@@ -124,8 +139,11 @@ class Resolver:
             raise ResolveError(Reason.DNS_TIMEOUT, f"no answer for {name} within {self.timeout_s:g} s") from None
         except (socket.gaierror, UnicodeError) as exc:
             raise ResolveError(Reason.DNS_ERROR, f"lookup of {name} failed: {exc}") from None
-        addresses = [canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0])) for info in infos]
+        addresses = [
+            canonical_ip(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))
+            for info in itertools.islice(infos, 4 * self.max_addresses)
+        ]
         if not addresses:
             raise ResolveError(Reason.DNS_ERROR, f"{name} has no addresses")
         ordered = [a for a in addresses if a.version == 4] + [a for a in addresses if a.version == 6]
-        return _dedupe(ordered)
+        return _dedupe(ordered, self.max_addresses)

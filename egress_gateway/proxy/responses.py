@@ -17,6 +17,7 @@ PROXY_AUTHENTICATE = f'Basic realm="{PROXY_NAME}"'
 _STATUS: dict[Reason, tuple[int, str]] = {
     Reason.BLOCKED_ADDRESS: (403, "destination_ip_prohibited"),
     Reason.PRIVATE_ADDRESS: (403, "destination_ip_prohibited"),
+    Reason.SELF_CONNECT: (403, "destination_ip_prohibited"),
     Reason.INVALID_TARGET: (400, "http_request_error"),
     Reason.BAD_REQUEST: (400, "http_request_error"),
     Reason.DNS_ERROR: (502, "dns_error"),

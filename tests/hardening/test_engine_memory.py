@@ -13,7 +13,7 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.validation import validate_object
 
 CLIENT = Identity("shop", labels={"app": "payments"})
-PUBLIC = ipaddress.ip_address("203.0.113.7")
+PUBLIC = ipaddress.ip_address("93.184.216.7")
 
 
 def _policy(name: str, hosts: list[str]) -> EgressPolicy | ClusterEgressPolicy:

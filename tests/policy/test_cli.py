@@ -64,7 +64,7 @@ CHECK_AS_PAYMENTS = (
     "--label",
     "app=payments",
     "--ip",
-    "203.0.113.5",
+    "93.184.216.5",
 )
 
 
@@ -94,7 +94,7 @@ def test_check_deny_exit_1_json() -> None:
 def test_check_ip_literal_metadata_and_unknown_client() -> None:
     metadata = cli("check", "--policies", "policies", "--namespace", "shop", "169.254.169.254:80")
     assert metadata.returncode == 1 and "blocked_address" in metadata.stdout
-    unknown = cli("check", "--policies", "policies", "--ip", "203.0.113.5", "api.stripe.com:443")
+    unknown = cli("check", "--policies", "policies", "--ip", "93.184.216.5", "api.stripe.com:443")
     assert unknown.returncode == 1 and "unknown_client" in unknown.stdout
 
 

@@ -15,7 +15,7 @@ from egress_gateway.policy.store import PolicyStore, Versioned
 from egress_gateway.policy.validation import validate_object
 
 ip = ipaddress.ip_address
-PUBLIC = ip("203.0.113.10")
+PUBLIC = ip("93.184.216.10")
 
 BASE = """
 apiVersion: egressgateway.io/v1alpha1
@@ -34,8 +34,8 @@ spec:
       action: Log
       hosts: ["hooks.slack.com"]
     - name: partner-net
-      cidrs: ["198.51.100.0/24"]
-      except: ["198.51.100.7/32"]
+      cidrs: ["151.101.64.0/24"]
+      except: ["151.101.64.7/32"]
     - name: mirror
       cidrs: ["10.20.0.0/16"]
       ports: [443]
@@ -168,12 +168,12 @@ def test_5_port_list_must_match(engine: Engine) -> None:
 
 
 def test_5_cidr_matches_unless_excepted(engine: Engine) -> None:
-    assert decide(engine, "198.51.100.8").allowed
-    assert decide(engine, "198.51.100.7").reason is Reason.NO_MATCHING_RULE
+    assert decide(engine, "151.101.64.8").allowed
+    assert decide(engine, "151.101.64.7").reason is Reason.NO_MATCHING_RULE
 
 
 def test_5_deny_rules_check_the_sni_so_an_ip_literal_cannot_dodge_a_host_deny(engine: Engine) -> None:
-    decision = decide(engine, "198.51.100.8", sni="dashboard.stripe.com")
+    decision = decide(engine, "151.101.64.8", sni="dashboard.stripe.com")
     assert (decision.allowed, decision.reason, decision.rule) == (
         False,
         Reason.DENIED_BY_RULE,
@@ -182,7 +182,7 @@ def test_5_deny_rules_check_the_sni_so_an_ip_literal_cannot_dodge_a_host_deny(en
 
 
 def test_5_ip_literal_is_never_matched_by_hosts_of_an_allow_rule(engine: Engine) -> None:
-    decision = decide(engine, "203.0.113.10", sni="api.stripe.com")
+    decision = decide(engine, "93.184.216.10", sni="api.stripe.com")
     assert decision.reason is Reason.NO_MATCHING_RULE
 
 
@@ -215,7 +215,7 @@ def test_6_allowed_ranges_exempt_blocked_addresses() -> None:
 
 
 def test_6_the_gateways_own_addresses_are_blocked() -> None:
-    engine = engine_for(BASE, own_addresses=frozenset({ip("203.0.113.10")}))
+    engine = engine_for(BASE, own_addresses=frozenset({ip("93.184.216.10")}))
     assert decide(engine, "api.stripe.com").reason is Reason.BLOCKED_ADDRESS
 
 

@@ -16,7 +16,7 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.sources.files import FilePolicySource, load_into_store
 
 SHOP = Identity("shop", "p", MappingProxyType({"app": "payments"}))
-PUBLIC = ipaddress.ip_address("203.0.113.10")
+PUBLIC = ipaddress.ip_address("93.184.216.10")
 
 POLICY = """apiVersion: egressgateway.io/v1alpha1
 kind: EgressPolicy

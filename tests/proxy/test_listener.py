@@ -226,13 +226,13 @@ def test_destination_that_never_reads_stalls_the_client_instead_of_filling_memor
 
 def test_tunnel_into_the_gateway_itself_is_refused(env: Env) -> None:
     answer = connect(env.gateway.proxy_port, f"self.test:{env.gateway.proxy_port}")
-    with answer.sock as sock:
-        assert answer.status == 200  # the tunnel is dialed only on its first bytes
-        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        assert closed_by_peer(sock)
+    with answer.sock:
+        # Decided at CONNECT: the pinned address is the gateway's own port (issue 12, class 4).
+        assert answer.status == 403
+        assert answer.body.startswith(b"self_connect: ")
     record = env.gateway.wait_for(
         "egress_decision",
-        lambda e: e.get("server.address") == "self.test" and e.get("egress.reason") == "connection_refused",
+        lambda e: e.get("server.address") == "self.test" and e.get("egress.reason") == "self_connect",
     )
     assert "itself" in record["egress.message"]
 
