@@ -119,7 +119,10 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]
     for entry in SPECIAL_RANGES:
         if entry.embeds and entry.network.version == 6 and address in entry.network:
             for embedding in entry.embeds:
-                found.extend(a for a in _EMBEDDINGS[embedding](address) if a not in found)
+                for inner in _EMBEDDINGS[embedding](address):
+                    # With several possible layouts, one whose IPv4 bits are all zero carries no address.
+                    if inner not in found and not (len(entry.embeds) > 1 and int(inner) == 0):
+                        found.append(inner)
     return found
 
 

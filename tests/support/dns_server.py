@@ -119,3 +119,28 @@ class FaultyDNS(_LoopbackDNS):
         else:
             response.set_rcode(dns.rcode.NXDOMAIN)
         return response.to_wire()
+
+
+class TableDNS(_LoopbackDNS):
+    """Answers A and AAAA queries from a fixed table: `answers[name]` lists addresses of both families (each query
+    gets those of its family, possibly none); other names get NXDOMAIN. For big answers too (one UDP datagram)."""
+
+    def __init__(self, answers: Mapping[str, Sequence[str]], host: str = "127.0.0.1", ttl: int = 0) -> None:
+        super().__init__(host)
+        self.answers = {k.rstrip(".").lower(): list(v) for k, v in answers.items()}
+        self.ttl = ttl
+
+    def respond(self, query: dns.message.Message, raw: bytes, name: str, qtype: str) -> bytes | None:
+        response = dns.message.make_response(query)
+        listed = self.answers.get(name)
+        if listed is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+            return response.to_wire()
+        family = ":" if qtype == "AAAA" else "."
+        addresses = [a for a in listed if family in a and (qtype == "AAAA") == (":" in a)]
+        if qtype in ("A", "AAAA") and addresses:
+            rdtype = dns.rdatatype.AAAA if qtype == "AAAA" else dns.rdatatype.A
+            response.answer.append(
+                dns.rrset.from_text(query.question[0].name, self.ttl, dns.rdataclass.IN, rdtype, *addresses)
+            )
+        return response.to_wire(max_size=65535, want_shuffle=False)  # keep the listed order
