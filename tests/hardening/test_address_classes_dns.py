@@ -79,7 +79,7 @@ def test_names_resolving_to_special_purpose_addresses_are_denied_with_their_reas
     require_isolated_network()
     dns = dns_table({name: [address] for name, (address, _) in SPECIAL.items()})
     gateway = gateway_with_dns(make_gateway, dns)
-    for name, (address, what) in SPECIAL.items():
+    for name, (_, what) in SPECIAL.items():
         answer = connect(gateway.proxy_port, f"{name}:443")
         answer.sock.close()
         assert answer.status == 403, (name, answer.status, answer.body)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proxy.conftest import PAYMENTS_POD, STATIC_IDENTITIES, closed_by_peer, connect, raw_request
+from tests.proxy.conftest import PAYMENTS_POD, STATIC_IDENTITIES, connect, raw_request
 from tests.support.gateway import GatewayProcess
 from tests.support.origins import OriginServer, RawTcpOrigin
 
