@@ -182,6 +182,7 @@ def test_container_runs_the_gateway_with_the_rendered_config(default_objects: li
     assert container["args"] == ["--config", "/etc/egress-gateway/config.yaml"]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
 def test_termination_grace_covers_pre_stop_and_shutdown_grace(helm3: Helm, tmp_path: Path) -> None:
