@@ -114,15 +114,17 @@ def special_range(address: IPAddress) -> SpecialRange | None:
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
-    """Every IPv4 address an IPv6 address may carry by a standard transition mechanism (per the table's `embeds`)."""
+    """Every IPv4 address an IPv6 address may carry by a standard transition mechanism: the `embeds` of the most
+    specific table entry containing it (so ::1, inside the IPv4-compatible ::/96, is loopback and embeds nothing)."""
+    entry = special_range(address)
     found: list[ipaddress.IPv4Address] = []
-    for entry in SPECIAL_RANGES:
-        if entry.embeds and entry.network.version == 6 and address in entry.network:
-            for embedding in entry.embeds:
-                for inner in _EMBEDDINGS[embedding](address):
-                    # With several possible layouts, one whose IPv4 bits are all zero carries no address.
-                    if inner not in found and not (len(entry.embeds) > 1 and int(inner) == 0):
-                        found.append(inner)
+    if entry is None:
+        return found
+    for embedding in entry.embeds:
+        for inner in _EMBEDDINGS[embedding](address):
+            # With several possible layouts, one whose IPv4 bits are all zero carries no address.
+            if inner not in found and not (len(entry.embeds) > 1 and int(inner) == 0):
+                found.append(inner)
     return found
 
 

@@ -41,7 +41,9 @@ def test_max_connections_answers_503_and_spares_open_tunnels(
     make_gateway: Callable[..., GatewayProcess], make_origin: Callable[..., OriginServer], ca: TestCA
 ) -> None:
     origin = make_origin(TLS_ORIGIN, ca.issue("allowed.test").server_context())
-    limits = {"max_connections": 3}
+    # No per-namespace share here (it equals the whole): this is about the global limit; shares are in
+    # test_namespace_connections.py.
+    limits = {"max_connections": 3, "namespace_connections": 3}
     gateway = make_gateway(gateway_config(limits=limits), POLICIES)
     source = hostile_source()
     tunnels = [tls_through(connect(gateway.proxy_port, f"allowed.test:{origin.port}", source), ca, "allowed.test")]

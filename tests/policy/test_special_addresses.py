@@ -141,3 +141,10 @@ def test_the_engine_denies_a_special_address_with_its_reason_even_when_a_rule_li
     ip = ipaddress.ip_address(address)
     decision = engine.decide(Facts(Identity(namespace="shop"), address, 443, destination_ip=ip))
     assert decision.reason is Reason.BLOCKED_ADDRESS and what in decision.message
+
+
+def test_ipv6_loopback_and_unspecified_are_themselves_not_ipv4_compatible_forms() -> None:
+    allowed = AddressPolicy(allowed_ranges=[ipaddress.ip_network("::1/128")])
+    assert allowed.classify(ipaddress.ip_address("::1")).cls is AddressClass.PUBLIC
+    assert AddressPolicy().classify(ipaddress.ip_address("::1")).detail.startswith("::1 is loopback")
+    assert "0.0.0.2" in AddressPolicy().classify(ipaddress.ip_address("::2")).detail  # a real compatible form
