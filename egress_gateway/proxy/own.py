@@ -5,8 +5,9 @@ every address that reaches this host: loopback and unspecified addresses, the co
 the pod IP, `own_addresses` such as the gateway's Service addresses) and every address of the host's interfaces,
 enumerated with psutil. Interfaces are re-enumerated on demand, at most once per `refresh_s` (a lookup made later
 than that after an address was added sees it), and only for a destination port that is one of the gateway's (the
-cheap trigger: other connections never enumerate anything). An IPv6 destination is checked by the IPv4 addresses it embeds too (a mapped or NAT64 form of the
-pod IP is the pod IP). Imports psutil and the policy's address helpers; no mitmproxy.
+cheap trigger: other connections never enumerate anything). An IPv6 destination is checked by the IPv4 addresses
+it embeds too (a mapped or NAT64 form of the pod IP is the pod IP). Imports psutil and the policy's address
+helpers; no mitmproxy.
 """
 
 from __future__ import annotations
