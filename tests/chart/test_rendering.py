@@ -265,6 +265,7 @@ NOT_IN_CHART = {
     "kubernetes.retry_period_s": "leader-election tuning",
     "kubernetes.watch_timeout_s": "watch tuning",
     "kubernetes.backoff_max_s": "watch tuning",
+    "pod_ip": "the Deployment sets POD_IP from status.podIP",
 }
 
 

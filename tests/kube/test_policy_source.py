@@ -19,7 +19,7 @@ from egress_gateway.sources.kubernetes import KubernetesPolicySource
 from tests.kube.conftest import cluster_policy, egress_policy, eventually, kube_settings, run
 from tests.kube.fake_apiserver import FakeApiServer
 
-PUBLIC = ipaddress.ip_address("203.0.113.10")
+PUBLIC = ipaddress.ip_address("93.184.216.10")
 SHOP = Identity("shop", "p", MappingProxyType({}), MappingProxyType({"kubernetes.io/metadata.name": "shop"}))
 
 
