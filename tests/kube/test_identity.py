@@ -366,3 +366,27 @@ def test_a_cached_token_whose_pod_is_gone_is_reviewed_again(apiserver: FakeApiSe
             await resolver.stop()
 
     run(scenario)
+
+
+def test_the_namespace_of_a_source_address_is_known_at_accept_for_connection_shares(
+    apiserver: FakeApiServer, kubeconfig: Path
+) -> None:
+    """`limits.namespace_connections` counts from accept: the pod index tells a source address's namespace before
+    any request; a token-only chain cannot (the namespace is in the token), so the proxy counts at identification."""
+    _token_env(apiserver)
+
+    async def scenario() -> None:
+        settings = with_modes(kube_settings(kubeconfig), "service-account-token", "pod-ip")
+        tokens, pods = TokenIdentityResolver(settings), PodIdentityResolver(settings)
+        await tokens.start()
+        await pods.start()
+        try:
+            assert await pods.index.wait_ready(5)
+            assert ChainResolver([tokens, pods]).namespace_of_address("10.5.0.1") == "shop"
+            assert ChainResolver([tokens, pods]).namespace_of_address("10.5.0.250") is None
+            assert ChainResolver([tokens]).namespace_of_address("10.5.0.1") is None
+        finally:
+            await tokens.stop()
+            await pods.stop()
+
+    run(scenario)
