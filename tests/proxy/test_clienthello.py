@@ -68,11 +68,13 @@ def test_agrees_with_mitmproxys_parser() -> None:
         assert ours.sni == theirs.sni
 
 
-def test_starts_like_tls() -> None:
+def test_starts_like_tls_by_the_content_type_alone() -> None:
     assert starts_like_tls(b"\x16")
     assert starts_like_tls(b"\x16\x03\x01\x02\x00")
+    # The record version is not consulted (issue 12, class 1): receivers must ignore it (RFC 8446 5.1).
+    assert starts_like_tls(b"\x16\x03\x05\x02\x00")
+    assert starts_like_tls(b"\x16\x02")
     assert not starts_like_tls(b"GET / HTTP/1.1\r\n")
-    assert not starts_like_tls(b"\x16\x02")
     assert not starts_like_tls(b"")
 
 

@@ -36,6 +36,7 @@ spec:
   rules:
     - name: origins
       hosts: [plain.test, raw.test, self.test]
+      protocols: [TLS, HTTP, TCP]  # raw.test speaks an opaque protocol
     - name: no-denied
       action: Deny
       hosts: [denied.test]
@@ -228,7 +229,7 @@ def test_tunnel_into_the_gateway_itself_is_refused(env: Env) -> None:
     answer = connect(env.gateway.proxy_port, f"self.test:{env.gateway.proxy_port}")
     with answer.sock as sock:
         assert answer.status == 200  # the tunnel is dialed only on its first bytes
-        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: self.test\r\n\r\n")
         assert closed_by_peer(sock)
     record = env.gateway.wait_for(
         "egress_decision",
