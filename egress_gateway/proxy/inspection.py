@@ -59,7 +59,7 @@ MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer line
 # A request line as clients send it (upper-case method). Anything else is opaque TCP, which no rule allows unless it
 # says so; a lenient origin that would parse other spellings as HTTP is therefore only reachable where TCP is.
 _METHOD = rb"[A-Z][A-Z_-]{0,31}"
-_REQUEST_LINE = re.compile(rb"^" + _METHOD + rb" [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\r?\n")
+_REQUEST_LINE = re.compile(rb"^" + _METHOD + rb" [\x21-\x7e]+ HTTP/1\.[0-9]\r?\n")
 _REQUEST_LINE_START = re.compile(rb"^" + _METHOD + rb"(?: [\x21-\x7e]*(?: [\x21-\x7e]*\r?)?)?$")
 _SERVER_HELLO_PREFIX = 4 + 2 + 32  # handshake header, legacy_version, random
 
