@@ -162,6 +162,8 @@ class TunnelInspector:
 
     def _sniff(self, out: Inspection) -> None:
         data = self._pending
+        if not data:
+            return
         if data[0] == HANDSHAKE:
             self._mode, self.protocol = _Mode.TLS, Protocol.TLS
             return

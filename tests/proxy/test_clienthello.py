@@ -3,12 +3,20 @@ across records, and broken."""
 
 from __future__ import annotations
 
+import random
 import ssl
 
 import pytest
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
 
-from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
+from egress_gateway.proxy.clienthello import (
+    MAX_CLIENT_HELLO,
+    MAX_CLIENT_HELLO_RECORDS,
+    ClientHelloReader,
+    InvalidClientHello,
+    parse_client_hello,
+    starts_like_tls,
+)
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
@@ -131,3 +139,80 @@ def test_handmade_client_hello_parses() -> None:
 def test_ambiguous_or_invalid_server_names_are_rejected(body: bytes) -> None:
     with pytest.raises(InvalidClientHello):
         parse_client_hello(_with_server_name_extension(body))
+
+
+# ---- the incremental reader (issue 12, class 8) and the record version (class 1) -------------------------------
+
+
+def test_incremental_reader_equals_the_one_shot_parse_at_every_split() -> None:
+    for hello in (client_hello("api.example.com", ["h2"]), split_into_records(client_hello("s.example"), 7)):
+        expected = parse_client_hello(hello)
+        for cut in range(len(hello) + 1):
+            reader = ClientHelloReader()
+            first = reader.feed(hello[:cut])
+            assert first is None or cut == len(hello), cut
+            assert reader.feed(hello[cut:]) == expected, cut
+            assert reader.consumed == len(hello)
+
+
+def test_incremental_reader_fed_one_byte_at_a_time_keeps_only_the_incomplete_record() -> None:
+    hello = split_into_records(client_hello("dribble.example"), 16)
+    reader = ClientHelloReader()
+    for index in range(len(hello) - 1):
+        assert reader.feed(hello[index : index + 1]) is None
+        assert len(reader._pending) < 5 + 16  # bounded state: each byte is kept until its record is complete
+    parsed = reader.feed(hello[-1:])
+    assert parsed is not None and parsed.sni == "dribble.example"
+
+
+@pytest.mark.parametrize("version", [b"\x03\x05", b"\x03\x00", b"\x00\x00", b"\xfe\xfd", b"\xff\xff"])
+def test_any_record_version_is_parsed_and_its_sni_read(version: bytes) -> None:
+    hello = client_hello("denied.example")
+    rewritten = hello[:1] + version + hello[3:]
+    assert starts_like_tls(rewritten)
+    parsed = parse_client_hello(rewritten)
+    assert parsed is not None and parsed.sni == "denied.example"
+    reader = ClientHelloReader()
+    assert reader.feed(rewritten) == parsed
+
+
+def test_client_hello_over_the_record_cap_is_refused() -> None:
+    hello = split_into_records(client_hello("many.example"), 1)
+    assert len(hello) // 6 <= MAX_CLIENT_HELLO_RECORDS  # a real hello in 1-byte records still fits
+    announced = b"\x01" + (MAX_CLIENT_HELLO - 4).to_bytes(3, "big") + bytes(MAX_CLIENT_HELLO_RECORDS)
+    too_many = split_into_records(b"\x16\x03\x01\x00\x00" + announced, 1)
+    with pytest.raises(InvalidClientHello, match="records"):
+        parse_client_hello(too_many)
+    with pytest.raises(InvalidClientHello, match="records"):
+        ClientHelloReader().feed(too_many)
+
+
+def test_client_hello_over_the_size_cap_is_refused_as_soon_as_announced() -> None:
+    header = b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big")
+    with pytest.raises(InvalidClientHello, match="exceeds"):
+        ClientHelloReader().feed(header)
+    with pytest.raises(InvalidClientHello, match="exceeds"):
+        parse_client_hello(header)
+
+
+def test_random_splits_agree_with_the_one_shot_parse() -> None:
+    rng = random.Random(12)
+    samples = [client_hello("a.example"), split_into_records(client_hello("b.example"), 3)]
+    samples += [s[:n] for s in samples for n in (1, 5, 9, 40)]
+    samples += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64))) for _ in range(200)]
+    samples += [b"\x16" + s[1:] for s in samples[-50:]]
+    for data in samples:
+        try:
+            expected: object = parse_client_hello(data)
+        except InvalidClientHello:
+            expected = InvalidClientHello
+        for _ in range(5):
+            reader = ClientHelloReader()
+            cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
+            got: object = None
+            try:
+                for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+                    got = reader.feed(data[start:end])
+            except InvalidClientHello:
+                got = InvalidClientHello
+            assert got == expected, (data, cuts)
