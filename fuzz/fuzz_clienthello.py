@@ -47,14 +47,14 @@ def pieces(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
-def one_shot(data: bytes) -> ClientHello | None | type[InvalidClientHello]:
+def one_shot(data: bytes) -> ClientHello | type[InvalidClientHello] | None:
     try:
         return parse_client_hello(data)
     except InvalidClientHello:
         return InvalidClientHello
 
 
-def incremental(split: list[bytes]) -> ClientHello | None | type[InvalidClientHello]:
+def incremental(split: list[bytes]) -> ClientHello | type[InvalidClientHello] | None:
     reader = ClientHelloReader()
     result = None
     try:

@@ -216,9 +216,10 @@ def hrr_origin(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
         pytest.skip("openssl is not installed")
     leaf = TestCA(tmp_path_factory.mktemp("hrr-ca")).issue("hrr.test", "denied.test")
     host, port = "127.0.0.16", _free_port("127.0.0.16")
+    command = [openssl, "s_server", "-accept", f"{host}:{port}", "-cert", str(leaf.cert), "-key", str(leaf.key)]
+    command += ["-tls1_3", "-groups", "P-256", "-www", "-quiet"]
     server = subprocess.Popen(
-        [openssl, "s_server", "-accept", f"{host}:{port}", "-cert", str(leaf.cert), "-key", str(leaf.key)]
-        + ["-tls1_3", "-groups", "P-256", "-www", "-quiet"],
+        command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

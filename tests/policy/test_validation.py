@@ -141,7 +141,8 @@ def test_every_example_policy_is_valid() -> None:
 def test_protocols_are_checked_with_their_field_path() -> None:
     ok = validate_object(policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["TLS", "TCP"]}))
     assert [str(p) for p in ok.spec.rules[0].protocols or []] == ["TLS", "TCP"]
-    assert_error(policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["UDP"]}), "spec.rules[0].protocols[0]", "")
+    unknown = policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["UDP"]})
+    assert_error(unknown, "spec.rules[0].protocols[0]", "")
     assert_error(policy({"name": "r", "hosts": ["a.example.com"], "protocols": []}), "spec.rules[0].protocols", "empty")
     assert_error(
         policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["TLS", "TLS"]}),

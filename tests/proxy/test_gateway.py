@@ -276,9 +276,11 @@ def test_http_in_a_tunnel_is_allowed_when_its_host_is_the_connect_host(env: Env)
     answer.sock.close()
     env.gateway.wait_for(
         "egress_decision",
-        lambda e: e.get("server.address") == "plain.test"
-        and e.get("egress.protocol") == "HTTP"
-        and e.get("egress.decision") == "allow",
+        lambda e: (
+            e.get("server.address") == "plain.test"
+            and e.get("egress.protocol") == "HTTP"
+            and e.get("egress.decision") == "allow"
+        ),
     )
 
 
