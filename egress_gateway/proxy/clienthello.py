@@ -1,7 +1,8 @@
 """TLS ClientHello parsing, sans I/O: the first bytes of a tunnel in, the SNI (and ALPN) out.
 
-Owns: `starts_like_tls`, `parse_client_hello` (one shot, over a complete buffer), `ClientHelloReader` (incremental:
-bytes in as they arrive, each byte examined once) and `parse_client_hello_message` (one complete handshake message).
+Owns: `starts_like_tls`, `parse_client_hello_message` (one complete handshake message), the caps, and
+`parse_client_hello` (one shot, over a buffer: the reference that the incremental reader of a tunnel,
+`proxy/inspection.py`, is tested and fuzzed against).
 A ClientHello is recognised by its handshake layer (record content type 22, handshake type 1); the record-layer
 version is never consulted (RFC 8446 5.1: receivers ignore it), so a record version the gateway did not expect
 cannot make a ClientHello "not TLS". It never decrypts anything and never answers the client; it only reads the
@@ -53,68 +54,6 @@ def record_length(header: bytes | bytearray, offset: int = 0) -> int:
     if length == 0 or length > MAX_RECORD:
         raise InvalidClientHello(f"TLS record length {length} is invalid")
     return length
-
-
-class ClientHelloReader:
-    """The first ClientHello of a stream, read incrementally: `feed` bytes as they arrive (split anywhere).
-
-    Keeps only the incomplete record and the handshake bytes gathered so far, and looks at each byte once, so a
-    client dribbling its hello costs linear work. `feed` returns the ClientHello once complete (then `consumed` is
-    the number of stream bytes its records took), None while more bytes are needed, and raises
-    `InvalidClientHello` for malformed or over-limit input (`MAX_CLIENT_HELLO`, `MAX_CLIENT_HELLO_RECORDS`).
-    """
-
-    __slots__ = ("_payload", "_pending", "consumed", "records", "result")
-
-    def __init__(self) -> None:
-        self._pending = bytearray()  # bytes of the record not complete yet
-        self._payload = bytearray()  # handshake bytes of the ClientHello so far
-        self.consumed = 0
-        self.records = 0
-        self.result: ClientHello | None = None
-
-    def feed(self, data: bytes) -> ClientHello | None:
-        if self.result is not None:
-            return self.result
-        self._pending += data
-        pending = self._pending
-        pos = 0
-        try:
-            while len(pending) - pos >= RECORD_HEADER:
-                if pending[pos] != HANDSHAKE:
-                    raise InvalidClientHello("not a TLS handshake record")
-                length = record_length(pending, pos)
-                end = pos + RECORD_HEADER + length
-                if end > len(pending):
-                    break
-                self.records += 1
-                if self.records > MAX_CLIENT_HELLO_RECORDS:
-                    raise InvalidClientHello(f"ClientHello spans more than {MAX_CLIENT_HELLO_RECORDS} records")
-                self._payload += pending[pos + RECORD_HEADER : end]
-                self.consumed += end - pos
-                pos = end
-                needed = _message_length(self._payload)
-                if needed is not None and len(self._payload) >= needed:
-                    self.result = parse_client_hello_message(bytes(self._payload[:needed]))
-                    if len(self._payload) > needed:
-                        raise InvalidClientHello("more handshake data follows the ClientHello in its record")
-                    return self.result
-        finally:
-            del pending[:pos]
-        _message_length(self._payload)  # refuse an over-limit announced length before waiting for its bytes
-        return None
-
-
-def _message_length(payload: bytes | bytearray) -> int | None:
-    """Total size of the ClientHello message at the start of `payload` (header included), None if unknown yet."""
-    if payload and payload[0] != CLIENT_HELLO:
-        raise InvalidClientHello(f"first handshake message is type {payload[0]}, not ClientHello")
-    if len(payload) < 4:
-        return None
-    needed = 4 + int.from_bytes(payload[1:4], "big")
-    if needed > MAX_CLIENT_HELLO:
-        raise InvalidClientHello(f"ClientHello of {needed} bytes exceeds {MAX_CLIENT_HELLO}")
-    return needed
 
 
 class _Reader:

@@ -188,20 +188,25 @@ class TunnelInspector:
         released = 0
         while self._mode is _Mode.TLS and len(data) - pos >= RECORD_HEADER:
             content_type = data[pos]
-            try:
-                length = record_length(data, pos)
-            except InvalidClientHello as exc:
-                self._problem(out, Protocol.TLS, f"malformed TLS ClientHello: {exc}")
+            # Judged by its header, before its payload arrives (as `parse_client_hello` does).
+            problem: str | None = None
+            if content_type not in (HANDSHAKE, CHANGE_CIPHER_SPEC, ALERT, APPLICATION_DATA):
+                problem = f"unexpected TLS record type {content_type} before the handshake is encrypted"
+            elif content_type != HANDSHAKE and self._handshake:
+                problem = "a ClientHello is interleaved with another record"
+            else:
+                try:
+                    length = record_length(data, pos)
+                except InvalidClientHello as exc:
+                    problem = str(exc)
+            if problem is not None:
+                self._problem(out, Protocol.TLS, f"malformed TLS ClientHello: {problem}")
                 return
             end = pos + RECORD_HEADER + length
             if end > len(data):
                 break
             if content_type == HANDSHAKE:
                 problem = self._client_handshake(data, pos + RECORD_HEADER, end, out)
-            elif content_type in (CHANGE_CIPHER_SPEC, ALERT, APPLICATION_DATA):
-                problem = "a ClientHello is interleaved with another record" if self._handshake else None
-            else:
-                problem = f"unexpected TLS record type {content_type} before the handshake is encrypted"
             if problem is not None:
                 self._problem(out, Protocol.TLS, f"malformed TLS ClientHello: {problem}")
                 return
@@ -212,31 +217,34 @@ class TunnelInspector:
         self._release_to(out, released)
 
     def _client_handshake(self, data: bytearray, start: int, end: int, out: Inspection) -> str | None:
-        self._handshake += data[start:end]
-        self._hello_records += 1
+        """One handshake record: gather it; report the ClientHello it completes. Same limits and order of checks as
+        `parse_client_hello`, which is the reference this is tested and fuzzed against."""
         handshake = self._handshake
-        while handshake:
-            if handshake[0] != CLIENT_HELLO:
-                return f"client handshake message of type {handshake[0]} before the handshake is encrypted"
-            if self._hello_records > MAX_CLIENT_HELLO_RECORDS:
-                return f"ClientHello spans more than {MAX_CLIENT_HELLO_RECORDS} records"
-            if len(handshake) < 4:
-                return None
-            needed = 4 + int.from_bytes(handshake[1:4], "big")
-            if needed > MAX_CLIENT_HELLO:
-                return f"ClientHello of {needed} bytes exceeds {MAX_CLIENT_HELLO}"
-            if len(handshake) < needed:
-                return None
-            self.hellos += 1
-            if self.hellos > MAX_CLIENT_HELLOS:
-                return f"more than {MAX_CLIENT_HELLOS} ClientHellos in one handshake"
-            try:
-                hello = parse_client_hello_message(bytes(handshake[:needed]))
-            except InvalidClientHello as exc:
-                return str(exc)
-            out.seen.append(Seen(Protocol.TLS, hello=hello))
-            del handshake[:needed]
-            self._hello_records = 1 if handshake else 0
+        handshake += data[start:end]
+        self._hello_records += 1
+        if handshake[0] != CLIENT_HELLO:
+            return f"client handshake message of type {handshake[0]} before the handshake is encrypted"
+        if self._hello_records > MAX_CLIENT_HELLO_RECORDS:
+            return f"ClientHello spans more than {MAX_CLIENT_HELLO_RECORDS} records"
+        if len(handshake) < 4:
+            return None
+        needed = 4 + int.from_bytes(handshake[1:4], "big")
+        if needed > MAX_CLIENT_HELLO:
+            return f"ClientHello of {needed} bytes exceeds {MAX_CLIENT_HELLO}"
+        if len(handshake) < needed:
+            return None
+        if len(handshake) > needed:
+            return "more handshake data follows the ClientHello in its record"
+        self.hellos += 1
+        if self.hellos > MAX_CLIENT_HELLOS:
+            return f"more than {MAX_CLIENT_HELLOS} ClientHellos in one handshake"
+        try:
+            hello = parse_client_hello_message(bytes(handshake))
+        except InvalidClientHello as exc:
+            return str(exc)
+        out.seen.append(Seen(Protocol.TLS, hello=hello))
+        handshake.clear()
+        self._hello_records = 0
         return None
 
     # ---- server -> client -----------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
 from egress_gateway.proxy.clienthello import (
     MAX_CLIENT_HELLO,
     MAX_CLIENT_HELLO_RECORDS,
-    ClientHelloReader,
+    ClientHello,
     InvalidClientHello,
     parse_client_hello,
     starts_like_tls,
 )
+from egress_gateway.proxy.inspection import TunnelInspector
+from egress_gateway.proxy.limits import HeadLimits
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
@@ -142,27 +144,46 @@ def test_ambiguous_or_invalid_server_names_are_rejected(body: bytes) -> None:
 
 
 # ---- the incremental reader (issue 12, class 8) and the record version (class 1) -------------------------------
+# A tunnel reads its ClientHello incrementally through `TunnelInspector`; the one-shot `parse_client_hello` is the
+# reference it must agree with, whatever the split.
+
+Outcome = ClientHello | type[InvalidClientHello] | None
 
 
-def test_incremental_reader_equals_the_one_shot_parse_at_every_split() -> None:
+def incremental(pieces: list[bytes]) -> Outcome:
+    """The first thing a tunnel inspector reports for `pieces`: the hello, InvalidClientHello for a problem, or
+    None while it waits."""
+    tunnel = TunnelInspector(HeadLimits())
+    for piece in pieces:
+        seen = tunnel.client_data(piece).seen
+        if seen:
+            return seen[0].hello if seen[0].problem is None else InvalidClientHello
+    return None
+
+
+def one_shot(data: bytes) -> Outcome:
+    try:
+        return parse_client_hello(data)
+    except InvalidClientHello:
+        return InvalidClientHello
+
+
+def test_incremental_reading_equals_the_one_shot_parse_at_every_split() -> None:
     for hello in (client_hello("api.example.com", ["h2"]), split_into_records(client_hello("s.example"), 7)):
         expected = parse_client_hello(hello)
+        assert expected is not None
         for cut in range(len(hello) + 1):
-            reader = ClientHelloReader()
-            first = reader.feed(hello[:cut])
-            assert first is None or cut == len(hello), cut
-            assert reader.feed(hello[cut:]) == expected, cut
-            assert reader.consumed == len(hello)
+            assert incremental([hello[:cut], hello[cut:]]) == expected, cut
 
 
-def test_incremental_reader_fed_one_byte_at_a_time_keeps_only_the_incomplete_record() -> None:
+def test_incremental_reading_one_byte_at_a_time_releases_the_hello_only_when_whole() -> None:
     hello = split_into_records(client_hello("dribble.example"), 16)
-    reader = ClientHelloReader()
+    tunnel = TunnelInspector(HeadLimits())
     for index in range(len(hello) - 1):
-        assert reader.feed(hello[index : index + 1]) is None
-        assert len(reader._pending) < 5 + 16  # bounded state: each byte is kept until its record is complete
-    parsed = reader.feed(hello[-1:])
-    assert parsed is not None and parsed.sni == "dribble.example"
+        step = tunnel.client_data(hello[index : index + 1])
+        assert step.release == b"" and step.seen == []
+    last = tunnel.client_data(hello[-1:])
+    assert last.release == hello and last.seen[0].hello is not None and last.seen[0].hello.sni == "dribble.example"
 
 
 @pytest.mark.parametrize("version", [b"\x03\x05", b"\x03\x00", b"\x00\x00", b"\xfe\xfd", b"\xff\xff"])
@@ -172,8 +193,7 @@ def test_any_record_version_is_parsed_and_its_sni_read(version: bytes) -> None:
     assert starts_like_tls(rewritten)
     parsed = parse_client_hello(rewritten)
     assert parsed is not None and parsed.sni == "denied.example"
-    reader = ClientHelloReader()
-    assert reader.feed(rewritten) == parsed
+    assert incremental([rewritten]) == parsed
 
 
 def test_client_hello_over_the_record_cap_is_refused() -> None:
@@ -183,36 +203,26 @@ def test_client_hello_over_the_record_cap_is_refused() -> None:
     too_many = split_into_records(b"\x16\x03\x01\x00\x00" + announced, 1)
     with pytest.raises(InvalidClientHello, match="records"):
         parse_client_hello(too_many)
-    with pytest.raises(InvalidClientHello, match="records"):
-        ClientHelloReader().feed(too_many)
+    assert incremental([too_many]) is InvalidClientHello
 
 
 def test_client_hello_over_the_size_cap_is_refused_as_soon_as_announced() -> None:
     header = b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big")
     with pytest.raises(InvalidClientHello, match="exceeds"):
-        ClientHelloReader().feed(header)
-    with pytest.raises(InvalidClientHello, match="exceeds"):
         parse_client_hello(header)
+    assert incremental([header]) is InvalidClientHello
 
 
 def test_random_splits_agree_with_the_one_shot_parse() -> None:
     rng = random.Random(12)
     samples = [client_hello("a.example"), split_into_records(client_hello("b.example"), 3)]
     samples += [s[:n] for s in samples for n in (1, 5, 9, 40)]
-    samples += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64))) for _ in range(200)]
-    samples += [b"\x16" + s[1:] for s in samples[-50:]]
+    samples += [b"\x16" + bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64))) for _ in range(300)]
+    samples += [s[:5] + bytes([s[5] ^ 1]) + s[6:] for s in samples[:2]]  # not a ClientHello
+    samples += [s + b"\x01" for s in samples[:2]]  # a stray byte after the record
     for data in samples:
-        try:
-            expected: object = parse_client_hello(data)
-        except InvalidClientHello:
-            expected = InvalidClientHello
+        expected = one_shot(data)
         for _ in range(5):
-            reader = ClientHelloReader()
             cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
-            got: object = None
-            try:
-                for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
-                    got = reader.feed(data[start:end])
-            except InvalidClientHello:
-                got = InvalidClientHello
-            assert got == expected, (data, cuts)
+            pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            assert incremental(pieces) == expected, (data, cuts)
