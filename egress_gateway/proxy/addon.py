@@ -1,9 +1,11 @@
 """The checks that enforce decisions, as mitmproxy hooks and as plain methods the tunnel listener calls.
 
 Owns the per-connection state (`ClientState`, `Tunnel`), the request-head checks (`read_head`), the CONNECT decision
-(`open_tunnel`), the ClientHello check (`start_tunnel`), the tunnel layer choice for connections mitmproxy serves
-(`next_layer`), IP pinning (`server_connect` dials only an address the gate approved), the client timers (request,
-ClientHello, connect) and revocation of open tunnels after a policy change or a change of the clients' labels.
+(`open_tunnel`), the checks of what a tunnel carries (`start_tunnel` for its first bytes, `tunnel_bytes` for every
+client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), the tunnel
+layer choice for connections mitmproxy serves (`next_layer`), IP pinning (`server_connect` dials only an address the
+gate approved), the client timers (request, ClientHello, connect) and revocation of open tunnels after a policy
+change or a change of the clients' labels.
 TLS is never terminated. Imports mitmproxy, the gate, the recorder contract and the decision types; never the
 policy sources.
 """
