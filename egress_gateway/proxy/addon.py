@@ -22,7 +22,7 @@ import structlog
 from mitmproxy import connection, http
 from mitmproxy.net.http import http1, url
 from mitmproxy.net.http.validate import validate_headers
-from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy import events, layer, server_hooks
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.identity.base import AuthenticationFailed
@@ -69,6 +69,7 @@ class Tunnel:
     first_sni: str | None = None  # of the first ClientHello; a later one (after a HelloRetryRequest) must repeat it
     ready: bytearray = field(default_factory=bytearray)  # checked client bytes waiting for the upstream connection
     fed: int = 0  # mitmproxy's path: how many of the client's first bytes went through the inspector
+    fed_events: int = 0  # mitmproxy's path: how many of `NextLayer.events` were read
     closed_reason: Reason | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -164,8 +165,8 @@ class GatewayAddon:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
-        data = nextlayer.data_client()
         if len(context.layers) <= 1:
+            data = nextlayer.data_client()
             # First bytes of a client connection: an HTTP proxy request. TLS to the proxy itself is not offered.
             if starts_like_tls(data):
                 nextlayer.layer = CloseClientLayer(context)
@@ -177,8 +178,12 @@ class GatewayAddon:
         if tunnel is None:
             nextlayer.layer = CloseClientLayer(context)
             return
-        opened = self.start_tunnel(tunnel, data[tunnel.fed :])
-        tunnel.fed = len(data)
+        # Only the events since the last call: `data_client()` joins them all each time (quadratic for a dribbler).
+        fresh = nextlayer.events[tunnel.fed_events :]
+        tunnel.fed_events = len(nextlayer.events)
+        data = b"".join(e.data for e in fresh if isinstance(e, events.DataReceived) and e.connection is context.client)
+        tunnel.fed += len(data)
+        opened = self.start_tunnel(tunnel, data)
         if opened is None:
             return  # wait for the rest of the ClientHello
         if not opened or tunnel.verdict.address is None:
@@ -192,7 +197,7 @@ class GatewayAddon:
             tunnel,
             inspect=lambda chunk: self.tunnel_bytes(tunnel, chunk),
             inspector=tunnel.inspector,
-            already_read=len(data),
+            already_read=tunnel.fed,
             ready=ready,
         )
 

@@ -403,7 +403,8 @@ def test_a_rule_that_lists_only_tcp_does_not_allow_tls(env: Env) -> None:
 # ---- class 8: dribbled ClientHellos are bounded and do not starve others ---------------------------------------
 
 
-def test_dribbled_client_hellos_are_refused_at_the_record_cap_and_others_are_still_served(env: Env) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_dribbled_client_hellos_are_refused_at_the_record_cap_and_others_are_still_served(env: Env, path: str) -> None:
     """Three clients send a ClientHello announced at 16 KiB in 1-byte records (the issue's attack). Each is closed
     with a `bad_request` record once it crosses the record cap, and meanwhile another namespace's CONNECT and TLS
     handshake complete. Work per byte is bounded, so no tight timing is asserted: only that the others were served
@@ -416,7 +417,7 @@ def test_dribbled_client_hellos_are_refused_at_the_record_cap_and_others_are_sti
     results: dict[str, bool] = {}
 
     def dribble(source: str) -> None:
-        sock = open_tunnel(env, f"allowed.test:{env.tls.port}", source, "listener")
+        sock = open_tunnel(env, f"allowed.test:{env.tls.port}", source, path)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         closed = False
         try:
