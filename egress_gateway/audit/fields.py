@@ -48,6 +48,7 @@ WOULD_DENY_POLICY_VERSION = "egress.would_deny.policy.version"
 WOULD_DENY_RULE = "egress.would_deny.rule"
 TLS = "egress.tls"
 HOST_HEADER = "egress.host_header"
+PROTOCOL = "egress.protocol"  # what a tunnel was seen to carry: TLS, HTTP or TCP
 SERVICE_ACCOUNT = "egress.service_account"
 BYTES_SENT = "egress.bytes_sent"
 BYTES_RECEIVED = "egress.bytes_received"
@@ -170,6 +171,8 @@ def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
         out[TLS_SERVER_NAME] = facts.sni
     if facts.host_header is not None:
         out[HOST_HEADER] = facts.host_header
+    if facts.protocol is not None:
+        out[PROTOCOL] = str(facts.protocol)
     ip = facts.destination_ip
     if ip is not None:
         last = _last_ip

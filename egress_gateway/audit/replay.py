@@ -45,6 +45,7 @@ def facts_from_record(record: FlowRecord) -> Facts:
         except ValueError:
             destination = None
     host_header = record.attributes.get(fields.HOST_HEADER)
+    protocol = record.attributes.get(fields.PROTOCOL)
     return Facts(
         identity=identity,
         target=record.host or "",
@@ -52,6 +53,7 @@ def facts_from_record(record: FlowRecord) -> Facts:
         sni=record.sni,
         host_header=str(host_header) if host_header is not None else None,
         destination_ip=destination,
+        protocol=str(protocol) if protocol is not None else None,
     )
 
 

@@ -46,6 +46,7 @@ class Reason(StrEnum):
     URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
     SELF_CONNECT = "self_connect"
+    PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # engine: the matching Allow rule does not list the protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,7 @@ class Facts:
     form a client may send (the engine normalizes it). `destination_ip` is the address the gateway resolved and
     will connect to; None when not known yet (then CIDR rules and address safety are not evaluated).
     `host_header` is set for plain HTTP only (its presence marks the request as plain HTTP).
+    `protocol` is what a tunnel was seen to carry ("TLS", "HTTP", "TCP"); None before its first bytes (a CONNECT).
     """
 
     identity: Identity | None
@@ -75,6 +77,7 @@ class Facts:
     sni: str | None = None
     host_header: str | None = None
     destination_ip: IPAddress | None = None
+    protocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,7 @@ class Decision:
     audit_reason: Reason | None = None
     audit_policy: PolicyRef | None = None
     audit_rule: str | None = None
+    protocols: frozenset[str] | None = None  # allowed: what the deciding rule lets the tunnel carry (None: any)
 
     @property
     def verdict(self) -> str:

@@ -16,7 +16,14 @@ from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress,
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.hostnames import HostPattern, parse_host_pattern
 from egress_gateway.policy.indexes import CidrIndex, HostIndex
-from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject
+from egress_gateway.policy.model import (
+    DEFAULT_PROTOCOLS,
+    NAMESPACE_NAME_LABEL,
+    Action,
+    ClusterEgressPolicy,
+    Mode,
+    PolicyObject,
+)
 from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
 from egress_gateway.policy.targets import NormalizedHost, canonical_ip, normalize_host, parse_authority
 
@@ -38,6 +45,7 @@ class CompiledRule:
     policy: CompiledPolicy
     host_patterns: tuple[HostPattern, ...]
     networks: tuple[IPNetwork, ...]
+    protocols: frozenset[str] = frozenset(DEFAULT_PROTOCOLS)  # what an Allow/Log rule lets a tunnel carry
 
     def port_matches(self, port: int) -> bool:
         ports = self.ports
@@ -125,6 +133,7 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             policy=compiled,
             host_patterns=host_patterns,
             networks=networks,
+            protocols=frozenset(rule.protocols or DEFAULT_PROTOCOLS),
         )
         rules.append(compiled_rule)
     compiled.rules = tuple(rules)
@@ -235,6 +244,7 @@ class _Matches:
     allow: tuple[CompiledRule, str] | None = None
     log: tuple[CompiledRule, str] | None = None
     allow_by_cidr: bool = False  # an Allow/Log rule covered the destination IP through an explicit `cidrs` entry
+    protocol_refused: tuple[CompiledRule, str] | None = None  # an Allow/Log rule matched but not the protocol
 
 
 def _deny(reason: Reason, message: str, **kwargs: object) -> Decision:
@@ -337,6 +347,7 @@ class Engine:
         address: IPAddress | None,
         port: int,
         now: float,
+        protocol: str | None = None,
     ) -> _Matches:
         found = _Matches()
 
@@ -349,6 +360,10 @@ class Engine:
                 return
             if sni_only:
                 return  # the SNI is consulted for Deny rules only
+            if protocol is not None and protocol not in rule.protocols:
+                if found.protocol_refused is None:
+                    found.protocol_refused = (rule, matched)
+                return
             if by_cidr:
                 found.allow_by_cidr = True
             if rule.action is Action.LOG:
@@ -380,8 +395,9 @@ class Engine:
         address: IPAddress | None,
         port: int,
         now: float,
+        protocol: str | None = None,
     ) -> Decision:
-        found = self._match(view, target.name, sni, address, port, now)
+        found = self._match(view, target.name, sni, address, port, now, protocol)
         if address is not None:
             verdict = self.addresses.classify(address)
             if verdict.cls is AddressClass.BLOCKED:
@@ -402,6 +418,17 @@ class Engine:
                 matched=matched,
             )
         chosen = found.log or found.allow
+        if chosen is None and found.protocol_refused is not None:
+            rule, matched = found.protocol_refused
+            allowed = ", ".join(sorted(rule.protocols))
+            return _deny(
+                Reason.PROTOCOL_NOT_ALLOWED,
+                f"{where} carries {protocol}, which rule {rule.name!r} of {rule.policy.ref} does not allow "
+                f"(protocols: {allowed}; matched {matched})",
+                policy=rule.policy.ref,
+                rule=rule.name,
+                matched=matched,
+            )
         if chosen is not None:
             rule, matched = chosen
             return Decision(
@@ -412,6 +439,7 @@ class Engine:
                 rule=rule.name,
                 matched=matched,
                 logged=found.log is not None,
+                protocols=rule.protocols,
             )
         if selected:
             names = ", ".join(str(p.ref) for p in selected[:3])
@@ -442,10 +470,14 @@ class Engine:
             return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
         now = time.time() if now is None else now
         selection = self._with_views(self.policies.select(facts.identity))
-        enforced = self._evaluate(selection.enforce, selection.view_enforce, target, sni, address, facts.port, now)
+        enforced = self._evaluate(
+            selection.enforce, selection.view_enforce, target, sni, address, facts.port, now, facts.protocol
+        )
         if not selection.has_audit or not enforced.allowed:
             return enforced
-        audit = self._evaluate(selection.policies, selection.view_all, target, sni, address, facts.port, now)
+        audit = self._evaluate(
+            selection.policies, selection.view_all, target, sni, address, facts.port, now, facts.protocol
+        )
         if audit.allowed:
             return enforced
         return Decision(
@@ -460,4 +492,5 @@ class Engine:
             audit_reason=audit.reason,
             audit_policy=audit.policy,
             audit_rule=audit.rule,
+            protocols=enforced.protocols,
         )

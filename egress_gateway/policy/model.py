@@ -38,6 +38,17 @@ class Action(StrEnum):
     LOG = "Log"
 
 
+class Protocol(StrEnum):
+    """What a tunnel carries, as the gateway sees its first bytes."""
+
+    TLS = "TLS"
+    HTTP = "HTTP"
+    TCP = "TCP"  # opaque bytes: neither a TLS ClientHello nor an HTTP/1 request
+
+
+DEFAULT_PROTOCOLS = (Protocol.TLS, Protocol.HTTP)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
@@ -129,6 +140,10 @@ class Rule(_Model):
     )
     expires: Annotated[datetime, AfterValidator(_check_expires)] | None = Field(
         default=None, description="After this instant the rule is ignored (RFC 3339 with time zone)."
+    )
+    protocols: list[Protocol] | None = Field(
+        default=None,
+        description="Allow/Log rules: what the tunnel may carry (TLS, HTTP, TCP = opaque); omitted = [TLS, HTTP].",
     )
 
 

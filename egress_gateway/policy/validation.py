@@ -17,6 +17,7 @@ from egress_gateway.policy.errors import FieldError, PolicyValidationError
 from egress_gateway.policy.model import (
     GROUP_VERSION,
     KINDS,
+    Action,
     ClusterEgressPolicySpec,
     LabelSelector,
     LabelSelectorOperator,
@@ -75,6 +76,7 @@ def _rule_errors(index: int, rule: Rule) -> list[FieldError]:
         errors.append(
             FieldError(base, "a rule needs `hosts` or `cidrs` (it would match nothing)", "add hosts or cidrs")
         )
+    errors.extend(_protocol_errors(base, rule))
     networks = [ipaddress.ip_network(c) for c in rule.cidrs or []]
     for j, text in enumerate(rule.except_ or []):
         carve = ipaddress.ip_network(text)
@@ -86,6 +88,26 @@ def _rule_errors(index: int, rule: Rule) -> list[FieldError]:
                     "an except entry carves a hole in one of `cidrs`; add the enclosing range to `cidrs`",
                 )
             )
+    return errors
+
+
+def _protocol_errors(base: str, rule: Rule) -> list[FieldError]:
+    if rule.protocols is None:
+        return []
+    if rule.action is Action.DENY:
+        return [
+            FieldError(
+                f"{base}.protocols",
+                "a Deny rule denies every protocol; `protocols` applies to Allow and Log rules only",
+                "remove protocols",
+            )
+        ]
+    if not rule.protocols:
+        return [FieldError(f"{base}.protocols", "an empty list allows nothing", "list TLS, HTTP and/or TCP, or omit")]
+    errors = []
+    for j, protocol in enumerate(rule.protocols):
+        if protocol in rule.protocols[:j]:
+            errors.append(FieldError(f"{base}.protocols[{j}]", f"duplicate protocol {protocol}", "list it once"))
     return errors
 
 

@@ -1,9 +1,11 @@
 """The checks that enforce decisions, as mitmproxy hooks and as plain methods the tunnel listener calls.
 
 Owns the per-connection state (`ClientState`, `Tunnel`), the request-head checks (`read_head`), the CONNECT decision
-(`open_tunnel`), the ClientHello check (`start_tunnel`), the tunnel layer choice for connections mitmproxy serves
-(`next_layer`), IP pinning (`server_connect` dials only an address the gate approved), the client timers (request,
-ClientHello, connect) and revocation of open tunnels after a policy change or a change of the clients' labels.
+(`open_tunnel`), the checks of what a tunnel carries (`start_tunnel` for its first bytes, `tunnel_bytes` for every
+client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), the tunnel
+layer choice for connections mitmproxy serves (`next_layer`), IP pinning (`server_connect` dials only an address the
+gate approved), the client timers (request, ClientHello, connect) and revocation of open tunnels after a policy
+change or a change of the clients' labels.
 TLS is never terminated. Imports mitmproxy, the gate, the recorder contract and the decision types; never the
 policy sources.
 """
@@ -20,14 +22,15 @@ import structlog
 from mitmproxy import connection, http, tcp
 from mitmproxy.net.http import http1, url
 from mitmproxy.net.http.validate import validate_headers
-from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.proxy import events, layer, server_hooks
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.identity.base import AuthenticationFailed
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
 from egress_gateway.proxy import responses
-from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
-from egress_gateway.proxy.gate import Gate, Verdict
+from egress_gateway.proxy.clienthello import starts_like_tls
+from egress_gateway.proxy.gate import Gate, Verdict, same_host
+from egress_gateway.proxy.inspection import Seen, TunnelInspector
 from egress_gateway.proxy.layers import CloseClientLayer, HeadLimitedHttpLayer, PassthroughLayer
 from egress_gateway.proxy.limits import (
     FRAMING_HEADERS,
@@ -62,7 +65,14 @@ class Tunnel:
 
     record: ConnectionRecord
     verdict: Verdict
+    inspector: TunnelInspector
     opened: bool = False  # the ClientHello/first bytes were checked and the upstream was allowed
+    checked: bool = False  # the first thing the tunnel carries (ClientHello, request head, opaque bytes) was allowed
+    hellos: int = 0  # ClientHellos checked
+    first_sni: str | None = None  # of the first ClientHello; a later one (after a HelloRetryRequest) must repeat it
+    ready: bytearray = field(default_factory=bytearray)  # checked client bytes waiting for the upstream connection
+    fed: int = 0  # mitmproxy's path: how many of the client's first bytes went through the inspector
+    fed_events: int = 0  # mitmproxy's path: how many of `NextLayer.events` were read
     closed_reason: Reason | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -166,8 +176,8 @@ class GatewayAddon:
         if nextlayer.layer is not None:
             return
         context = nextlayer.context
-        data = nextlayer.data_client()
         if len(context.layers) <= 1:
+            data = nextlayer.data_client()
             # First bytes of a client connection: an HTTP proxy request. TLS to the proxy itself is not offered.
             if starts_like_tls(data):
                 nextlayer.layer = CloseClientLayer(context)
@@ -179,6 +189,11 @@ class GatewayAddon:
         if tunnel is None:
             nextlayer.layer = CloseClientLayer(context)
             return
+        # Only the events since the last call: `data_client()` joins them all each time (quadratic for a dribbler).
+        fresh = nextlayer.events[tunnel.fed_events :]
+        tunnel.fed_events = len(nextlayer.events)
+        data = b"".join(e.data for e in fresh if isinstance(e, events.DataReceived) and e.connection is context.client)
+        tunnel.fed += len(data)
         opened = self.start_tunnel(tunnel, data)
         if opened is None:
             return  # wait for the rest of the ClientHello
@@ -186,38 +201,104 @@ class GatewayAddon:
             nextlayer.layer = CloseClientLayer(context)
             return
         context.server.address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
-        nextlayer.layer = PassthroughLayer(context, tunnel)
+        ready = bytes(tunnel.ready)
+        tunnel.ready.clear()
+        nextlayer.layer = PassthroughLayer(
+            context,
+            tunnel,
+            inspect=lambda chunk: self.tunnel_bytes(tunnel, chunk),
+            inspector=tunnel.inspector,
+            already_read=tunnel.fed,
+            ready=ready,
+        )
 
     def start_tunnel(self, tunnel: Tunnel, data: bytes) -> bool | None:
-        """Check a tunnel's first client bytes (the TLS ClientHello, or opaque data). True: the tunnel may dial
-        `tunnel.verdict.address`; False: close the client (the decision is recorded); None: wait for more bytes."""
-        if tunnel.closed_reason is not None:
+        """Check a tunnel's first client bytes (`data`: the bytes that arrived since the last call). True: the
+        tunnel may dial `tunnel.verdict.address` and send `tunnel.ready` first; False: close the client (the
+        decision is recorded); None: wait for more bytes."""
+        released = self.tunnel_bytes(tunnel, data)
+        if released is None:
+            _cancel(tunnel.hello_timer)
             return False
-        verdict = tunnel.verdict
-        record = tunnel.record
-        if starts_like_tls(data):
-            try:
-                hello = parse_client_hello(data)
-            except InvalidClientHello as exc:
-                verdict = Verdict(
-                    verdict.facts, adapter_denial(Reason.BAD_REQUEST, f"malformed TLS ClientHello: {exc}")
-                )
-            else:
-                if hello is None:
-                    return None
-                verdict = self.gate.decide_sni(verdict, hello.sni)
-                record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=",".join(hello.alpn) or None)
-            record.event("client_hello")
-            record.decided(verdict.facts, verdict.decision)
-        else:
-            record.set(tls=False)
+        tunnel.ready += released
+        if not tunnel.checked:
+            return None  # the ClientHello (or request head) is not complete yet; its timer runs
         _cancel(tunnel.hello_timer)
-        tunnel.verdict = verdict
-        if not verdict.decision.allowed or verdict.address is None:
-            tunnel.closed_reason = verdict.decision.reason
+        if tunnel.verdict.address is None:
             return False
         tunnel.opened = True
         return True
+
+    def tunnel_bytes(self, tunnel: Tunnel, data: bytes) -> bytes | None:
+        """A tunnel's client bytes through its inspection (`TunnelInspector`): the bytes that may go upstream now
+        (possibly none: a message is incomplete), or None: close the tunnel (the denial is recorded). Both paths
+        call it for every client chunk until `tunnel.inspector.done`."""
+        if tunnel.closed_reason is not None:
+            return None
+        inspection = tunnel.inspector.client_data(data)
+        for seen in inspection.seen:
+            if not self._check_seen(tunnel, seen):
+                return None
+        return inspection.release
+
+    def _check_seen(self, tunnel: Tunnel, seen: Seen) -> bool:
+        """Decide one thing the tunnel carries; record it (every denial, and the first allow); False: deny."""
+        verdict = replace(tunnel.verdict, facts=replace(tunnel.verdict.facts, protocol=seen.protocol))
+        record = tunnel.record
+        if seen.problem is not None:
+            verdict = replace(verdict, decision=adapter_denial(Reason.BAD_REQUEST, seen.problem))
+        elif seen.hello is not None:
+            hello = seen.hello
+            record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=",".join(hello.alpn) or None)
+            record.event("client_hello")
+            if tunnel.hellos and not _same_sni(tunnel.first_sni, hello.sni):
+                verdict = Verdict(
+                    replace(verdict.facts, sni=hello.sni),
+                    adapter_denial(
+                        Reason.SNI_MISMATCH,
+                        f"the ClientHello after a HelloRetryRequest names {hello.sni!r}; the first named "
+                        f"{tunnel.first_sni!r} (a tunnel's SNI cannot change)",
+                    ),
+                    verdict.candidates,
+                )
+            else:
+                if not tunnel.hellos:
+                    tunnel.first_sni = hello.sni
+                verdict = self.gate.decide_sni(verdict, hello.sni)
+            tunnel.hellos += 1
+        elif seen.request is not None:
+            record.set(tls=False)
+            record.event("http_request")
+            verdict = self._decide_request(verdict, seen.request)
+        else:
+            record.set(tls=False)
+            verdict = self.gate.decide_protocol(verdict, seen.protocol)
+        first = not tunnel.checked
+        tunnel.verdict = verdict
+        if first or not verdict.decision.allowed:
+            record.decided(verdict.facts, verdict.decision)
+        if not verdict.decision.allowed:
+            tunnel.closed_reason = verdict.decision.reason
+            return False
+        tunnel.checked = True
+        return True
+
+    def _decide_request(self, verdict: Verdict, request: http.Request) -> Verdict:
+        """An HTTP/1 request inside a tunnel: its Host (and absolute-form authority) checked like plain HTTP."""
+        hosts = request.headers.get_all("host")
+        if len(hosts) != 1:
+            problem = "without a Host header" if not hosts else "with more than one Host header"
+            return replace(
+                verdict, decision=adapter_denial(Reason.BAD_REQUEST, f"an HTTP request in the tunnel {problem}")
+            )
+        names = [hosts[0]]
+        if request.authority and request.authority != hosts[0]:
+            names.append(request.authority)
+        for name in names:
+            verdict = self.gate.decide_host(verdict, name)
+            if not verdict.decision.allowed:
+                break
+        return verdict
 
     def _check_head(self, client_id: str, head: bytes) -> bytes | None:
         """The response for a request head over `limits.max_*` (414/431) or with ambiguous framing (400), recorded
@@ -314,7 +395,7 @@ class GatewayAddon:
             record.event("closed")
             record.close()
             return None
-        tunnel = Tunnel(record=record, verdict=verdict)
+        tunnel = Tunnel(record=record, verdict=verdict, inspector=TunnelInspector(self.head_limits))
         state.tunnel = tunnel
         tunnel.hello_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
@@ -636,6 +717,12 @@ class GatewayAddon:
         record.set(http_response_status_code=response.status_code)
         record.close()
         return response
+
+
+def _same_sni(first: str | None, second: str | None) -> bool:
+    if first is None or second is None:
+        return first is second
+    return first == second or same_host(first, second)
 
 
 def _request_form_problem(request: http.Request) -> str | None:

@@ -1,7 +1,12 @@
 """TLS ClientHello parsing, sans I/O: the first bytes of a tunnel in, the SNI (and ALPN) out.
 
-Owns: `starts_like_tls`, `parse_client_hello`. It never decrypts anything and never answers the client; it only
-reads the cleartext ClientHello, which may span several TLS records. Pure: no sockets, no mitmproxy, no engine.
+Owns: `starts_like_tls`, `parse_client_hello_message` (one complete handshake message), the caps, and
+`parse_client_hello` (one shot, over a buffer: the reference that the incremental reader of a tunnel,
+`proxy/inspection.py`, is tested and fuzzed against).
+A ClientHello is recognised by its handshake layer (record content type 22, handshake type 1); the record-layer
+version is never consulted (RFC 8446 5.1: receivers ignore it), so a record version the gateway did not expect
+cannot make a ClientHello "not TLS". It never decrypts anything and never answers the client; it only reads the
+cleartext ClientHello, which may span several TLS records. Pure: no sockets, no mitmproxy, no engine.
 """
 
 from __future__ import annotations
@@ -9,13 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RECORD_HEADER = 5
+CHANGE_CIPHER_SPEC = 0x14
+ALERT = 0x15
 HANDSHAKE = 0x16
+APPLICATION_DATA = 0x17
 CLIENT_HELLO = 0x01
+SERVER_HELLO = 0x02
 EXT_SERVER_NAME = 0x0000
 EXT_ALPN = 0x0010
 EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
-# A ClientHello with post-quantum key shares is ~1.8 KB; 64 KiB is far beyond any real one.
-MAX_CLIENT_HELLO = 64 * 1024
+# A ClientHello with post-quantum key shares is ~1.8 KB; 16 KiB (one full record) is far beyond any real one.
+MAX_CLIENT_HELLO = 16 * 1024
+# Records one ClientHello may span: a real client uses one; 1-byte records of a ~1.8 KB hello still fit.
+MAX_CLIENT_HELLO_RECORDS = 2048
 MAX_RECORD = 2**14 + 2048
 
 
@@ -31,14 +42,18 @@ class ClientHello:
 
 
 def starts_like_tls(data: bytes) -> bool:
-    """True if `data` (at least 3 bytes are needed to be sure) begins a TLS handshake record."""
-    if not data:
-        return False
-    if data[0] != HANDSHAKE:
-        return False
-    if len(data) >= 2 and data[1] != 0x03:
-        return False
-    return not (len(data) >= 3 and data[2] > 0x04)
+    """True if `data` begins a TLS handshake record (content type 22). The record version is not looked at: a
+    ClientHello is recognised by its handshake layer, and every byte after the content type is then checked by
+    the parser (a handshake record that does not hold a ClientHello is refused, not relayed)."""
+    return bool(data) and data[0] == HANDSHAKE
+
+
+def record_length(header: bytes | bytearray, offset: int = 0) -> int:
+    """The payload length of the record whose header starts at `offset`; raises for 0 or over `MAX_RECORD`."""
+    length = int.from_bytes(header[offset + 3 : offset + 5], "big")
+    if length == 0 or length > MAX_RECORD:
+        raise InvalidClientHello(f"TLS record length {length} is invalid")
+    return length
 
 
 class _Reader:
@@ -71,25 +86,29 @@ def _handshake_bytes(data: bytes) -> bytes | None:
     """Concatenate handshake record payloads until the ClientHello message is complete; None = need more data."""
     payload = bytearray()
     pos = 0
+    records = 0
     while True:
+        if payload and payload[0] != CLIENT_HELLO:
+            raise InvalidClientHello(f"first handshake message is type {payload[0]}, not ClientHello")
         if len(payload) >= 4:
-            if payload[0] != CLIENT_HELLO:
-                raise InvalidClientHello(f"first handshake message is type {payload[0]}, not ClientHello")
             needed = 4 + int.from_bytes(payload[1:4], "big")
             if needed > MAX_CLIENT_HELLO:
                 raise InvalidClientHello(f"ClientHello of {needed} bytes exceeds {MAX_CLIENT_HELLO}")
             if len(payload) >= needed:
+                if len(payload) > needed:
+                    raise InvalidClientHello("more handshake data follows the ClientHello in its record")
                 return bytes(payload[:needed])
         if len(data) - pos < RECORD_HEADER:
             return None
-        if data[pos] != HANDSHAKE or data[pos + 1] != 0x03:
+        if data[pos] != HANDSHAKE:
             raise InvalidClientHello("not a TLS handshake record")
-        length = int.from_bytes(data[pos + 3 : pos + 5], "big")
-        if length == 0 or length > MAX_RECORD:
-            raise InvalidClientHello(f"TLS record length {length} is invalid")
+        length = record_length(data, pos)
         end = pos + RECORD_HEADER + length
         if end > len(data):
             return None
+        records += 1
+        if records > MAX_CLIENT_HELLO_RECORDS:
+            raise InvalidClientHello(f"ClientHello spans more than {MAX_CLIENT_HELLO_RECORDS} records")
         payload += data[pos + RECORD_HEADER : end]
         pos = end
 
@@ -138,6 +157,13 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     message = _handshake_bytes(data)
     if message is None:
         return None
+    return parse_client_hello_message(message)
+
+
+def parse_client_hello_message(message: bytes) -> ClientHello:
+    """Parse one complete ClientHello handshake message (its 4-byte handshake header included)."""
+    if len(message) < 4 or message[0] != CLIENT_HELLO:
+        raise InvalidClientHello("not a ClientHello message")
     reader = _Reader(message[4:])
     reader.take(2, "legacy_version")
     reader.take(32, "random")

@@ -15,6 +15,7 @@ from egress_gateway.identity.base import IdentityResolver
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason, adapter_denial
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.errors import InvalidTarget
+from egress_gateway.policy.model import Protocol
 from egress_gateway.policy.targets import normalize_host
 from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import ResolveError, Resolver
@@ -43,6 +44,14 @@ class Verdict:
     @property
     def address(self) -> IPAddress | None:
         return self.facts.destination_ip
+
+
+def same_host(a: str, b: str) -> bool:
+    """Do two spellings name the same host? Only names the normalizer accepts can be the same."""
+    try:
+        return normalize_host(a) == normalize_host(b)
+    except InvalidTarget:
+        return False
 
 
 class Gate:
@@ -122,11 +131,27 @@ class Gate:
 
     def decide_sni(self, verdict: Verdict, sni: str | None) -> Verdict:
         """Re-decide a tunnel with the SNI its ClientHello carries (consistency and SNI deny rules)."""
-        facts = replace(verdict.facts, sni=sni)
-        if sni is not None and sni.lower().rstrip(".") == verdict.facts.target.lower().rstrip("."):
-            # The SNI names exactly the CONNECT host: the engine would consult nothing new (no mismatch, no
-            # SNI-only rule), so the CONNECT decision stands. Saves one decision on nearly every tunnel.
+        facts = replace(verdict.facts, sni=sni, protocol=Protocol.TLS)
+        protocols = verdict.decision.protocols
+        if (
+            sni is not None
+            and (protocols is None or Protocol.TLS in protocols)
+            and same_host(sni, verdict.facts.target)
+        ):
+            # The SNI names exactly the CONNECT host (by the one normalizer every name goes through) and the
+            # CONNECT's rule allows TLS: the engine would consult nothing new, so the CONNECT decision stands.
+            # Saves one decision on nearly every tunnel.
             return Verdict(facts, verdict.decision, verdict.candidates)
+        return Verdict(facts, self.engine.decide(facts), verdict.candidates)
+
+    def decide_host(self, verdict: Verdict, host_header: str) -> Verdict:
+        """Re-decide a tunnel with the Host of an HTTP/1 request inside it (checked like plain HTTP)."""
+        facts = replace(verdict.facts, host_header=host_header, protocol=Protocol.HTTP)
+        return Verdict(facts, self.engine.decide(facts), verdict.candidates)
+
+    def decide_protocol(self, verdict: Verdict, protocol: Protocol) -> Verdict:
+        """Re-decide a tunnel whose bytes are opaque (TCP): only a rule listing the protocol allows it."""
+        facts = replace(verdict.facts, protocol=protocol)
         return Verdict(facts, self.engine.decide(facts), verdict.candidates)
 
     def redecide(self, facts: Facts) -> Decision:

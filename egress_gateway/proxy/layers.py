@@ -30,20 +30,78 @@ class ByteCounter(Protocol):
     bytes_received: int  # destination -> client
 
 
-class PassthroughLayer(TCPLayer):
-    """Relays raw bytes (TLS stays encrypted end to end) without creating flows or firing per-message hooks."""
+class ServerWatch(Protocol):
+    """The tunnel's inspector, as far as this layer needs it."""
 
-    def __init__(self, context: Context, counter: ByteCounter) -> None:
+    @property
+    def done(self) -> bool: ...
+
+    def server_data(self, data: bytes) -> None: ...
+
+
+class PassthroughLayer(TCPLayer):
+    """Relays raw bytes (TLS stays encrypted end to end) without creating flows or firing per-message hooks.
+
+    Until the tunnel's inspection is done (`inspector.done`), client bytes go through `inspect` (the addon's
+    `tunnel_bytes`: what may be forwarded now, or None = close) and server bytes are shown to the inspector. The
+    client's first `already_read` bytes were inspected before this layer existed (mitmproxy replays them to it);
+    what they released is `ready`, sent first.
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        counter: ByteCounter,
+        inspect: Callable[[bytes], bytes | None],
+        inspector: ServerWatch,
+        already_read: int,
+        ready: bytes,
+    ) -> None:
         super().__init__(context, ignore=True)
         self.counter = counter
+        self._inspect = inspect
+        self._inspector = inspector
+        self._skip = already_read
+        self._ready = ready
+        self._closing = False
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived):
-            if event.connection is self.context.client:
-                self.counter.bytes_sent += len(event.data)
-            else:
-                self.counter.bytes_received += len(event.data)
-        yield from super().relay_messages(event)
+        if not isinstance(event, events.DataReceived):
+            yield from super().relay_messages(event)
+            return
+        if event.connection is not self.context.client:
+            if not self._inspector.done:
+                self._inspector.server_data(event.data)
+            self.counter.bytes_received += len(event.data)
+            yield commands.SendData(self.context.client, event.data)
+            return
+        data = event.data
+        if self._skip:
+            replayed = min(self._skip, len(data))
+            self._skip -= replayed
+            data = data[replayed:]
+            if self._skip:
+                return
+            data, self._ready = self._ready + self._inspected(data), b""
+        else:
+            data = self._inspected(data)
+        if self._closing:
+            yield commands.CloseConnection(self.context.server)
+            yield commands.CloseConnection(self.context.client)
+            self._handle_event = self.done
+            return
+        if data:
+            self.counter.bytes_sent += len(data)
+            yield commands.SendData(self.context.server, data)
+
+    def _inspected(self, data: bytes) -> bytes:
+        if not data or self._inspector.done:
+            return data
+        released = self._inspect(data)
+        if released is None:
+            self._closing = True
+            return b""
+        return released
 
 
 class CloseClientLayer(layer.Layer):

@@ -213,15 +213,16 @@ class ClientConnection(asyncio.Protocol):
         self._on_data = self._read_first_bytes
         self.transport.resume_reading()
         if self.buffer:
-            self._read_first_bytes(b"")
+            early = bytes(self.buffer)
+            self.buffer.clear()
+            self._read_first_bytes(early)
 
     def _read_first_bytes(self, data: bytes) -> None:
-        self.buffer += data
         tunnel = self.tunnel
         if tunnel is None:
             self.abort()
             return
-        opened = self.addon.start_tunnel(tunnel, bytes(self.buffer))
+        opened = self.addon.start_tunnel(tunnel, data)
         if opened is None:
             return  # the ClientHello is not complete yet; its timer runs
         if not opened or tunnel.verdict.address is None:
@@ -259,19 +260,33 @@ class ClientConnection(asyncio.Protocol):
             return
         self.upstream = cast(asyncio.Transport, upstream)
         tunnel.record.event("upstream_connected")
-        if self.buffer:
-            tunnel.bytes_sent += len(self.buffer)
-            self.upstream.write(bytes(self.buffer))
-            self.buffer.clear()
+        if tunnel.ready:  # the checked first bytes
+            tunnel.bytes_sent += len(tunnel.ready)
+            self.upstream.write(bytes(tunnel.ready))
+            tunnel.ready.clear()
         self._on_data = self._relay
+        if self.buffer:  # arrived during the dial: not inspected yet
+            held = bytes(self.buffer)
+            self.buffer.clear()
+            self._relay(held)
+            if self.closed or tunnel.closed_reason is not None:
+                return
         self._touch()
         self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
         self.transport.resume_reading()
 
     def _relay(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.bytes_sent += len(data)
-        if self.upstream is not None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        if not tunnel.inspector.done:  # a later ClientHello (after a HelloRetryRequest) or HTTP request head
+            released = self.addon.tunnel_bytes(tunnel, data)
+            if released is None:
+                self.abort()
+                return
+            data = released
+        tunnel.bytes_sent += len(data)
+        if self.upstream is not None and data:
             self.upstream.write(data)
         self.last_activity = self.loop.time()
 
@@ -329,8 +344,11 @@ class ClientConnection(asyncio.Protocol):
 
     # ---- called by the upstream side ------------------------------------------------------------------------
     def upstream_data(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.bytes_received += len(data)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.bytes_received += len(data)
+            if not tunnel.inspector.done:
+                tunnel.inspector.server_data(data)
         if self.transport is not None:
             self.transport.write(data)
         self.last_activity = self.loop.time()

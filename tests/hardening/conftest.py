@@ -27,6 +27,7 @@ TLS_ORIGIN = "127.0.0.10"
 PLAIN_ORIGIN = "127.0.0.12"
 BULK_ORIGIN = "127.0.0.13"  # sends without end (slow-reader tests)
 BLACKHOLE_ORIGIN = "127.0.0.14"  # a listener whose accept queue is full: connects hang (connect timeout tests)
+HRR_ORIGIN = "127.0.0.15"  # a recording shim in front of `openssl s_server` that answers with HelloRetryRequest
 HOSTILE_CIDR = "127.0.0.32/27"
 
 POLICIES = {
@@ -50,6 +51,11 @@ spec:
     - name: no-denied
       action: Deny
       hosts: [denied.test]
+    - name: hrr-origin
+      hosts: [hrr.test]
+    - name: opaque-tcp
+      hosts: [tcp.test]
+      protocols: [TCP]
 """,
 }
 
@@ -60,6 +66,8 @@ HOSTS = {
     "plain.test": [PLAIN_ORIGIN],
     "bulk.test": [BULK_ORIGIN],
     "blackhole.test": [BLACKHOLE_ORIGIN],
+    "hrr.test": [HRR_ORIGIN],
+    "tcp.test": [PLAIN_ORIGIN],
 }
 
 IDENTITIES = [*STATIC_IDENTITIES, {"cidr": HOSTILE_CIDR, "namespace": "hostile", "pod": "attacker"}]

@@ -228,7 +228,7 @@ def test_tunnel_to_a_port_nobody_listens_on_is_closed_with_connection_refused(fa
     unused.close()
     answer = connect(faulty.gateway.proxy_port, f"reset.test:{port}", source)
     assert answer.status == 200  # decided before any connect: the tunnel is granted, then the dial fails
-    answer.sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    answer.sock.sendall(b"GET / HTTP/1.1\r\nHost: reset.test\r\n\r\n")
     assert closed_by_peer(answer.sock)
     _decision(faulty, source, "connection_refused")
     faulty.still_serves()

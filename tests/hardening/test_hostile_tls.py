@@ -195,16 +195,16 @@ def test_oversized_client_hello_is_refused(env: Env) -> None:
     assert accepted_after(env.tls, before) == 0
 
 
-def test_sslv2_style_hello_in_a_tunnel_is_relayed_as_opaque_bytes_to_the_checked_target(env: Env) -> None:
-    """Not TLS by its first byte, so it is treated like any non-TLS tunnel: allowed on the CONNECT decision alone,
-    to the pinned address of the CONNECT host (the same rule as test_non_tls_tunnel_is_allowed_on_the_connect_decision);
-    the origin's TLS stack then rejects it."""
+def test_sslv2_style_hello_in_a_tunnel_is_opaque_tcp_and_refused_without_a_tcp_rule(env: Env) -> None:
+    """Not TLS by its first byte (no handshake record), not HTTP: opaque TCP, which the hostile namespace's rule does
+    not list (`protocols` defaults to TLS and HTTP). Closed with a `protocol_not_allowed` record; never dialed."""
     source = env.fresh_source()
     before = env.tls.accepted
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     sock.sendall(bytes.fromhex("802e0103010015000000100100800300800700c006004002008004008000") + bytes(16))
     assert closed_by_peer(sock)
     sock.close()
-    assert accepted_after(env.tls, before) == 1
-    assert all(d["egress.decision"] == "allow" for d in env.decisions(source))
+    record = env.decision(source, "protocol_not_allowed")
+    assert record["egress.protocol"] == "TCP"
+    assert accepted_after(env.tls, before) == 0
     env.assert_still_serves()

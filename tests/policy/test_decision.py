@@ -318,3 +318,48 @@ def test_9_decision_carries_a_human_sentence_and_reason_codes(engine: Engine) ->
     decision = decide(engine, "example.org")
     assert decision.verdict == "deny" and decision.reason == "no_matching_rule"
     assert "example.org:443" in decision.message and "EgressPolicy/shop/payments" in decision.message
+
+
+PROTOCOLS = """
+apiVersion: egressgateway.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: tunnels, namespace: shop}
+spec:
+  rules:
+    - name: web
+      hosts: [web.example.com]
+    - name: database
+      hosts: [db.example.com]
+      protocols: [TCP]
+    - name: both
+      hosts: [both.example.com]
+      protocols: [TLS, TCP]
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "protocol", "allowed"),
+    [
+        ("web.example.com", None, True),  # the CONNECT, before any byte: the tunnel's first bytes decide again
+        ("web.example.com", "TLS", True),
+        ("web.example.com", "HTTP", True),
+        ("web.example.com", "TCP", False),  # default [TLS, HTTP]
+        ("db.example.com", "TCP", True),
+        ("db.example.com", "TLS", False),
+        ("both.example.com", "TCP", True),
+        ("both.example.com", "HTTP", False),
+    ],
+)
+def test_5_an_allow_rule_allows_only_its_protocols(target: str, protocol: str | None, allowed: bool) -> None:
+    decision = decide(engine_for(PROTOCOLS), target, identity=OTHER_POD, protocol=protocol)
+    assert decision.allowed is allowed, decision
+    if not allowed:
+        assert decision.reason is Reason.PROTOCOL_NOT_ALLOWED
+        assert protocol is not None and protocol in decision.message and decision.rule is not None
+    else:
+        assert decision.protocols is not None
+
+
+def test_2_sni_the_normalizer_rejects_is_invalid_even_if_it_strips_to_the_target(engine: Engine) -> None:
+    decision = decide(engine, "api.stripe.com", sni="api.stripe.com..")
+    assert decision.reason is Reason.INVALID_TARGET

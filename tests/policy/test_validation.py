@@ -136,3 +136,21 @@ def test_every_example_policy_is_valid() -> None:
     for path in sorted(Path("policies").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             validate_object(doc)
+
+
+def test_protocols_are_checked_with_their_field_path() -> None:
+    ok = validate_object(policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["TLS", "TCP"]}))
+    assert [str(p) for p in ok.spec.rules[0].protocols or []] == ["TLS", "TCP"]
+    unknown = policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["UDP"]})
+    assert_error(unknown, "spec.rules[0].protocols[0]", "")
+    assert_error(policy({"name": "r", "hosts": ["a.example.com"], "protocols": []}), "spec.rules[0].protocols", "empty")
+    assert_error(
+        policy({"name": "r", "hosts": ["a.example.com"], "protocols": ["TLS", "TLS"]}),
+        "spec.rules[0].protocols[1]",
+        "duplicate",
+    )
+    assert_error(
+        policy({"name": "r", "action": "Deny", "hosts": ["a.example.com"], "protocols": ["TCP"]}),
+        "spec.rules[0].protocols",
+        "Deny rule denies every protocol",
+    )

@@ -3,12 +3,22 @@ across records, and broken."""
 
 from __future__ import annotations
 
+import random
 import ssl
 
 import pytest
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
 
-from egress_gateway.proxy.clienthello import InvalidClientHello, parse_client_hello, starts_like_tls
+from egress_gateway.proxy.clienthello import (
+    MAX_CLIENT_HELLO,
+    MAX_CLIENT_HELLO_RECORDS,
+    ClientHello,
+    InvalidClientHello,
+    parse_client_hello,
+    starts_like_tls,
+)
+from egress_gateway.proxy.inspection import TunnelInspector
+from egress_gateway.proxy.limits import HeadLimits
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
@@ -68,11 +78,13 @@ def test_agrees_with_mitmproxys_parser() -> None:
         assert ours.sni == theirs.sni
 
 
-def test_starts_like_tls() -> None:
+def test_starts_like_tls_by_the_content_type_alone() -> None:
     assert starts_like_tls(b"\x16")
     assert starts_like_tls(b"\x16\x03\x01\x02\x00")
+    # The record version is not consulted (issue 12, class 1): receivers must ignore it (RFC 8446 5.1).
+    assert starts_like_tls(b"\x16\x03\x05\x02\x00")
+    assert starts_like_tls(b"\x16\x02")
     assert not starts_like_tls(b"GET / HTTP/1.1\r\n")
-    assert not starts_like_tls(b"\x16\x02")
     assert not starts_like_tls(b"")
 
 
@@ -129,3 +141,88 @@ def test_handmade_client_hello_parses() -> None:
 def test_ambiguous_or_invalid_server_names_are_rejected(body: bytes) -> None:
     with pytest.raises(InvalidClientHello):
         parse_client_hello(_with_server_name_extension(body))
+
+
+# ---- the incremental reader (issue 12, class 8) and the record version (class 1) -------------------------------
+# A tunnel reads its ClientHello incrementally through `TunnelInspector`; the one-shot `parse_client_hello` is the
+# reference it must agree with, whatever the split.
+
+Outcome = ClientHello | type[InvalidClientHello] | None
+
+
+def incremental(pieces: list[bytes]) -> Outcome:
+    """The first thing a tunnel inspector reports for `pieces`: the hello, InvalidClientHello for a problem, or
+    None while it waits."""
+    tunnel = TunnelInspector(HeadLimits())
+    for piece in pieces:
+        seen = tunnel.client_data(piece).seen
+        if seen:
+            return seen[0].hello if seen[0].problem is None else InvalidClientHello
+    return None
+
+
+def one_shot(data: bytes) -> Outcome:
+    try:
+        return parse_client_hello(data)
+    except InvalidClientHello:
+        return InvalidClientHello
+
+
+def test_incremental_reading_equals_the_one_shot_parse_at_every_split() -> None:
+    for hello in (client_hello("api.example.com", ["h2"]), split_into_records(client_hello("s.example"), 7)):
+        expected = parse_client_hello(hello)
+        assert expected is not None
+        for cut in range(len(hello) + 1):
+            assert incremental([hello[:cut], hello[cut:]]) == expected, cut
+
+
+def test_incremental_reading_one_byte_at_a_time_releases_the_hello_only_when_whole() -> None:
+    hello = split_into_records(client_hello("dribble.example"), 16)
+    tunnel = TunnelInspector(HeadLimits())
+    for index in range(len(hello) - 1):
+        step = tunnel.client_data(hello[index : index + 1])
+        assert step.release == b"" and step.seen == []
+    last = tunnel.client_data(hello[-1:])
+    assert last.release == hello and last.seen[0].hello is not None and last.seen[0].hello.sni == "dribble.example"
+
+
+@pytest.mark.parametrize("version", [b"\x03\x05", b"\x03\x00", b"\x00\x00", b"\xfe\xfd", b"\xff\xff"])
+def test_any_record_version_is_parsed_and_its_sni_read(version: bytes) -> None:
+    hello = client_hello("denied.example")
+    rewritten = hello[:1] + version + hello[3:]
+    assert starts_like_tls(rewritten)
+    parsed = parse_client_hello(rewritten)
+    assert parsed is not None and parsed.sni == "denied.example"
+    assert incremental([rewritten]) == parsed
+
+
+def test_client_hello_over_the_record_cap_is_refused() -> None:
+    hello = split_into_records(client_hello("many.example"), 1)
+    assert len(hello) // 6 <= MAX_CLIENT_HELLO_RECORDS  # a real hello in 1-byte records still fits
+    announced = b"\x01" + (MAX_CLIENT_HELLO - 4).to_bytes(3, "big") + bytes(MAX_CLIENT_HELLO_RECORDS)
+    too_many = split_into_records(b"\x16\x03\x01\x00\x00" + announced, 1)
+    with pytest.raises(InvalidClientHello, match="records"):
+        parse_client_hello(too_many)
+    assert incremental([too_many]) is InvalidClientHello
+
+
+def test_client_hello_over_the_size_cap_is_refused_as_soon_as_announced() -> None:
+    header = b"\x16\x03\x01\x00\x04\x01" + (MAX_CLIENT_HELLO - 3).to_bytes(3, "big")
+    with pytest.raises(InvalidClientHello, match="exceeds"):
+        parse_client_hello(header)
+    assert incremental([header]) is InvalidClientHello
+
+
+def test_random_splits_agree_with_the_one_shot_parse() -> None:
+    rng = random.Random(12)
+    samples = [client_hello("a.example"), split_into_records(client_hello("b.example"), 3)]
+    samples += [s[:n] for s in samples for n in (1, 5, 9, 40)]
+    samples += [b"\x16" + bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64))) for _ in range(300)]
+    samples += [s[:5] + bytes([s[5] ^ 1]) + s[6:] for s in samples[:2]]  # not a ClientHello
+    samples += [s + b"\x01" for s in samples[:2]]  # a stray byte after the record
+    for data in samples:
+        expected = one_shot(data)
+        for _ in range(5):
+            cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
+            pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            assert incremental(pieces) == expected, (data, cuts)

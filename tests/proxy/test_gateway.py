@@ -267,14 +267,21 @@ def test_client_hello_pipelined_with_the_connect_is_checked_the_same_way(env: En
     assert accepted_delta(env.tls, before) == 0
 
 
-def test_non_tls_tunnel_is_allowed_on_the_connect_decision(env: Env) -> None:
+def test_http_in_a_tunnel_is_allowed_when_its_host_is_the_connect_host(env: Env) -> None:
     answer = connect(env.gateway.proxy_port, f"plain.test:{env.plain.port}")
     assert answer.status == 200
     answer.sock.sendall(b"GET /raw HTTP/1.1\r\nHost: plain.test\r\nConnection: close\r\n\r\n")
     data = answer.sock.recv(65536)
     assert data.startswith(b"HTTP/1.1 200")
     answer.sock.close()
-    env.gateway.wait_for("egress_decision", lambda e: e.get("server.address") == "plain.test" and "egress.tls" not in e)
+    env.gateway.wait_for(
+        "egress_decision",
+        lambda e: (
+            e.get("server.address") == "plain.test"
+            and e.get("egress.protocol") == "HTTP"
+            and e.get("egress.decision") == "allow"
+        ),
+    )
 
 
 # ---- address safety ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ spec:
   rules:
     - name: origins
       hosts: [plain.test, raw.test, self.test]
+      protocols: [TLS, HTTP, TCP]  # raw.test speaks an opaque protocol
     - name: no-denied
       action: Deny
       hosts: [denied.test]
