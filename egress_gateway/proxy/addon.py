@@ -465,7 +465,7 @@ class GatewayAddon:
         flow.metadata.pop(_RECORD_KEY, None)
         record.set(http_response_status_code=101)
         record.event("upgraded", protocol=flow.response.headers.get("upgrade", ""))
-        state.tunnel = Tunnel(record=record, verdict=verdict, opened=True)
+        state.tunnel = Tunnel(record=record, verdict=verdict, inspector=TunnelInspector(self.head_limits), opened=True)
         return True
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
