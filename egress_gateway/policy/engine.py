@@ -9,14 +9,14 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from egress_gateway.policy.addresses import AddressClass, AddressPolicy, IPNetwork
-from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, PolicyRef, Reason
+from egress_gateway.policy.decision import Decider, Decision, Facts, Identity, IPAddress, PolicyRef, Reason
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.hostnames import HostPattern, parse_host_pattern
 from egress_gateway.policy.indexes import CidrIndex, HostIndex
-from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject
+from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject, Tier
 from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
 from egress_gateway.policy.targets import NormalizedHost, canonical_ip, normalize_host, parse_authority
 
@@ -63,6 +63,8 @@ class CompiledPolicy:
     namespace: str | None  # None for ClusterEgressPolicy
     pod_selector: Selector
     namespace_selector: Selector
+    tier: Tier
+    priority: int
     rules: tuple[CompiledRule, ...] = ()
     hosts: HostIndex[CompiledRule] = field(default_factory=HostIndex)
     cidrs: CidrIndex[CompiledRule] = field(default_factory=CidrIndex)
@@ -110,6 +112,8 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
         namespace_selector=(
             compile_selector(policy.spec.namespace_selector) if isinstance(policy, ClusterEgressPolicy) else SELECT_ALL
         ),
+        tier=policy.spec.tier if isinstance(policy, ClusterEgressPolicy) else Tier.NAMESPACE,
+        priority=policy.spec.priority if isinstance(policy, ClusterEgressPolicy) else 0,
     )
     rules = []
     for order, rule in enumerate(policy.spec.rules):
@@ -169,6 +173,10 @@ class PolicySet:
     ) -> None:
         self._by_namespace = by_namespace
         self._cluster = cluster
+        # Per tier, in evaluation order: (priority, name) for Admin and Baseline, the old kind/name order otherwise.
+        self._admin = _tier_order(p for p in cluster if p.tier is Tier.ADMIN)
+        self._cluster_namespace_tier = tuple(p for p in cluster if p.tier is Tier.NAMESPACE)
+        self._baseline = _tier_order(p for p in cluster if p.tier is Tier.BASELINE)
         self.generation = generation
         self._selection_cache: dict[int, tuple[Identity, Selection]] = {}
 
@@ -192,33 +200,78 @@ class PolicySet:
         return sum(len(v) for v in self._by_namespace.values()) + len(self._cluster)
 
     def select(self, identity: Identity) -> Selection:
-        """Namespaced policies of the client's namespace whose podSelector matches, then matching cluster policies."""
+        """Step 4: the policies selecting the client, grouped into tiers (cached per identity object)."""
         cached = self._selection_cache.get(id(identity))
         if cached is not None and cached[0] is identity:
             return cached[1]
-        selected = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity)) + tuple(
-            p for p in self._cluster if p.selects(identity)
+        namespace_tier = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity))
+        namespace_tier += tuple(p for p in self._cluster_namespace_tier if p.selects(identity))
+        selection = Selection(
+            admin=_priority_groups(Tier.ADMIN, tuple(p for p in self._admin if p.selects(identity))),
+            namespace=TierGroup.of(Tier.NAMESPACE, 0, namespace_tier),
+            baseline=_priority_groups(Tier.BASELINE, tuple(p for p in self._baseline if p.selects(identity))),
         )
-        selection = Selection(selected, tuple(p for p in selected if p.mode is Mode.ENFORCE))
         if len(self._selection_cache) >= self._SELECTION_CACHE_LIMIT:
             self._selection_cache.clear()
         self._selection_cache[id(identity)] = (identity, selection)
         return selection
 
 
-@dataclass(eq=False, slots=True)
-class Selection:
-    """The policies selecting one client, split by mode, with their merged rule views (filled in by the engine)."""
+def _tier_order(policies: Iterable[CompiledPolicy]) -> tuple[CompiledPolicy, ...]:
+    return tuple(sorted(policies, key=lambda p: (p.priority, p.ref.name)))
 
+
+def _priority_groups(tier: Tier, policies: tuple[CompiledPolicy, ...]) -> tuple[TierGroup, ...]:
+    groups: list[TierGroup] = []
+    start = 0
+    for i in range(1, len(policies) + 1):
+        if i == len(policies) or policies[i].priority != policies[start].priority:
+            groups.append(TierGroup.of(tier, policies[start].priority, policies[start:i]))
+            start = i
+    return tuple(groups)
+
+
+@dataclass(eq=False, slots=True)
+class TierGroup:
+    """The selecting policies of one tier at one priority, which decide together; views filled in by the engine."""
+
+    tier: Tier
+    priority: int
     policies: tuple[CompiledPolicy, ...]
     enforce: tuple[CompiledPolicy, ...]
     view_all: CompiledPolicy | RuleView | None = None
     view_enforce: CompiledPolicy | RuleView | None = None
-    views_ready: bool = False
+
+    @classmethod
+    def of(cls, tier: Tier, priority: int, policies: tuple[CompiledPolicy, ...]) -> TierGroup:
+        return cls(tier, priority, policies, tuple(p for p in policies if p.mode is Mode.ENFORCE))
 
     @property
     def has_audit(self) -> bool:
         return len(self.enforce) != len(self.policies)
+
+
+@dataclass(eq=False, slots=True)
+class Selection:
+    """The policies selecting one client, by tier in evaluation order (step 4)."""
+
+    admin: tuple[TierGroup, ...]
+    namespace: TierGroup
+    baseline: tuple[TierGroup, ...]
+    views_ready: bool = False
+    groups: tuple[TierGroup, ...] = field(init=False)  # every group in evaluation order
+    has_audit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.groups = (*self.admin, self.namespace, *self.baseline)
+        self.has_audit = any(group.has_audit for group in self.groups)
+
+    @property
+    def policies(self) -> tuple[CompiledPolicy, ...]:
+        return tuple(p for group in self.groups for p in group.policies)
+
+    def selects(self, audit: bool) -> bool:
+        return any(group.policies if audit else group.enforce for group in self.groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,15 +283,89 @@ class EngineConfig:
 
 
 @dataclass(slots=True)
-class _Matches:
+class Matches:
+    """What one view's rules say about one destination (step 5): the first rule found per action."""
+
     deny: tuple[CompiledRule, str] | None = None
     allow: tuple[CompiledRule, str] | None = None
     log: tuple[CompiledRule, str] | None = None
+    pass_: tuple[CompiledRule, str] | None = None
     allow_by_cidr: bool = False  # an Allow/Log rule covered the destination IP through an explicit `cidrs` entry
+
+    @property
+    def deciding(self) -> tuple[CompiledRule, str] | None:
+        """Deny beats Allow/Log (Log named first, so the flag is traceable), which beat Pass."""
+        return self.deny or self.log or self.allow
+
+
+def match_rules(
+    view: CompiledPolicy | RuleView | None,
+    name: str | None,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    now: float,
+) -> Matches:
+    """Step 5 for one policy or one merged view. Pure; also used by `explain`."""
+    found = Matches()
+
+    def consider(rule: CompiledRule, matched: str, by_cidr: bool, sni_only: bool) -> None:
+        if not rule.port_matches(port) or not rule.active(now):
+            return
+        if rule.action is Action.DENY:
+            if found.deny is None:
+                found.deny = (rule, matched)
+            return
+        if sni_only:
+            return  # the SNI is consulted for Deny rules only
+        if rule.action is Action.PASS:
+            if found.pass_ is None:
+                found.pass_ = (rule, matched)
+            return
+        if by_cidr:
+            found.allow_by_cidr = True
+        if rule.action is Action.LOG:
+            if found.log is None:
+                found.log = (rule, matched)
+        elif found.allow is None:
+            found.allow = (rule, matched)
+
+    if view is None:
+        return found
+    if name is not None:
+        for rule, pattern in view.hosts.lookup(name):
+            consider(rule, pattern, False, False)
+    if sni is not None and sni != name:
+        for rule, pattern in view.hosts.lookup(sni):
+            consider(rule, pattern, False, True)
+    if address is not None and view.cidrs:
+        for rule, cidr in view.cidrs.lookup(address):
+            if not rule.excepted(address):
+                consider(rule, cidr, True, False)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Destination:
+    target: NormalizedHost
+    sni: str | None
+    address: IPAddress | None
+    port: int
+    now: float
+
+    def match(self, view: CompiledPolicy | RuleView | None) -> Matches:
+        return match_rules(view, self.target.name, self.sni, self.address, self.port, self.now)
+
+    def __str__(self) -> str:
+        return f"{self.target}:{self.port}"
 
 
 def _deny(reason: Reason, message: str, **kwargs: object) -> Decision:
     return Decision(allowed=False, reason=reason, message=message, **kwargs)  # type: ignore[arg-type]
+
+
+def _where(tier: Tier, priority: int) -> str:
+    return "" if tier is Tier.NAMESPACE else f" ({tier} tier, priority {priority})"
 
 
 class Engine:
@@ -306,7 +433,7 @@ class Engine:
                 )
         return None
 
-    # ---- steps 4 to 7 -------------------------------------------------------------------------------------
+    # ---- steps 4 to 8 -------------------------------------------------------------------------------------
     _VIEW_CACHE_LIMIT = 1024
 
     def _view(self, policies: tuple[CompiledPolicy, ...]) -> CompiledPolicy | RuleView | None:
@@ -324,140 +451,137 @@ class Engine:
 
     def _with_views(self, selection: Selection) -> Selection:
         if not selection.views_ready:
-            selection.view_enforce = self._view(selection.enforce)
-            selection.view_all = self._view(selection.policies) if selection.has_audit else selection.view_enforce
+            for group in selection.groups:
+                group.view_enforce = self._view(group.enforce)
+                group.view_all = self._view(group.policies) if group.has_audit else group.view_enforce
             selection.views_ready = True
         return selection
 
-    @staticmethod
-    def _match(
-        view: CompiledPolicy | RuleView | None,
-        name: str | None,
-        sni: str | None,
-        address: IPAddress | None,
-        port: int,
-        now: float,
-    ) -> _Matches:
-        found = _Matches()
-
-        def consider(rule: CompiledRule, matched: str, by_cidr: bool, sni_only: bool) -> None:
-            if not rule.port_matches(port) or not rule.active(now):
-                return
-            if rule.action is Action.DENY:
-                if found.deny is None:
-                    found.deny = (rule, matched)
-                return
-            if sni_only:
-                return  # the SNI is consulted for Deny rules only
-            if by_cidr:
-                found.allow_by_cidr = True
-            if rule.action is Action.LOG:
-                if found.log is None:
-                    found.log = (rule, matched)
-            elif found.allow is None:
-                found.allow = (rule, matched)
-
-        if view is None:
-            return found
-        if name is not None:
-            for rule, pattern in view.hosts.lookup(name):
-                consider(rule, pattern, False, False)
-        if sni is not None and sni != name:
-            for rule, pattern in view.hosts.lookup(sni):
-                consider(rule, pattern, False, True)
-        if address is not None and view.cidrs:
-            for rule, cidr in view.cidrs.lookup(address):
-                if not rule.excepted(address):
-                    consider(rule, cidr, True, False)
-        return found
-
-    def _evaluate(
-        self,
-        selected: tuple[CompiledPolicy, ...],
-        view: CompiledPolicy | RuleView | None,
-        target: NormalizedHost,
-        sni: str | None,
-        address: IPAddress | None,
-        port: int,
-        now: float,
-    ) -> Decision:
-        found = self._match(view, target.name, sni, address, port, now)
-        if address is not None:
-            verdict = self.addresses.classify(address)
-            if verdict.cls is AddressClass.BLOCKED:
-                return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
-            if verdict.cls is AddressClass.PRIVATE and not found.allow_by_cidr:
-                return _deny(
-                    Reason.PRIVATE_ADDRESS,
-                    f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
-                )
-        where = f"{target}:{port}"
-        if found.deny is not None:
-            rule, matched = found.deny
+    def _address_safety(self, selection: Selection, audit: bool, dest: _Destination) -> Decision | None:
+        """Step 6. A private IP needs an Allow rule of a selected policy (any tier) listing it under `cidrs`."""
+        if dest.address is None:
+            return None
+        verdict = self.addresses.classify(dest.address)
+        if verdict.cls is AddressClass.BLOCKED:
+            return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
+        if verdict.cls is AddressClass.PRIVATE and not any(
+            dest.match(group.view_all if audit else group.view_enforce).allow_by_cidr for group in selection.groups
+        ):
             return _deny(
-                Reason.DENIED_BY_RULE,
-                f"{where} is denied by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
-                policy=rule.policy.ref,
-                rule=rule.name,
-                matched=matched,
+                Reason.PRIVATE_ADDRESS,
+                f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
             )
-        chosen = found.log or found.allow
-        if chosen is not None:
-            rule, matched = chosen
-            return Decision(
-                allowed=True,
-                reason=Reason.ALLOWED_BY_RULE,
-                message=f"{where} is allowed by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
-                policy=rule.policy.ref,
-                rule=rule.name,
-                matched=matched,
-                logged=found.log is not None,
-            )
+        return None
+
+    @staticmethod
+    def _rule_decision(group: TierGroup, found: Matches, dest: _Destination, passes: list[Decider]) -> Decision:
+        """Step 7 within one tier group that has a deciding rule."""
+        rule, matched = found.deciding  # type: ignore[misc]
+        where = f"of {rule.policy.ref}{_where(group.tier, group.priority)} (matched {matched})"
+        decider = Decider(group.tier.value, rule.policy.ref, rule.action.value, rule.name)
+        common = {
+            "policy": rule.policy.ref,
+            "rule": rule.name,
+            "matched": matched,
+            "tier": group.tier.value,
+            "deciders": (*passes, decider),
+        }
+        if rule.action is Action.DENY:
+            return _deny(Reason.DENIED_BY_RULE, f"{dest} is denied by rule {rule.name!r} {where}", **common)
+        return Decision(
+            allowed=True,
+            reason=Reason.ALLOWED_BY_RULE,
+            message=f"{dest} is allowed by rule {rule.name!r} {where}",
+            logged=rule.action is Action.LOG,
+            **common,  # type: ignore[arg-type]
+        )
+
+    def _walk_tier(
+        self, groups: tuple[TierGroup, ...], audit: bool, dest: _Destination, passes: list[Decider]
+    ) -> Decision | None:
+        """Step 7a/7c: groups by priority; the first Allow/Deny decides; a Pass skips the rest of the tier."""
+        for group in groups:
+            found = dest.match(group.view_all if audit else group.view_enforce)
+            if found.deciding is not None:
+                return self._rule_decision(group, found, dest, passes)
+            if found.pass_ is not None:
+                rule = found.pass_[0]
+                passes.append(Decider(group.tier.value, rule.policy.ref, Action.PASS.value, rule.name))
+                return None
+        return None
+
+    def _evaluate(self, selection: Selection, audit: bool, dest: _Destination) -> Decision:
+        """Steps 6 and 7 over the Enforce-mode policies (audit=False) or all selected policies (audit=True)."""
+        unsafe = self._address_safety(selection, audit, dest)
+        if unsafe is not None:
+            return unsafe
+        passes: list[Decider] = []
+        # 7a. Admin tier
+        decided = self._walk_tier(selection.admin, audit, dest, passes)
+        if decided is not None:
+            return decided
+        # 7b. Namespace tier: selecting the client allowlists it
+        namespace = selection.namespace
+        found = dest.match(namespace.view_all if audit else namespace.view_enforce)
+        if found.deciding is not None:
+            return self._rule_decision(namespace, found, dest, passes)
+        selected = namespace.policies if audit else namespace.enforce
         if selected:
             names = ", ".join(str(p.ref) for p in selected[:3])
             if len(selected) > 3:
                 names += f" and {len(selected) - 3} more"
             return _deny(
                 Reason.NO_MATCHING_RULE,
-                f"{where} matches no rule of the policies selecting this client ({names})",
+                f"{dest} matches no rule of the policies selecting this client ({names})",
                 policy=selected[0].ref,
+                tier=Tier.NAMESPACE.value,
+                deciders=(*passes, *(Decider(Tier.NAMESPACE.value, p.ref, "NoMatch") for p in selected)),
             )
+        # 7c. Baseline tier
+        decided = self._walk_tier(selection.baseline, audit, dest, passes)
+        if decided is not None:
+            return decided
+        # 7d. default_action
+        consulted = "no policy decided" if selection.selects(audit) else "no policy selects this client"
         if self.config.default_allow:
             return Decision(
                 allowed=True,
                 reason=Reason.NO_POLICY,
-                message=f"no policy selects this client; default action allows {where}",
+                message=f"{consulted}; default action allows {dest}",
+                deciders=tuple(passes),
             )
-        return _deny(Reason.NO_POLICY, f"no policy selects this client; default action denies {where}")
+        return _deny(Reason.NO_POLICY, f"{consulted}; default action denies {dest}", deciders=tuple(passes))
 
     def decide(self, facts: Facts, now: float | None = None) -> Decision:
+        # 1. Normalize
         normalized = self._normalize(facts)
         if isinstance(normalized, Decision):
             return normalized
         target, sni, address = normalized
+        # 2. Consistency
         inconsistent = self._consistency(facts, target, sni)
         if inconsistent is not None:
             return inconsistent
+        # 3. Identity
         if facts.identity is None:
             return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
-        now = time.time() if now is None else now
+        # 4. Selection, by tier
+        dest = _Destination(target, sni, address, facts.port, time.time() if now is None else now)
         selection = self._with_views(self.policies.select(facts.identity))
-        enforced = self._evaluate(selection.enforce, selection.view_enforce, target, sni, address, facts.port, now)
+        # 5.-7. Match, address safety, tier walk (Enforce-mode policies)
+        enforced = self._evaluate(selection, False, dest)
+        # 8. Audit mode
         if not selection.has_audit or not enforced.allowed:
             return enforced
-        audit = self._evaluate(selection.policies, selection.view_all, target, sni, address, facts.port, now)
+        audit = self._evaluate(selection, True, dest)
         if audit.allowed:
             return enforced
-        return Decision(
-            allowed=True,
-            reason=enforced.reason,
+        return replace(
+            enforced,
             message=f"{enforced.message}; an Audit-mode policy would deny it: {audit.message}",
-            policy=enforced.policy,
-            rule=enforced.rule,
-            matched=enforced.matched,
-            logged=enforced.logged,
             would_deny=True,
             audit_reason=audit.reason,
             audit_policy=audit.policy,
             audit_rule=audit.rule,
+            audit_deciders=audit.deciders,
         )
