@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 from egress_gateway.policy.errors import InvalidName
 from egress_gateway.policy.hostnames import parse_host_pattern
@@ -115,9 +115,38 @@ def _check_namespaced_action(value: Action) -> Action:
     return value
 
 
-HostEntry = Annotated[str, AfterValidator(_check_host)]
-CidrEntry = Annotated[str, AfterValidator(_check_cidr)]
-PortEntry = Annotated[int | str, BeforeValidator(_check_port)]
+# What the CRD schema can say of each entry (the API server checks these; `_check_*` above stay the authority and
+# give the hints). The patterns accept everything the checks accept, and reject what a regular expression can see:
+# hosts: a wildcard that is not a whole label, `**` not leftmost, a wildcard in or directly above the last label,
+# single-label names, empty labels, IP literals (an all-digit last label, or ':'); cidrs: anything that is not an
+# IPv4 or IPv6 network with a valid prefix length; ports: numbers and range ends outside 1-65535.
+_LABEL = r"[^.*\s:/@\[\]]{1,63}"
+_TOP_LABEL = r"[^.*\s:/@\[\]]*[^.*\s:/@\[\]0-9][^.*\s:/@\[\]]*"
+HOST_SCHEMA_PATTERN = rf"^(\*\*\.)?({_LABEL}\.|\*\.)*{_LABEL}\.{_TOP_LABEL}\.?$"
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+CIDR_SCHEMA_PATTERN = (
+    rf"^\s*({_OCTET}\.){{3}}{_OCTET}(/(3[0-2]|[12]?[0-9]))?\s*$"
+    r"|^\s*[0-9A-Fa-f]*:[0-9A-Fa-f:.]*(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?\s*$"
+)
+_PORT = r"0{0,4}([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+PORT_SCHEMA_PATTERN = rf"^\s*{_PORT}\s*(-\s*{_PORT}\s*)?$"
+
+HostEntry = Annotated[
+    str,
+    AfterValidator(_check_host),
+    WithJsonSchema({"type": "string", "minLength": 3, "maxLength": 254, "pattern": HOST_SCHEMA_PATTERN}),
+]
+CidrEntry = Annotated[
+    str, AfterValidator(_check_cidr), WithJsonSchema({"type": "string", "pattern": CIDR_SCHEMA_PATTERN})
+]
+PortEntry = Annotated[
+    int | str,
+    BeforeValidator(_check_port),
+    WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "minimum": 1, "maximum": 65535, "pattern": PORT_SCHEMA_PATTERN}
+    ),
+]
+RULES_LIST_MAP: dict[str, Any] = {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]}
 
 
 class LabelSelectorOperator(StrEnum):
@@ -200,7 +229,9 @@ class EgressPolicySpec(_Model):
         default=Mode.ENFORCE, description="Enforce (default) | Audit (records would-deny, changes no traffic)."
     )
     rules: list[Rule] = Field(
-        default_factory=list, description="Egress rules; any matching Deny wins, else any matching Allow or Log."
+        default_factory=list,
+        description="Egress rules; any matching Deny wins, else any matching Allow or Log.",
+        json_schema_extra=RULES_LIST_MAP,
     )
 
 
@@ -237,7 +268,8 @@ class ClusterEgressPolicySpec(EgressPolicySpec):
     )
     rules: list[ClusterRule] = Field(  # type: ignore[assignment]
         default_factory=list,
-        description=("Egress rules; within one priority any matching Deny wins, then Allow or Log, then Pass."),
+        description="Egress rules; within one priority any matching Deny wins, then Allow or Log, then Pass.",
+        json_schema_extra=RULES_LIST_MAP,
     )
 
 

@@ -143,12 +143,8 @@ def test_crds_have_status_subresource_short_names_and_columns(crds: list[dict]) 
     for crd in crds:
         version = crd["spec"]["versions"][0]
         assert version["subresources"] == {"status": {}}
-        assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-            "Mode",
-            "Rules",
-            "Accepted",
-            "Age",
-        ]
+        tiers = ["Tier", "Priority"] if crd["spec"]["names"]["kind"] == "ClusterEgressPolicy" else []
+        assert [c["name"] for c in version["additionalPrinterColumns"]] == [*tiers, "Mode", "Rules", "Accepted", "Age"]
     assert (
         "namespaceSelector"
         in by_kind["ClusterEgressPolicy"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
