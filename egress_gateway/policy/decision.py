@@ -97,10 +97,16 @@ class Decider:
     policy: PolicyRef
     verdict: str  # "Allow" | "Deny" | "Log" | "Pass" | "NoMatch"
     rule: str | None = None
+    text: str = field(init=False, repr=False, compare=False)  # built once: the engine reuses one Decider per rule
+
+    def __post_init__(self) -> None:
+        rule = f" rule {self.rule}" if self.rule else ""
+        object.__setattr__(
+            self, "text", f"{self.tier}: {self.policy} (version {self.policy.version}){rule} -> {self.verdict}"
+        )
 
     def __str__(self) -> str:
-        rule = f" rule {self.rule}" if self.rule else ""
-        return f"{self.tier}: {self.policy} (version {self.policy.version}){rule} -> {self.verdict}"
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ class CompiledRule:
     policy: CompiledPolicy
     host_patterns: tuple[HostPattern, ...]
     networks: tuple[IPNetwork, ...]
+    decider: Decider  # how a decision names this rule (built once, reused by every decision)
 
     def port_matches(self, port: int) -> bool:
         ports = self.ports
@@ -65,6 +66,7 @@ class CompiledPolicy:
     namespace_selector: Selector
     tier: Tier
     priority: int
+    no_match: Decider  # how a no_matching_rule decision names this policy
     rules: tuple[CompiledRule, ...] = ()
     hosts: HostIndex[CompiledRule] = field(default_factory=HostIndex)
     cidrs: CidrIndex[CompiledRule] = field(default_factory=CidrIndex)
@@ -103,8 +105,10 @@ def _port_ranges(ports: list[int | str] | None) -> tuple[PortRange, ...] | None:
 def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
     """Compile one validated object. `version` is its generation (Kubernetes) or content hash (files)."""
     is_cluster = isinstance(policy, ClusterEgressPolicy)
+    ref = PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version)
+    tier = policy.spec.tier if isinstance(policy, ClusterEgressPolicy) else Tier.NAMESPACE
     compiled = CompiledPolicy(
-        ref=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version),
+        ref=ref,
         source=policy,
         mode=policy.spec.mode,
         namespace=None if is_cluster else policy.metadata.namespace,
@@ -112,8 +116,9 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
         namespace_selector=(
             compile_selector(policy.spec.namespace_selector) if isinstance(policy, ClusterEgressPolicy) else SELECT_ALL
         ),
-        tier=policy.spec.tier if isinstance(policy, ClusterEgressPolicy) else Tier.NAMESPACE,
+        tier=tier,
         priority=policy.spec.priority if isinstance(policy, ClusterEgressPolicy) else 0,
+        no_match=Decider(tier.value, ref, "NoMatch"),
     )
     rules = []
     for order, rule in enumerate(policy.spec.rules):
@@ -129,6 +134,7 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             policy=compiled,
             host_patterns=host_patterns,
             networks=networks,
+            decider=Decider(tier.value, ref, rule.action.value, rule.name),
         )
         rules.append(compiled_rule)
     compiled.rules = tuple(rules)
@@ -478,7 +484,7 @@ class Engine:
         """Step 7 within one tier group that has a deciding rule."""
         rule, matched = found.deciding  # type: ignore[misc]
         where = f"of {rule.policy.ref}{_where(group.tier, group.priority)} (matched {matched})"
-        decider = Decider(group.tier.value, rule.policy.ref, rule.action.value, rule.name)
+        decider = rule.decider
         common = {
             "policy": rule.policy.ref,
             "rule": rule.name,
@@ -506,7 +512,7 @@ class Engine:
                 return self._rule_decision(group, found, dest, passes)
             if found.pass_ is not None:
                 rule = found.pass_[0]
-                passes.append(Decider(group.tier.value, rule.policy.ref, Action.PASS.value, rule.name))
+                passes.append(rule.decider)
                 return None
         return None
 
@@ -535,7 +541,7 @@ class Engine:
                 f"{dest} matches no rule of the policies selecting this client ({names})",
                 policy=selected[0].ref,
                 tier=Tier.NAMESPACE.value,
-                deciders=(*passes, *(Decider(Tier.NAMESPACE.value, p.ref, "NoMatch") for p in selected)),
+                deciders=(*passes, *(p.no_match for p in selected)),
             )
         # 7c. Baseline tier
         decided = self._walk_tier(selection.baseline, audit, dest, passes)
