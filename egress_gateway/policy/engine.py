@@ -1,7 +1,9 @@
 """The decision engine: compiled policies + facts -> decision, exactly as docs/policy-reference.md states it.
 
 Owns: `compile_policy` (one object -> indexes), `PolicySet` (an immutable snapshot of everything in force, grouped
-by namespace), `Engine.decide`. Pure: no I/O, no mitmproxy, no kubernetes imports. The clock is an argument.
+by namespace and by tier), `match_rules` (step 5 for one view), `Engine.decide` (the tier walk of step 7: Admin by
+priority -> the namespace tier -> Baseline by priority -> default_action). Pure: no I/O, no mitmproxy, no kubernetes
+imports. The clock is an argument.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class CompiledRule:
     host_patterns: tuple[HostPattern, ...]
     networks: tuple[IPNetwork, ...]
     decider: Decider  # how a decision names this rule (built once, reused by every decision)
+    deciders: tuple[Decider, ...]  # (decider,)
 
     def port_matches(self, port: int) -> bool:
         ports = self.ports
@@ -134,7 +137,8 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             policy=compiled,
             host_patterns=host_patterns,
             networks=networks,
-            decider=Decider(tier.value, ref, rule.action.value, rule.name),
+            decider=(decider := Decider(tier.value, ref, rule.action.value, rule.name)),
+            deciders=(decider,),
         )
         rules.append(compiled_rule)
     compiled.rules = tuple(rules)
@@ -247,6 +251,17 @@ class TierGroup:
     enforce: tuple[CompiledPolicy, ...]
     view_all: CompiledPolicy | RuleView | None = None
     view_enforce: CompiledPolicy | RuleView | None = None
+    # Built once per selection so a decision only picks them up:
+    tier_name: str = field(init=False)
+    where: str = field(init=False)  # " (Admin tier, priority 10)" in decision sentences; "" in the namespace tier
+    no_match_all: tuple[Decider, ...] = field(init=False)
+    no_match_enforce: tuple[Decider, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tier_name = self.tier.value
+        self.where = "" if self.tier is Tier.NAMESPACE else f" ({self.tier_name} tier, priority {self.priority})"
+        self.no_match_all = tuple(p.no_match for p in self.policies)
+        self.no_match_enforce = tuple(p.no_match for p in self.enforce)
 
     @classmethod
     def of(cls, tier: Tier, priority: int, policies: tuple[CompiledPolicy, ...]) -> TierGroup:
@@ -351,27 +366,8 @@ def match_rules(
     return found
 
 
-@dataclass(frozen=True, slots=True)
-class _Destination:
-    target: NormalizedHost
-    sni: str | None
-    address: IPAddress | None
-    port: int
-    now: float
-
-    def match(self, view: CompiledPolicy | RuleView | None) -> Matches:
-        return match_rules(view, self.target.name, self.sni, self.address, self.port, self.now)
-
-    def __str__(self) -> str:
-        return f"{self.target}:{self.port}"
-
-
 def _deny(reason: Reason, message: str, **kwargs: object) -> Decision:
     return Decision(allowed=False, reason=reason, message=message, **kwargs)  # type: ignore[arg-type]
-
-
-def _where(tier: Tier, priority: int) -> str:
-    return "" if tier is Tier.NAMESPACE else f" ({tier} tier, priority {priority})"
 
 
 class Engine:
@@ -463,100 +459,111 @@ class Engine:
             selection.views_ready = True
         return selection
 
-    def _address_safety(self, selection: Selection, audit: bool, dest: _Destination) -> Decision | None:
-        """Step 6. A private IP needs an Allow rule of a selected policy (any tier) listing it under `cidrs`."""
-        if dest.address is None:
-            return None
-        verdict = self.addresses.classify(dest.address)
-        if verdict.cls is AddressClass.BLOCKED:
-            return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
-        if verdict.cls is AddressClass.PRIVATE and not any(
-            dest.match(group.view_all if audit else group.view_enforce).allow_by_cidr for group in selection.groups
-        ):
-            return _deny(
-                Reason.PRIVATE_ADDRESS,
-                f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
-            )
-        return None
-
     @staticmethod
-    def _rule_decision(group: TierGroup, found: Matches, dest: _Destination, passes: list[Decider]) -> Decision:
-        """Step 7 within one tier group that has a deciding rule."""
-        rule, matched = found.deciding  # type: ignore[misc]
-        where = f"of {rule.policy.ref}{_where(group.tier, group.priority)} (matched {matched})"
-        decider = rule.decider
-        common = {
-            "policy": rule.policy.ref,
-            "rule": rule.name,
-            "matched": matched,
-            "tier": group.tier.value,
-            "deciders": (*passes, decider),
-        }
-        if rule.action is Action.DENY:
-            return _deny(Reason.DENIED_BY_RULE, f"{dest} is denied by rule {rule.name!r} {where}", **common)
-        return Decision(
-            allowed=True,
-            reason=Reason.ALLOWED_BY_RULE,
-            message=f"{dest} is allowed by rule {rule.name!r} {where}",
-            logged=rule.action is Action.LOG,
-            **common,  # type: ignore[arg-type]
+    def _cidr_allows(
+        selection: Selection, audit: bool, name: str | None, sni: str | None, address: IPAddress, port: int,
+        now: float,
+    ) -> bool:  # fmt: skip
+        """Step 6 for a private IP: does an Allow rule of a selected policy (any tier) list it under `cidrs`?"""
+        return any(
+            match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now).allow_by_cidr
+            for group in selection.groups
         )
 
-    def _walk_tier(
-        self, groups: tuple[TierGroup, ...], audit: bool, dest: _Destination, passes: list[Decider]
-    ) -> Decision | None:
-        """Step 7a/7c: groups by priority; the first Allow/Deny decides; a Pass skips the rest of the tier."""
-        for group in groups:
-            found = dest.match(group.view_all if audit else group.view_enforce)
-            if found.deciding is not None:
-                return self._rule_decision(group, found, dest, passes)
-            if found.pass_ is not None:
-                rule = found.pass_[0]
-                passes.append(rule.decider)
-                return None
-        return None
+    @staticmethod
+    def _rule_decision(
+        group: TierGroup, chosen: tuple[CompiledRule, str], where: str, passes: tuple[Decider, ...]
+    ) -> Decision:
+        """Step 7 within the tier group that has a deciding rule."""
+        rule, matched = chosen
+        denied = rule.action is Action.DENY
+        ref = rule.policy.ref
+        return Decision(
+            allowed=not denied,
+            reason=Reason.DENIED_BY_RULE if denied else Reason.ALLOWED_BY_RULE,
+            message=f"{where} is {'denied' if denied else 'allowed'} by rule {rule.name!r} of {ref}{group.where}"
+            f" (matched {matched})",
+            policy=ref,
+            rule=rule.name,
+            matched=matched,
+            logged=rule.action is Action.LOG,
+            tier=group.tier_name,
+            deciders=(*passes, rule.decider) if passes else rule.deciders,
+        )
 
-    def _evaluate(self, selection: Selection, audit: bool, dest: _Destination) -> Decision:
+    def _evaluate(
+        self,
+        selection: Selection,
+        audit: bool,
+        target: NormalizedHost,
+        sni: str | None,
+        address: IPAddress | None,
+        port: int,
+        now: float,
+    ) -> Decision:
         """Steps 6 and 7 over the Enforce-mode policies (audit=False) or all selected policies (audit=True)."""
-        unsafe = self._address_safety(selection, audit, dest)
-        if unsafe is not None:
-            return unsafe
-        passes: list[Decider] = []
-        # 7a. Admin tier
-        decided = self._walk_tier(selection.admin, audit, dest, passes)
-        if decided is not None:
-            return decided
-        # 7b. Namespace tier: selecting the client allowlists it
+        name = target.name
+        # 6. Address safety
+        if address is not None:
+            verdict = self.addresses.classify(address)
+            if verdict.cls is AddressClass.BLOCKED:
+                return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
+            if verdict.cls is AddressClass.PRIVATE and not self._cidr_allows(
+                selection, audit, name, sni, address, port, now
+            ):
+                return _deny(
+                    Reason.PRIVATE_ADDRESS,
+                    f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
+                )
+        where = f"{target}:{port}"
+        passes: tuple[Decider, ...] = ()
+        # 7a. Admin tier: priority by priority, the first group with an Allow/Log/Deny decides; Pass ends the tier
+        for group in selection.admin:
+            found = match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now)
+            chosen = found.deny or found.log or found.allow
+            if chosen is not None:
+                return self._rule_decision(group, chosen, where, passes)
+            if found.pass_ is not None:
+                passes = (found.pass_[0].decider,)
+                break
+        # 7b. Namespace tier: a matching rule decides; else selecting the client allowlists it
         namespace = selection.namespace
-        found = dest.match(namespace.view_all if audit else namespace.view_enforce)
-        if found.deciding is not None:
-            return self._rule_decision(namespace, found, dest, passes)
+        found = match_rules(namespace.view_all if audit else namespace.view_enforce, name, sni, address, port, now)
+        chosen = found.deny or found.log or found.allow
+        if chosen is not None:
+            return self._rule_decision(namespace, chosen, where, passes)
         selected = namespace.policies if audit else namespace.enforce
         if selected:
+            no_match = namespace.no_match_all if audit else namespace.no_match_enforce
             names = ", ".join(str(p.ref) for p in selected[:3])
             if len(selected) > 3:
                 names += f" and {len(selected) - 3} more"
             return _deny(
                 Reason.NO_MATCHING_RULE,
-                f"{dest} matches no rule of the policies selecting this client ({names})",
+                f"{where} matches no rule of the policies selecting this client ({names})",
                 policy=selected[0].ref,
-                tier=Tier.NAMESPACE.value,
-                deciders=(*passes, *(p.no_match for p in selected)),
+                tier=namespace.tier_name,
+                deciders=(*passes, *no_match) if passes else no_match,
             )
-        # 7c. Baseline tier
-        decided = self._walk_tier(selection.baseline, audit, dest, passes)
-        if decided is not None:
-            return decided
+        # 7c. Baseline tier, as 7a
+        for group in selection.baseline:
+            found = match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now)
+            chosen = found.deny or found.log or found.allow
+            if chosen is not None:
+                return self._rule_decision(group, chosen, where, passes)
+            if found.pass_ is not None:
+                passes = (*passes, found.pass_[0].decider)
+                break
         # 7d. default_action
         consulted = "no policy decided" if selection.selects(audit) else "no policy selects this client"
         if self.config.default_allow:
             return Decision(
                 allowed=True,
                 reason=Reason.NO_POLICY,
-                message=f"{consulted}; default action allows {dest}",
-                deciders=tuple(passes),
+                message=f"{consulted}; default action allows {where}",
+                deciders=passes,
             )
-        return _deny(Reason.NO_POLICY, f"{consulted}; default action denies {dest}", deciders=tuple(passes))
+        return _deny(Reason.NO_POLICY, f"{consulted}; default action denies {where}", deciders=passes)
 
     def decide(self, facts: Facts, now: float | None = None) -> Decision:
         # 1. Normalize
@@ -572,14 +579,14 @@ class Engine:
         if facts.identity is None:
             return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
         # 4. Selection, by tier
-        dest = _Destination(target, sni, address, facts.port, time.time() if now is None else now)
+        now = time.time() if now is None else now
         selection = self._with_views(self.policies.select(facts.identity))
         # 5.-7. Match, address safety, tier walk (Enforce-mode policies)
-        enforced = self._evaluate(selection, False, dest)
+        enforced = self._evaluate(selection, False, target, sni, address, facts.port, now)
         # 8. Audit mode
         if not selection.has_audit or not enforced.allowed:
             return enforced
-        audit = self._evaluate(selection, True, dest)
+        audit = self._evaluate(selection, True, target, sni, address, facts.port, now)
         if audit.allowed:
             return enforced
         return replace(
