@@ -247,3 +247,16 @@ def test_sni_only_reaches_deny_rules_in_the_admin_tier() -> None:
     engine = engine_for(pass_all, DENY_PASTEBIN, default_allow=True)
     decision = engine.decide(Facts(CLIENT, "203.0.113.10", 443, sni="pastebin.com", destination_ip=PUBLIC))
     assert decision.reason is Reason.DENIED_BY_RULE
+
+
+def test_9_audit_attributes_name_the_tier_and_every_decider_with_versions() -> None:
+    from egress_gateway.audit.fields import DECIDERS, TIER, decision_attributes
+
+    exempt = cluster("exempt", "[{name: pass-paste, action: Pass, hosts: [pastebin.com]}]", priority=1)
+    ns = namespaced("ns", "[{name: paste, hosts: [pastebin.com]}]")
+    attributes = decision_attributes(decide(engine_for(exempt, DENY_PASTEBIN, ns), "pastebin.com"))
+    assert attributes[TIER] == "Namespace"
+    assert attributes[DECIDERS] == (
+        "Admin: ClusterEgressPolicy/exempt (version 7) rule pass-paste -> Pass; "
+        "Namespace: EgressPolicy/shop/ns (version 7) rule paste -> Allow"
+    )
