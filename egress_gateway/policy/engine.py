@@ -18,7 +18,15 @@ from egress_gateway.policy.decision import Decider, Decision, Facts, Identity, I
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.hostnames import HostPattern, parse_host_pattern
 from egress_gateway.policy.indexes import CidrIndex, HostIndex
-from egress_gateway.policy.model import NAMESPACE_NAME_LABEL, Action, ClusterEgressPolicy, Mode, PolicyObject, Tier
+from egress_gateway.policy.model import (
+    NAMESPACE_NAME_LABEL,
+    PRIORITY_MAX,
+    Action,
+    ClusterEgressPolicy,
+    Mode,
+    PolicyObject,
+    Tier,
+)
 from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
 from egress_gateway.policy.targets import NormalizedHost, canonical_ip, normalize_host, parse_authority
 
@@ -70,6 +78,7 @@ class CompiledPolicy:
     tier: Tier
     priority: int
     no_match: Decider  # how a no_matching_rule decision names this policy
+    where: str  # " (Admin tier, priority 10)" in decision sentences; "" in the namespace tier
     rules: tuple[CompiledRule, ...] = ()
     hosts: HostIndex[CompiledRule] = field(default_factory=HostIndex)
     cidrs: CidrIndex[CompiledRule] = field(default_factory=CidrIndex)
@@ -110,6 +119,7 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
     is_cluster = isinstance(policy, ClusterEgressPolicy)
     ref = PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version)
     tier = policy.spec.tier if isinstance(policy, ClusterEgressPolicy) else Tier.NAMESPACE
+    priority = policy.spec.priority if isinstance(policy, ClusterEgressPolicy) else 0
     compiled = CompiledPolicy(
         ref=ref,
         source=policy,
@@ -120,8 +130,9 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             compile_selector(policy.spec.namespace_selector) if isinstance(policy, ClusterEgressPolicy) else SELECT_ALL
         ),
         tier=tier,
-        priority=policy.spec.priority if isinstance(policy, ClusterEgressPolicy) else 0,
+        priority=priority,
         no_match=Decider(tier.value, ref, "NoMatch"),
+        where="" if tier is Tier.NAMESPACE else f" ({tier.value} tier, priority {priority})",
     )
     rules = []
     for order, rule in enumerate(policy.spec.rules):
@@ -216,10 +227,14 @@ class PolicySet:
             return cached[1]
         namespace_tier = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity))
         namespace_tier += tuple(p for p in self._cluster_namespace_tier if p.selects(identity))
+        admin = tuple(p for p in self._admin if p.selects(identity))
+        baseline = tuple(p for p in self._baseline if p.selects(identity))
         selection = Selection(
-            admin=_priority_groups(Tier.ADMIN, tuple(p for p in self._admin if p.selects(identity))),
+            admin=_priority_groups(Tier.ADMIN, admin),
             namespace=TierGroup.of(Tier.NAMESPACE, 0, namespace_tier),
-            baseline=_priority_groups(Tier.BASELINE, tuple(p for p in self._baseline if p.selects(identity))),
+            baseline=_priority_groups(Tier.BASELINE, baseline),
+            admin_tier=TierGroup.of(Tier.ADMIN, -1, admin),
+            baseline_tier=TierGroup.of(Tier.BASELINE, -1, baseline),
         )
         if len(self._selection_cache) >= self._SELECTION_CACHE_LIMIT:
             self._selection_cache.clear()
@@ -243,7 +258,9 @@ def _priority_groups(tier: Tier, policies: tuple[CompiledPolicy, ...]) -> tuple[
 
 @dataclass(eq=False, slots=True)
 class TierGroup:
-    """The selecting policies of one tier at one priority, which decide together; views filled in by the engine."""
+    """Selecting policies of one tier: at one priority (what `explain` walks), or the whole tier (priority -1) whose
+    merged view the engine matches once, keeping the rules of the lowest priority that has any (`match_first_priority`).
+    Views are filled in by the engine."""
 
     tier: Tier
     priority: int
@@ -252,14 +269,10 @@ class TierGroup:
     view_all: CompiledPolicy | RuleView | None = None
     view_enforce: CompiledPolicy | RuleView | None = None
     # Built once per selection so a decision only picks them up:
-    tier_name: str = field(init=False)
-    where: str = field(init=False)  # " (Admin tier, priority 10)" in decision sentences; "" in the namespace tier
     no_match_all: tuple[Decider, ...] = field(init=False)
     no_match_enforce: tuple[Decider, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tier_name = self.tier.value
-        self.where = "" if self.tier is Tier.NAMESPACE else f" ({self.tier_name} tier, priority {self.priority})"
         self.no_match_all = tuple(p.no_match for p in self.policies)
         self.no_match_enforce = tuple(p.no_match for p in self.enforce)
 
@@ -276,15 +289,17 @@ class TierGroup:
 class Selection:
     """The policies selecting one client, by tier in evaluation order (step 4)."""
 
-    admin: tuple[TierGroup, ...]
+    admin: tuple[TierGroup, ...]  # by priority
     namespace: TierGroup
-    baseline: tuple[TierGroup, ...]
+    baseline: tuple[TierGroup, ...]  # by priority
+    admin_tier: TierGroup  # all of `admin`, matched as one view
+    baseline_tier: TierGroup  # all of `baseline`, matched as one view
     views_ready: bool = False
-    groups: tuple[TierGroup, ...] = field(init=False)  # every group in evaluation order
+    groups: tuple[TierGroup, ...] = field(init=False)  # what the engine matches, in evaluation order
     has_audit: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.groups = (*self.admin, self.namespace, *self.baseline)
+        self.groups = (self.admin_tier, self.namespace, self.baseline_tier)
         self.has_audit = any(group.has_audit for group in self.groups)
 
     @property
@@ -363,6 +378,62 @@ def match_rules(
         for rule, cidr in view.cidrs.lookup(address):
             if not rule.excepted(address):
                 consider(rule, cidr, True, False)
+    return found
+
+
+def match_first_priority(
+    view: CompiledPolicy | RuleView | None,
+    name: str | None,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    now: float,
+) -> Matches:
+    """Step 5 for a whole Admin or Baseline tier in one lookup: the matches of the lowest priority that has any.
+
+    The same filters as `match_rules`; a match at a lower priority number discards what was kept for a higher one,
+    so the result is what walking the tier priority by priority finds first, at the cost of one lookup.
+    """
+    found = Matches()
+    best = PRIORITY_MAX + 1
+
+    def consider(rule: CompiledRule, matched: str, sni_only: bool) -> None:
+        nonlocal best, found
+        if not rule.port_matches(port) or not rule.active(now):
+            return
+        action = rule.action
+        if sni_only and action is not Action.DENY:
+            return  # the SNI is consulted for Deny rules only
+        priority = rule.policy.priority
+        if priority > best:
+            return
+        if priority < best:
+            best = priority
+            found = Matches()
+        if action is Action.DENY:
+            if found.deny is None:
+                found.deny = (rule, matched)
+        elif action is Action.PASS:
+            if found.pass_ is None:
+                found.pass_ = (rule, matched)
+        elif action is Action.LOG:
+            if found.log is None:
+                found.log = (rule, matched)
+        elif found.allow is None:
+            found.allow = (rule, matched)
+
+    if view is None:
+        return found
+    if name is not None:
+        for rule, pattern in view.hosts.lookup(name):
+            consider(rule, pattern, False)
+    if sni is not None and sni != name:
+        for rule, pattern in view.hosts.lookup(sni):
+            consider(rule, pattern, True)
+    if address is not None and view.cidrs:
+        for rule, cidr in view.cidrs.lookup(address):
+            if not rule.excepted(address):
+                consider(rule, cidr, False)
     return found
 
 
@@ -471,23 +542,21 @@ class Engine:
         )
 
     @staticmethod
-    def _rule_decision(
-        group: TierGroup, chosen: tuple[CompiledRule, str], where: str, passes: tuple[Decider, ...]
-    ) -> Decision:
-        """Step 7 within the tier group that has a deciding rule."""
+    def _rule_decision(chosen: tuple[CompiledRule, str], where: str, passes: tuple[Decider, ...]) -> Decision:
+        """Step 7: the decision of the deciding rule."""
         rule, matched = chosen
         denied = rule.action is Action.DENY
-        ref = rule.policy.ref
+        policy = rule.policy
         return Decision(
             allowed=not denied,
             reason=Reason.DENIED_BY_RULE if denied else Reason.ALLOWED_BY_RULE,
-            message=f"{where} is {'denied' if denied else 'allowed'} by rule {rule.name!r} of {ref}{group.where}"
-            f" (matched {matched})",
-            policy=ref,
+            message=f"{where} is {'denied' if denied else 'allowed'} by rule {rule.name!r} of {policy.ref}"
+            f"{policy.where} (matched {matched})",
+            policy=policy.ref,
             rule=rule.name,
             matched=matched,
             logged=rule.action is Action.LOG,
-            tier=group.tier_name,
+            tier=rule.decider.tier,
             deciders=(*passes, rule.decider) if passes else rule.deciders,
         )
 
@@ -517,21 +586,21 @@ class Engine:
                 )
         where = f"{target}:{port}"
         passes: tuple[Decider, ...] = ()
-        # 7a. Admin tier: priority by priority, the first group with an Allow/Log/Deny decides; Pass ends the tier
-        for group in selection.admin:
-            found = match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now)
+        # 7a. Admin tier: the lowest priority with a match decides (Allow/Log/Deny) or ends the tier (Pass)
+        tier = selection.admin_tier
+        if tier.policies:
+            found = match_first_priority(tier.view_all if audit else tier.view_enforce, name, sni, address, port, now)
             chosen = found.deny or found.log or found.allow
             if chosen is not None:
-                return self._rule_decision(group, chosen, where, passes)
+                return self._rule_decision(chosen, where, passes)
             if found.pass_ is not None:
                 passes = (found.pass_[0].decider,)
-                break
         # 7b. Namespace tier: a matching rule decides; else selecting the client allowlists it
         namespace = selection.namespace
         found = match_rules(namespace.view_all if audit else namespace.view_enforce, name, sni, address, port, now)
         chosen = found.deny or found.log or found.allow
         if chosen is not None:
-            return self._rule_decision(namespace, chosen, where, passes)
+            return self._rule_decision(chosen, where, passes)
         selected = namespace.policies if audit else namespace.enforce
         if selected:
             no_match = namespace.no_match_all if audit else namespace.no_match_enforce
@@ -542,18 +611,18 @@ class Engine:
                 Reason.NO_MATCHING_RULE,
                 f"{where} matches no rule of the policies selecting this client ({names})",
                 policy=selected[0].ref,
-                tier=namespace.tier_name,
+                tier=Tier.NAMESPACE.value,
                 deciders=(*passes, *no_match) if passes else no_match,
             )
         # 7c. Baseline tier, as 7a
-        for group in selection.baseline:
-            found = match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now)
+        tier = selection.baseline_tier
+        if tier.policies:
+            found = match_first_priority(tier.view_all if audit else tier.view_enforce, name, sni, address, port, now)
             chosen = found.deny or found.log or found.allow
             if chosen is not None:
-                return self._rule_decision(group, chosen, where, passes)
+                return self._rule_decision(chosen, where, passes)
             if found.pass_ is not None:
                 passes = (*passes, found.pass_[0].decider)
-                break
         # 7d. default_action
         consulted = "no policy decided" if selection.selects(audit) else "no policy selects this client"
         if self.config.default_allow:

@@ -260,3 +260,52 @@ def test_9_audit_attributes_name_the_tier_and_every_decider_with_versions() -> N
         "Admin: ClusterEgressPolicy/exempt (version 7) rule pass-paste -> Pass; "
         "Namespace: EgressPolicy/shop/ns (version 7) rule paste -> Allow"
     )
+
+
+def test_7a_one_lookup_per_tier_equals_walking_priority_by_priority() -> None:
+    """The engine matches a whole tier in one lookup; a plain walk over priorities must agree (seeded, 300 sets)."""
+    import random
+
+    rng = random.Random(15)
+    hosts = ["a.example.com", "b.example.com", "*.example.com", "**.example.com"]
+    actions = ["Allow", "Deny", "Log", "Pass"]
+    names = ["a.example.com", "b.example.com", "c.d.example.com"]
+    for _ in range(300):
+        policies = []
+        for i in range(rng.randint(1, 4)):
+            priority = rng.choice([1, 5, 5, 9])
+            rules = [(f"r{j}", rng.choice(actions), rng.choice(hosts)) for j in range(rng.randint(1, 3))]
+            text = ", ".join(f"{{name: {n}, action: {a}, hosts: ['{h}']}}" for n, a, h in rules)
+            policies.append((f"p{i}", priority, rules, cluster(f"p{i}", f"[{text}]", priority=priority)))
+        engine = engine_for(*(doc for *_, doc in policies), default_allow=True)
+        for name in names:
+            expected = _walk_reference(policies, name)
+            decision = decide(engine, name)
+            got = (decision.rule, decision.policy.name) if decision.tier and decision.policy else None
+            if expected is None:
+                assert got is None, (policies, name, decision.message)
+            else:
+                assert got in expected, (policies, name, decision.message)
+
+
+def _walk_reference(
+    policies: list[tuple[str, int, list[tuple[str, str, str]], str]], name: str
+) -> list[tuple[str, str]] | None:
+    """Step 7a read literally: priorities in order; the candidates the first deciding priority may name, or None."""
+    from egress_gateway.policy.hostnames import parse_host_pattern
+
+    for priority in sorted({p[1] for p in policies}):
+        matched = [
+            (action, rule, policy)
+            for policy, prio, rules, _ in sorted(policies)
+            if prio == priority
+            for rule, action, host in rules
+            if parse_host_pattern(host).matches(name)
+        ]
+        for wanted in ("Deny", "Log", "Allow"):
+            hits = [(rule, policy) for action, rule, policy in matched if action == wanted]
+            if hits:
+                return hits  # any of them may be named; compared by membership below
+        if any(action == "Pass" for action, _, _ in matched):
+            return None
+    return None
