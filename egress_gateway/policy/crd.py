@@ -118,7 +118,8 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
 _TOP_LEVEL: dict[str, Any] = {
     "apiVersion": {"type": "string", "description": "egressgateway.io/v1alpha2 (stored) or egressgateway.io/v1alpha1."},
     "kind": {"type": "string", "description": "The kind of this object."},
-    "metadata": {"type": "object", "description": "Standard object metadata; the gateway names policies by it."},
+    # The API server forbids anything but type under metadata (it documents metadata itself).
+    "metadata": {"type": "object"},
 }
 
 
