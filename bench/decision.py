@@ -1,7 +1,9 @@
 """Engine decision time at 10, 1k, 10k and 100k rules (goal: flat, p99 <= 10 us at 100k).
 
-Two layouts per size: `spread` (rules in 100-rule policies over many namespaces; a client selects one namespace's
-policies) and `one-client` (every rule selects the same client: worst case for the per-client view). Queries mix
+Three layouts per size: `spread` (rules in 100-rule policies over many namespaces; a client selects one namespace's
+policies), `one-client` (every rule selects the same client: worst case for the per-client view) and `tiered`
+(`spread` plus two Admin-tier cluster policies at different priorities and a Baseline one, 50 rules each, selecting
+every client: each decision walks two Admin groups before the namespace tier). Queries mix
 exact hits, wildcard hits, CIDR hits and misses. Also prints the time to compile the policy set and to apply one
 policy update (per-object recompile). Run: `.venv/bin/python bench/decision.py [--quick] [--markdown FILE]`.
 """
@@ -54,6 +56,27 @@ def make_policy(namespace: str, index: int, first_rule: int, count: int) -> dict
     }
 
 
+def cluster_tiers() -> list[dict[str, Any]]:
+    """Admin priority 10 (Deny), Admin priority 20 (Allow), Baseline (Allow); none matches the query mix."""
+    out = []
+    for name, tier, priority, action in (
+        ("admin-deny", "Admin", 10, "Deny"),
+        ("admin-allow", "Admin", 20, "Allow"),
+        ("baseline", "Baseline", 100, "Allow"),
+    ):
+        rules = [{"name": f"r{r}", "action": action, "hosts": [f"h{r}.{name}.example.com"]} for r in range(40)]
+        rules += [{"name": f"w{r}", "action": action, "hosts": [f"**.w{r}.{name}.example.com"]} for r in range(10)]
+        out.append(
+            {
+                "apiVersion": "egressgateway.io/v1alpha2",
+                "kind": "ClusterEgressPolicy",
+                "metadata": {"name": name},
+                "spec": {"tier": tier, "priority": priority, "rules": rules},
+            }
+        )
+    return out
+
+
 def build(total: int, layout: str) -> tuple[PolicyStore, float, list[str]]:
     policies = max(1, total // RULES_PER_POLICY)
     per_policy = min(total, RULES_PER_POLICY)
@@ -63,6 +86,8 @@ def build(total: int, layout: str) -> tuple[PolicyStore, float, list[str]]:
         namespace = "ns-client" if layout == "one-client" else f"ns{i // 10}"
         namespaces.append(namespace)
         objects.append(validate_object(make_policy(namespace, i, i * per_policy, per_policy)))
+    if layout == "tiered":
+        objects.extend(validate_object(doc) for doc in cluster_tiers())
     store = PolicyStore()
     start = time.perf_counter()
     store.replace_group("bench", [Versioned(o, "1") for o in objects])
@@ -146,7 +171,7 @@ def main() -> int:
         table.add_column(column, justify="right")
     rows = []
     for size in sizes:
-        for layout in ("spread", "one-client"):
+        for layout in ("spread", "one-client", "tiered"):
             m = measure(size, layout, repeats)
             row = [
                 f"{size:,}",

@@ -37,7 +37,7 @@ with atheris.instrument_imports():
 
 ENGINE = Engine()
 IDENTITY = Identity("fuzz")
-PUBLIC = ipaddress.ip_address("203.0.113.10")
+PUBLIC = ipaddress.ip_address("93.184.216.10")
 LIMITS = HeadLimits()
 
 

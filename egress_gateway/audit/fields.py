@@ -39,6 +39,8 @@ MESSAGE = "egress.message"
 POLICY = "egress.policy"  # "EgressPolicy/namespace/name"
 POLICY_VERSION = "egress.policy.version"
 RULE = "egress.rule"
+TIER = "egress.tier"  # "Admin" | "Namespace" | "Baseline": the tier whose rule or allowlist decided
+DECIDERS = "egress.deciders"  # every policy that shaped the decision, per tier, with versions ("; "-separated)
 MATCHED = "egress.matched"
 LOGGED = "egress.logged"
 WOULD_DENY = "egress.would_deny"
@@ -197,6 +199,10 @@ def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:
         out[RULE] = decision.rule
     if decision.matched is not None:
         out[MATCHED] = decision.matched
+    if decision.tier is not None:
+        out[TIER] = decision.tier
+    if decision.deciders:
+        out[DECIDERS] = "; ".join([d.text for d in decision.deciders])
     if decision.would_deny:
         if decision.audit_reason is not None:
             out[WOULD_DENY_REASON] = str(decision.audit_reason.value)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
 from egress_gateway.policy.engine import Engine, EngineConfig
 from egress_gateway.policy.errors import InvalidTarget
+from egress_gateway.policy.explain import explain, render
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.targets import normalize_host, parse_authority
@@ -53,6 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--default-action", choices=[a.value for a in DefaultAction], help="override the config")
     parser.add_argument("--allowed-range", action="append", default=[], metavar="CIDR", help="exempt from blocking")
     parser.add_argument("--output", choices=("text", "json"), default="text")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the tier walk: each tier, each policy considered, what it said"
+    )
     parser.set_defaults(func=run)
 
 
@@ -79,7 +83,7 @@ def _print_text(decision: Decision, ip: str | None) -> None:
     print(f"reason:   {decision.reason}")
     if ip:
         print(f"ip:       {ip}")
-    if decision.policy:
+    if decision.policy and decision.rule:  # no_matching_rule names every selecting policy below, not one
         print(f"policy:   {decision.policy} (version {decision.policy.version})")
     if decision.rule:
         print(f"rule:     {decision.rule}")
@@ -87,8 +91,14 @@ def _print_text(decision: Decision, ip: str | None) -> None:
         print(f"matched:  {decision.matched}")
     if decision.logged:
         print("logged:   yes (a Log rule matched; flagged for review)")
+    if decision.tier:
+        print(f"tier:     {decision.tier}")
+    for decider in decision.deciders:
+        print(f"decider:  {decider}")
     if decision.would_deny:
         print(f"would_deny: {decision.audit_reason} by {decision.audit_policy} rule {decision.audit_rule}")
+        for decider in decision.audit_deciders:
+            print(f"would_deny decider: {decider}")
     print(decision.message)
 
 
@@ -147,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
         for ip in candidates
     ]
     ip, decision = next(((i, d) for i, d in decisions if d.allowed), decisions[0])
+    walk = None
+    if args.explain:
+        facts = Facts(identity, host, port, sni=args.sni, host_header=header, destination_ip=ip)
+        walk = explain(engine, facts)
     if args.output == "json":
         payload: dict[str, object] = {
             key: value if value is None or isinstance(value, bool) else str(value)
@@ -157,7 +171,15 @@ def run(args: argparse.Namespace) -> int:
         for key in ("policy", "audit_policy"):
             ref = getattr(decision, key)
             payload[key] = asdict(ref) if ref else None
-        print(json.dumps(payload, indent=2))
+        for key in ("deciders", "audit_deciders"):
+            payload[key] = [asdict(d) for d in getattr(decision, key)]
+        if args.explain:
+            payload["walk"] = [asdict(tier) for tier in walk.tiers] if walk else []
+        print(json.dumps(payload, indent=2, default=str))
     else:
         _print_text(decision, str(ip) if ip else None)
+        if walk is not None:
+            print("tier walk:")
+            for line in render(walk):
+                print(f"  {line}")
     return 0 if decision.allowed else 1

@@ -2,7 +2,9 @@
 
 Owns: turning pydantic's JSON Schema into a Kubernetes structural schema ($refs inlined, nullable unions collapsed,
 int-or-string ports, no `additionalProperties: false`), plus the status subresource, printer columns and short
-names. Pure: returns plain dicts; the CLI renders them as YAML.
+names, for both served versions (v1alpha2 stored, v1alpha1 served; no conversion webhook: the API server only
+rewrites apiVersion, and the v1alpha1 schema's `tier` default keeps a v1alpha1 cluster policy's meaning, see
+docs/policy-reference.md). Only OpenAPI that Kubernetes 1.20 accepts (no CEL). Pure: returns plain dicts.
 """
 
 from __future__ import annotations
@@ -12,23 +14,39 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from egress_gateway.policy.model import API_GROUP, API_VERSION, ClusterEgressPolicySpec, EgressPolicySpec
+from egress_gateway.policy.model import (
+    API_GROUP,
+    API_VERSION,
+    LEGACY_API_VERSION,
+    ClusterEgressPolicySpec,
+    ClusterEgressPolicySpecV1Alpha1,
+    EgressPolicySpec,
+)
 
 _DROP_KEYS = {"title", "$defs"}
 
 _CONDITION_SCHEMA: dict[str, Any] = {
     "type": "object",
+    "description": "One condition of the object.",
     "required": ["type", "status"],
     "properties": {
         "type": {"type": "string", "description": "Condition type; the gateway writes 'Accepted'."},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"], "description": "True, False or Unknown."},
         "reason": {"type": "string", "description": "CamelCase reason, e.g. Valid or InvalidSpec."},
         "message": {
             "type": "string",
             "description": "Human-readable detail, naming the field path on errors.",
         },
-        "observedGeneration": {"type": "integer", "format": "int64"},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "The metadata.generation this condition was written for.",
+        },
+        "lastTransitionTime": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When status last changed.",
+        },
     },
 }
 
@@ -36,10 +54,15 @@ STATUS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "Written by the gateway through the status subresource.",
     "properties": {
-        "observedGeneration": {"type": "integer", "format": "int64"},
+        "observedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "The metadata.generation the gateway last evaluated.",
+        },
         "rules": {"type": "integer", "description": "Number of rules in force from this object."},
         "conditions": {
             "type": "array",
+            "description": "Accepted=True when the gateway enforces this object, False with the field path if not.",
             "items": _CONDITION_SCHEMA,
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -74,6 +97,9 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "additionalProperties" and value is False:
             continue
+        if key == "const":  # Kubernetes' JSONSchemaProps has no `const`
+            out["enum"] = [value]
+            continue
         if key == "properties":
             out[key] = {name: _resolve(sub, defs) for name, sub in value.items()}
         else:
@@ -89,10 +115,56 @@ def structural_schema(model: type[BaseModel]) -> dict[str, Any]:
     return resolved
 
 
+_TOP_LEVEL: dict[str, Any] = {
+    "apiVersion": {"type": "string", "description": "egressgateway.io/v1alpha2 (stored) or egressgateway.io/v1alpha1."},
+    "kind": {"type": "string", "description": "The kind of this object."},
+    # The API server forbids anything but type under metadata (it documents metadata itself).
+    "metadata": {"type": "object"},
+}
+
+
+def _version(
+    name: str, storage: bool, spec_model: type[BaseModel], description: str, columns: list[dict[str, str]]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "served": True,
+        "storage": storage,
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": copy.deepcopy(columns),
+        "schema": {
+            "openAPIV3Schema": {
+                "type": "object",
+                "description": description,
+                "required": ["spec"],
+                "properties": {
+                    **copy.deepcopy(_TOP_LEVEL),
+                    "spec": structural_schema(spec_model),
+                    "status": copy.deepcopy(STATUS_SCHEMA),
+                },
+            }
+        },
+    }
+
+
 def _crd(
-    kind: str, plural: str, short: str, scope: str, spec_model: type[BaseModel], description: str
+    kind: str,
+    plural: str,
+    short: str,
+    scope: str,
+    spec_models: tuple[type[BaseModel], type[BaseModel]],
+    description: str,
+    tier_column: bool = False,
 ) -> dict[str, Any]:
     columns = [
+        *(
+            [
+                {"name": "Tier", "type": "string", "jsonPath": ".spec.tier"},
+                {"name": "Priority", "type": "integer", "jsonPath": ".spec.priority"},
+            ]
+            if tier_column
+            else []
+        ),
         {"name": "Mode", "type": "string", "jsonPath": ".spec.mode"},
         {"name": "Rules", "type": "integer", "jsonPath": ".status.rules"},
         {
@@ -102,6 +174,8 @@ def _crd(
         },
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
+    legacy_columns = [c for c in columns if c["name"] != "Priority"]
+    current, legacy = spec_models
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -123,28 +197,10 @@ def _crd(
                 "shortNames": [short],
                 "categories": ["egress-gateway"],
             },
+            "conversion": {"strategy": "None"},
             "versions": [
-                {
-                    "name": API_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": structural_schema(spec_model),
-                                "status": STATUS_SCHEMA,
-                            },
-                        }
-                    },
-                }
+                _version(API_VERSION, True, current, description, columns),
+                _version(LEGACY_API_VERSION, False, legacy, description, legacy_columns),
             ],
         },
     }
@@ -157,15 +213,17 @@ def custom_resource_definitions() -> list[dict[str, Any]]:
             "egresspolicies",
             "egp",
             "Namespaced",
-            EgressPolicySpec,
-            "Egress rules for the pods of one namespace (selected by podSelector).",
+            (EgressPolicySpec, EgressPolicySpec),
+            "Egress rules for the pods of one namespace (selected by podSelector); selecting a pod allowlists it.",
         ),
         _crd(
             "ClusterEgressPolicy",
             "clusteregresspolicies",
             "cegp",
             "Cluster",
-            ClusterEgressPolicySpec,
-            "Egress rules for pods across namespaces (selected by namespaceSelector and podSelector).",
+            (ClusterEgressPolicySpec, ClusterEgressPolicySpecV1Alpha1),
+            "Egress rules for pods across namespaces (selected by namespaceSelector and podSelector), evaluated in"
+            " the Admin tier (before namespaced policies), the Baseline tier (after them) or with them (Namespace).",
+            tier_column=True,
         ),
     ]

@@ -93,6 +93,27 @@ class PolicyRef:
 
 
 @dataclass(frozen=True, slots=True)
+class Decider:
+    """One policy that shaped a decision in one tier: the rule that decided, a Pass that skipped the rest of a tier,
+    or (verdict "NoMatch") a namespace-tier policy whose selection allowlisted the client."""
+
+    tier: str  # "Admin" | "Namespace" | "Baseline"
+    policy: PolicyRef
+    verdict: str  # "Allow" | "Deny" | "Log" | "Pass" | "NoMatch"
+    rule: str | None = None
+    text: str = field(init=False, repr=False, compare=False)  # built once: the engine reuses one Decider per rule
+
+    def __post_init__(self) -> None:
+        rule = f" rule {self.rule}" if self.rule else ""
+        object.__setattr__(
+            self, "text", f"{self.tier}: {self.policy} (version {self.policy.version}){rule} -> {self.verdict}"
+        )
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     allowed: bool
     reason: Reason
@@ -106,6 +127,9 @@ class Decision:
     audit_policy: PolicyRef | None = None
     audit_rule: str | None = None
     protocols: frozenset[str] | None = None  # allowed: what the deciding rule lets the tunnel carry (None: any)
+    tier: str | None = None  # the tier whose rule (or allowlist) decided; None for steps 1-3, 6 and default_action
+    deciders: tuple[Decider, ...] = ()  # every policy that shaped the enforced decision, in tier order
+    audit_deciders: tuple[Decider, ...] = ()  # the same for the audit decision when would_deny
 
     @property
     def verdict(self) -> str:

@@ -1,7 +1,9 @@
 """The decision engine: compiled policies + facts -> decision, exactly as docs/policy-reference.md states it.
 
 Owns: `compile_policy` (one object -> indexes), `PolicySet` (an immutable snapshot of everything in force, grouped
-by namespace), `Engine.decide`. Pure: no I/O, no mitmproxy, no kubernetes imports. The clock is an argument.
+by namespace and by tier), `match_rules` (step 5 for one view), `Engine.decide` (the tier walk of step 7: Admin by
+priority -> the namespace tier -> Baseline by priority -> default_action). Pure: no I/O, no mitmproxy, no kubernetes
+imports. The clock is an argument.
 """
 
 from __future__ import annotations
@@ -9,20 +11,22 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from egress_gateway.policy.addresses import AddressClass, AddressPolicy, IPNetwork
-from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, PolicyRef, Reason
+from egress_gateway.policy.decision import Decider, Decision, Facts, Identity, IPAddress, PolicyRef, Reason
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.hostnames import HostPattern, parse_host_pattern
 from egress_gateway.policy.indexes import CidrIndex, HostIndex
 from egress_gateway.policy.model import (
     DEFAULT_PROTOCOLS,
     NAMESPACE_NAME_LABEL,
+    PRIORITY_MAX,
     Action,
     ClusterEgressPolicy,
     Mode,
     PolicyObject,
+    Tier,
 )
 from egress_gateway.policy.selectors import SELECT_ALL, Selector, compile_selector
 from egress_gateway.policy.targets import NormalizedHost, canonical_ip, normalize_host, parse_authority
@@ -45,6 +49,8 @@ class CompiledRule:
     policy: CompiledPolicy
     host_patterns: tuple[HostPattern, ...]
     networks: tuple[IPNetwork, ...]
+    decider: Decider  # how a decision names this rule (built once, reused by every decision)
+    deciders: tuple[Decider, ...]  # (decider,)
     protocols: frozenset[str] = frozenset(DEFAULT_PROTOCOLS)  # what an Allow/Log rule lets a tunnel carry
 
     def port_matches(self, port: int) -> bool:
@@ -71,6 +77,10 @@ class CompiledPolicy:
     namespace: str | None  # None for ClusterEgressPolicy
     pod_selector: Selector
     namespace_selector: Selector
+    tier: Tier
+    priority: int
+    no_match: Decider  # how a no_matching_rule decision names this policy
+    where: str  # " (Admin tier, priority 10)" in decision sentences; "" in the namespace tier
     rules: tuple[CompiledRule, ...] = ()
     hosts: HostIndex[CompiledRule] = field(default_factory=HostIndex)
     cidrs: CidrIndex[CompiledRule] = field(default_factory=CidrIndex)
@@ -109,8 +119,11 @@ def _port_ranges(ports: list[int | str] | None) -> tuple[PortRange, ...] | None:
 def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
     """Compile one validated object. `version` is its generation (Kubernetes) or content hash (files)."""
     is_cluster = isinstance(policy, ClusterEgressPolicy)
+    ref = PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version)
+    tier = policy.spec.tier if isinstance(policy, ClusterEgressPolicy) else Tier.NAMESPACE
+    priority = policy.spec.priority if isinstance(policy, ClusterEgressPolicy) else 0
     compiled = CompiledPolicy(
-        ref=PolicyRef(policy.kind, policy.metadata.namespace, policy.metadata.name, version),
+        ref=ref,
         source=policy,
         mode=policy.spec.mode,
         namespace=None if is_cluster else policy.metadata.namespace,
@@ -118,6 +131,10 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
         namespace_selector=(
             compile_selector(policy.spec.namespace_selector) if isinstance(policy, ClusterEgressPolicy) else SELECT_ALL
         ),
+        tier=tier,
+        priority=priority,
+        no_match=Decider(tier.value, ref, "NoMatch"),
+        where="" if tier is Tier.NAMESPACE else f" ({tier.value} tier, priority {priority})",
     )
     rules = []
     for order, rule in enumerate(policy.spec.rules):
@@ -133,6 +150,8 @@ def compile_policy(policy: PolicyObject, version: str) -> CompiledPolicy:
             policy=compiled,
             host_patterns=host_patterns,
             networks=networks,
+            decider=(decider := Decider(tier.value, ref, rule.action.value, rule.name)),
+            deciders=(decider,),
             protocols=frozenset(rule.protocols or DEFAULT_PROTOCOLS),
         )
         rules.append(compiled_rule)
@@ -178,6 +197,10 @@ class PolicySet:
     ) -> None:
         self._by_namespace = by_namespace
         self._cluster = cluster
+        # Per tier, in evaluation order: (priority, name) for Admin and Baseline, the old kind/name order otherwise.
+        self._admin = _tier_order(p for p in cluster if p.tier is Tier.ADMIN)
+        self._cluster_namespace_tier = tuple(p for p in cluster if p.tier is Tier.NAMESPACE)
+        self._baseline = _tier_order(p for p in cluster if p.tier is Tier.BASELINE)
         self.generation = generation
         self._selection_cache: dict[int, tuple[Identity, Selection]] = {}
 
@@ -201,33 +224,93 @@ class PolicySet:
         return sum(len(v) for v in self._by_namespace.values()) + len(self._cluster)
 
     def select(self, identity: Identity) -> Selection:
-        """Namespaced policies of the client's namespace whose podSelector matches, then matching cluster policies."""
+        """Step 4: the policies selecting the client, grouped into tiers (cached per identity object)."""
         cached = self._selection_cache.get(id(identity))
         if cached is not None and cached[0] is identity:
             return cached[1]
-        selected = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity)) + tuple(
-            p for p in self._cluster if p.selects(identity)
+        namespace_tier = tuple(p for p in self._by_namespace.get(identity.namespace, ()) if p.selects(identity))
+        namespace_tier += tuple(p for p in self._cluster_namespace_tier if p.selects(identity))
+        admin = tuple(p for p in self._admin if p.selects(identity))
+        baseline = tuple(p for p in self._baseline if p.selects(identity))
+        selection = Selection(
+            admin=_priority_groups(Tier.ADMIN, admin),
+            namespace=TierGroup.of(Tier.NAMESPACE, 0, namespace_tier),
+            baseline=_priority_groups(Tier.BASELINE, baseline),
+            admin_tier=TierGroup.of(Tier.ADMIN, -1, admin),
+            baseline_tier=TierGroup.of(Tier.BASELINE, -1, baseline),
         )
-        selection = Selection(selected, tuple(p for p in selected if p.mode is Mode.ENFORCE))
         if len(self._selection_cache) >= self._SELECTION_CACHE_LIMIT:
             self._selection_cache.clear()
         self._selection_cache[id(identity)] = (identity, selection)
         return selection
 
 
-@dataclass(eq=False, slots=True)
-class Selection:
-    """The policies selecting one client, split by mode, with their merged rule views (filled in by the engine)."""
+def _tier_order(policies: Iterable[CompiledPolicy]) -> tuple[CompiledPolicy, ...]:
+    return tuple(sorted(policies, key=lambda p: (p.priority, p.ref.name)))
 
+
+def _priority_groups(tier: Tier, policies: tuple[CompiledPolicy, ...]) -> tuple[TierGroup, ...]:
+    groups: list[TierGroup] = []
+    start = 0
+    for i in range(1, len(policies) + 1):
+        if i == len(policies) or policies[i].priority != policies[start].priority:
+            groups.append(TierGroup.of(tier, policies[start].priority, policies[start:i]))
+            start = i
+    return tuple(groups)
+
+
+@dataclass(eq=False, slots=True)
+class TierGroup:
+    """Selecting policies of one tier: at one priority (what `explain` walks), or the whole tier (priority -1) whose
+    merged view the engine matches once, keeping the rules of the lowest priority that has any (`match_first_priority`).
+    Views are filled in by the engine."""
+
+    tier: Tier
+    priority: int
     policies: tuple[CompiledPolicy, ...]
     enforce: tuple[CompiledPolicy, ...]
     view_all: CompiledPolicy | RuleView | None = None
     view_enforce: CompiledPolicy | RuleView | None = None
-    views_ready: bool = False
+    # Built once per selection so a decision only picks them up:
+    no_match_all: tuple[Decider, ...] = field(init=False)
+    no_match_enforce: tuple[Decider, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.no_match_all = tuple(p.no_match for p in self.policies)
+        self.no_match_enforce = tuple(p.no_match for p in self.enforce)
+
+    @classmethod
+    def of(cls, tier: Tier, priority: int, policies: tuple[CompiledPolicy, ...]) -> TierGroup:
+        return cls(tier, priority, policies, tuple(p for p in policies if p.mode is Mode.ENFORCE))
 
     @property
     def has_audit(self) -> bool:
         return len(self.enforce) != len(self.policies)
+
+
+@dataclass(eq=False, slots=True)
+class Selection:
+    """The policies selecting one client, by tier in evaluation order (step 4)."""
+
+    admin: tuple[TierGroup, ...]  # by priority
+    namespace: TierGroup
+    baseline: tuple[TierGroup, ...]  # by priority
+    admin_tier: TierGroup  # all of `admin`, matched as one view
+    baseline_tier: TierGroup  # all of `baseline`, matched as one view
+    views_ready: bool = False
+    groups: tuple[TierGroup, ...] = field(init=False)  # what the engine matches, in evaluation order
+    has_audit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.groups = (self.admin_tier, self.namespace, self.baseline_tier)
+        self.has_audit = any(group.has_audit for group in self.groups)
+
+    @property
+    def policies(self) -> tuple[CompiledPolicy, ...]:
+        return tuple(p for group in self.groups for p in group.policies)
+
+    def selects(self, audit: bool) -> bool:
+        return any(group.policies if audit else group.enforce for group in self.groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +322,132 @@ class EngineConfig:
 
 
 @dataclass(slots=True)
-class _Matches:
+class Matches:
+    """What one view's rules say about one destination (step 5): the first rule found per action."""
+
     deny: tuple[CompiledRule, str] | None = None
     allow: tuple[CompiledRule, str] | None = None
     log: tuple[CompiledRule, str] | None = None
+    pass_: tuple[CompiledRule, str] | None = None
     allow_by_cidr: bool = False  # an Allow/Log rule covered the destination IP through an explicit `cidrs` entry
     protocol_refused: tuple[CompiledRule, str] | None = None  # an Allow/Log rule matched but not the protocol
+
+    @property
+    def deciding(self) -> tuple[CompiledRule, str] | None:
+        """Deny beats Allow/Log (Log named first, so the flag is traceable), which beat Pass."""
+        return self.deny or self.log or self.allow
+
+
+def match_rules(
+    view: CompiledPolicy | RuleView | None,
+    name: str | None,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    now: float,
+    protocol: str | None = None,
+) -> Matches:
+    """Step 5 for one policy or one merged view. Pure; also used by `explain`."""
+    found = Matches()
+
+    def consider(rule: CompiledRule, matched: str, by_cidr: bool, sni_only: bool) -> None:
+        if not rule.port_matches(port) or not rule.active(now):
+            return
+        if rule.action is Action.DENY:
+            if found.deny is None:
+                found.deny = (rule, matched)
+            return
+        if sni_only:
+            return  # the SNI is consulted for Deny rules only
+        if rule.action is Action.PASS:
+            if found.pass_ is None:
+                found.pass_ = (rule, matched)
+            return
+        if protocol is not None and protocol not in rule.protocols:
+            if found.protocol_refused is None:
+                found.protocol_refused = (rule, matched)
+            return
+        if by_cidr:
+            found.allow_by_cidr = True
+        if rule.action is Action.LOG:
+            if found.log is None:
+                found.log = (rule, matched)
+        elif found.allow is None:
+            found.allow = (rule, matched)
+
+    if view is None:
+        return found
+    if name is not None:
+        for rule, pattern in view.hosts.lookup(name):
+            consider(rule, pattern, False, False)
+    if sni is not None and sni != name:
+        for rule, pattern in view.hosts.lookup(sni):
+            consider(rule, pattern, False, True)
+    if address is not None and view.cidrs:
+        for rule, cidr in view.cidrs.lookup(address):
+            if not rule.excepted(address):
+                consider(rule, cidr, True, False)
+    return found
+
+
+def match_first_priority(
+    view: CompiledPolicy | RuleView | None,
+    name: str | None,
+    sni: str | None,
+    address: IPAddress | None,
+    port: int,
+    now: float,
+    protocol: str | None = None,
+) -> Matches:
+    """Step 5 for a whole Admin or Baseline tier in one lookup: the matches of the lowest priority that has any.
+
+    The same filters as `match_rules`; a match at a lower priority number discards what was kept for a higher one,
+    so the result is what walking the tier priority by priority finds first, at the cost of one lookup.
+    """
+    found = Matches()
+    best = PRIORITY_MAX + 1
+
+    def consider(rule: CompiledRule, matched: str, sni_only: bool) -> None:
+        nonlocal best, found
+        if not rule.port_matches(port) or not rule.active(now):
+            return
+        action = rule.action
+        if sni_only and action is not Action.DENY:
+            return  # the SNI is consulted for Deny rules only
+        priority = rule.policy.priority
+        if priority > best:
+            return
+        if priority < best:
+            best = priority
+            found = Matches()
+        if action is Action.DENY:
+            if found.deny is None:
+                found.deny = (rule, matched)
+        elif action is Action.PASS:
+            if found.pass_ is None:
+                found.pass_ = (rule, matched)
+        elif protocol is not None and protocol not in rule.protocols:
+            if found.protocol_refused is None:
+                found.protocol_refused = (rule, matched)
+        elif action is Action.LOG:
+            if found.log is None:
+                found.log = (rule, matched)
+        elif found.allow is None:
+            found.allow = (rule, matched)
+
+    if view is None:
+        return found
+    if name is not None:
+        for rule, pattern in view.hosts.lookup(name):
+            consider(rule, pattern, False)
+    if sni is not None and sni != name:
+        for rule, pattern in view.hosts.lookup(sni):
+            consider(rule, pattern, True)
+    if address is not None and view.cidrs:
+        for rule, cidr in view.cidrs.lookup(address):
+            if not rule.excepted(address):
+                consider(rule, cidr, False)
+    return found
 
 
 def _deny(reason: Reason, message: str, **kwargs: object) -> Decision:
@@ -316,7 +519,7 @@ class Engine:
                 )
         return None
 
-    # ---- steps 4 to 7 -------------------------------------------------------------------------------------
+    # ---- steps 4 to 8 -------------------------------------------------------------------------------------
     _VIEW_CACHE_LIMIT = 1024
 
     def _view(self, policies: tuple[CompiledPolicy, ...]) -> CompiledPolicy | RuleView | None:
@@ -334,62 +537,65 @@ class Engine:
 
     def _with_views(self, selection: Selection) -> Selection:
         if not selection.views_ready:
-            selection.view_enforce = self._view(selection.enforce)
-            selection.view_all = self._view(selection.policies) if selection.has_audit else selection.view_enforce
+            for group in selection.groups:
+                group.view_enforce = self._view(group.enforce)
+                group.view_all = self._view(group.policies) if group.has_audit else group.view_enforce
             selection.views_ready = True
         return selection
 
     @staticmethod
-    def _match(
-        view: CompiledPolicy | RuleView | None,
-        name: str | None,
-        sni: str | None,
-        address: IPAddress | None,
-        port: int,
+    def _cidr_allows(
+        selection: Selection, audit: bool, name: str | None, sni: str | None, address: IPAddress, port: int,
         now: float,
-        protocol: str | None = None,
-    ) -> _Matches:
-        found = _Matches()
+    ) -> bool:  # fmt: skip
+        """Step 6 for a private IP: does an Allow rule of a selected policy (any tier) list it under `cidrs`?"""
+        return any(
+            match_rules(group.view_all if audit else group.view_enforce, name, sni, address, port, now).allow_by_cidr
+            for group in selection.groups
+        )
 
-        def consider(rule: CompiledRule, matched: str, by_cidr: bool, sni_only: bool) -> None:
-            if not rule.port_matches(port) or not rule.active(now):
-                return
-            if rule.action is Action.DENY:
-                if found.deny is None:
-                    found.deny = (rule, matched)
-                return
-            if sni_only:
-                return  # the SNI is consulted for Deny rules only
-            if protocol is not None and protocol not in rule.protocols:
-                if found.protocol_refused is None:
-                    found.protocol_refused = (rule, matched)
-                return
-            if by_cidr:
-                found.allow_by_cidr = True
-            if rule.action is Action.LOG:
-                if found.log is None:
-                    found.log = (rule, matched)
-            elif found.allow is None:
-                found.allow = (rule, matched)
+    @staticmethod
+    def _rule_decision(chosen: tuple[CompiledRule, str], where: str, passes: tuple[Decider, ...]) -> Decision:
+        """Step 7: the decision of the deciding rule."""
+        rule, matched = chosen
+        denied = rule.action is Action.DENY
+        policy = rule.policy
+        return Decision(
+            allowed=not denied,
+            reason=Reason.DENIED_BY_RULE if denied else Reason.ALLOWED_BY_RULE,
+            message=f"{where} is {'denied' if denied else 'allowed'} by rule {rule.name!r} of {policy.ref}"
+            f"{policy.where} (matched {matched})",
+            policy=policy.ref,
+            rule=rule.name,
+            matched=matched,
+            logged=rule.action is Action.LOG,
+            tier=rule.decider.tier,
+            deciders=(*passes, rule.decider) if passes else rule.deciders,
+            protocols=None if denied else rule.protocols,
+        )
 
-        if view is None:
-            return found
-        if name is not None:
-            for rule, pattern in view.hosts.lookup(name):
-                consider(rule, pattern, False, False)
-        if sni is not None and sni != name:
-            for rule, pattern in view.hosts.lookup(sni):
-                consider(rule, pattern, False, True)
-        if address is not None and view.cidrs:
-            for rule, cidr in view.cidrs.lookup(address):
-                if not rule.excepted(address):
-                    consider(rule, cidr, True, False)
-        return found
+    @staticmethod
+    def _protocol_refusal(
+        refused: tuple[CompiledRule, str], where: str, protocol: str | None, passes: tuple[Decider, ...]
+    ) -> Decision:
+        """Step 7: the matching Allow/Log rule does not list the tunnel's protocol (and nothing else decided)."""
+        rule, matched = refused
+        allowed = ", ".join(sorted(rule.protocols))
+        return _deny(
+            Reason.PROTOCOL_NOT_ALLOWED,
+            f"{where} carries {protocol}, which rule {rule.name!r} of {rule.policy.ref}{rule.policy.where} does not "
+            f"allow (protocols: {allowed}; matched {matched})",
+            policy=rule.policy.ref,
+            rule=rule.name,
+            matched=matched,
+            tier=rule.decider.tier,
+            deciders=(*passes, rule.decider) if passes else rule.deciders,
+        )
 
     def _evaluate(
         self,
-        selected: tuple[CompiledPolicy, ...],
-        view: CompiledPolicy | RuleView | None,
+        selection: Selection,
+        audit: bool,
         target: NormalizedHost,
         sni: str | None,
         address: IPAddress | None,
@@ -397,51 +603,48 @@ class Engine:
         now: float,
         protocol: str | None = None,
     ) -> Decision:
-        found = self._match(view, target.name, sni, address, port, now, protocol)
+        """Steps 6 and 7 over the Enforce-mode policies (audit=False) or all selected policies (audit=True)."""
+        name = target.name
+        # 6. Address safety
         if address is not None:
             verdict = self.addresses.classify(address)
             if verdict.cls is AddressClass.BLOCKED:
                 return _deny(Reason.BLOCKED_ADDRESS, f"destination {verdict.detail}; it is never reachable")
-            if verdict.cls is AddressClass.PRIVATE and not found.allow_by_cidr:
+            if verdict.cls is AddressClass.PRIVATE and not self._cidr_allows(
+                selection, audit, name, sni, address, port, now
+            ):
                 return _deny(
                     Reason.PRIVATE_ADDRESS,
                     f"destination {verdict.detail}; only an Allow rule listing it under `cidrs` can reach it",
                 )
         where = f"{target}:{port}"
-        if found.deny is not None:
-            rule, matched = found.deny
-            return _deny(
-                Reason.DENIED_BY_RULE,
-                f"{where} is denied by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
-                policy=rule.policy.ref,
-                rule=rule.name,
-                matched=matched,
+        passes: tuple[Decider, ...] = ()
+        # 7a. Admin tier: the lowest priority with a match decides (Allow/Log/Deny) or ends the tier (Pass)
+        tier = selection.admin_tier
+        if tier.policies:
+            found = match_first_priority(
+                tier.view_all if audit else tier.view_enforce, name, sni, address, port, now, protocol
             )
-        chosen = found.log or found.allow
-        if chosen is None and found.protocol_refused is not None:
-            rule, matched = found.protocol_refused
-            allowed = ", ".join(sorted(rule.protocols))
-            return _deny(
-                Reason.PROTOCOL_NOT_ALLOWED,
-                f"{where} carries {protocol}, which rule {rule.name!r} of {rule.policy.ref} does not allow "
-                f"(protocols: {allowed}; matched {matched})",
-                policy=rule.policy.ref,
-                rule=rule.name,
-                matched=matched,
-            )
+            chosen = found.deny or found.log or found.allow
+            if chosen is not None:
+                return self._rule_decision(chosen, where, passes)
+            if found.protocol_refused is not None:
+                return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+            if found.pass_ is not None:
+                passes = (found.pass_[0].decider,)
+        # 7b. Namespace tier: a matching rule decides; else selecting the client allowlists it
+        namespace = selection.namespace
+        found = match_rules(
+            namespace.view_all if audit else namespace.view_enforce, name, sni, address, port, now, protocol
+        )
+        chosen = found.deny or found.log or found.allow
         if chosen is not None:
-            rule, matched = chosen
-            return Decision(
-                allowed=True,
-                reason=Reason.ALLOWED_BY_RULE,
-                message=f"{where} is allowed by rule {rule.name!r} of {rule.policy.ref} (matched {matched})",
-                policy=rule.policy.ref,
-                rule=rule.name,
-                matched=matched,
-                logged=found.log is not None,
-                protocols=rule.protocols,
-            )
+            return self._rule_decision(chosen, where, passes)
+        if found.protocol_refused is not None:
+            return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+        selected = namespace.policies if audit else namespace.enforce
         if selected:
+            no_match = namespace.no_match_all if audit else namespace.no_match_enforce
             names = ", ".join(str(p.ref) for p in selected[:3])
             if len(selected) > 3:
                 names += f" and {len(selected) - 3} more"
@@ -449,48 +652,63 @@ class Engine:
                 Reason.NO_MATCHING_RULE,
                 f"{where} matches no rule of the policies selecting this client ({names})",
                 policy=selected[0].ref,
+                tier=Tier.NAMESPACE.value,
+                deciders=(*passes, *no_match) if passes else no_match,
             )
+        # 7c. Baseline tier, as 7a
+        tier = selection.baseline_tier
+        if tier.policies:
+            found = match_first_priority(
+                tier.view_all if audit else tier.view_enforce, name, sni, address, port, now, protocol
+            )
+            chosen = found.deny or found.log or found.allow
+            if chosen is not None:
+                return self._rule_decision(chosen, where, passes)
+            if found.protocol_refused is not None:
+                return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+            if found.pass_ is not None:
+                passes = (*passes, found.pass_[0].decider)
+        # 7d. default_action
+        consulted = "no policy decided" if selection.selects(audit) else "no policy selects this client"
         if self.config.default_allow:
             return Decision(
                 allowed=True,
                 reason=Reason.NO_POLICY,
-                message=f"no policy selects this client; default action allows {where}",
+                message=f"{consulted}; default action allows {where}",
+                deciders=passes,
             )
-        return _deny(Reason.NO_POLICY, f"no policy selects this client; default action denies {where}")
+        return _deny(Reason.NO_POLICY, f"{consulted}; default action denies {where}", deciders=passes)
 
     def decide(self, facts: Facts, now: float | None = None) -> Decision:
+        # 1. Normalize
         normalized = self._normalize(facts)
         if isinstance(normalized, Decision):
             return normalized
         target, sni, address = normalized
+        # 2. Consistency
         inconsistent = self._consistency(facts, target, sni)
         if inconsistent is not None:
             return inconsistent
+        # 3. Identity
         if facts.identity is None:
             return _deny(Reason.UNKNOWN_CLIENT, "the client's identity is unknown (no workload owns its address)")
+        # 4. Selection, by tier
         now = time.time() if now is None else now
         selection = self._with_views(self.policies.select(facts.identity))
-        enforced = self._evaluate(
-            selection.enforce, selection.view_enforce, target, sni, address, facts.port, now, facts.protocol
-        )
+        # 5.-7. Match, address safety, tier walk (Enforce-mode policies)
+        enforced = self._evaluate(selection, False, target, sni, address, facts.port, now, facts.protocol)
+        # 8. Audit mode
         if not selection.has_audit or not enforced.allowed:
             return enforced
-        audit = self._evaluate(
-            selection.policies, selection.view_all, target, sni, address, facts.port, now, facts.protocol
-        )
+        audit = self._evaluate(selection, True, target, sni, address, facts.port, now, facts.protocol)
         if audit.allowed:
             return enforced
-        return Decision(
-            allowed=True,
-            reason=enforced.reason,
+        return replace(
+            enforced,
             message=f"{enforced.message}; an Audit-mode policy would deny it: {audit.message}",
-            policy=enforced.policy,
-            rule=enforced.rule,
-            matched=enforced.matched,
-            logged=enforced.logged,
             would_deny=True,
             audit_reason=audit.reason,
             audit_policy=audit.policy,
             audit_rule=audit.rule,
-            protocols=enforced.protocols,
+            audit_deciders=audit.deciders,
         )

@@ -16,13 +16,17 @@ from pydantic import ValidationError
 from egress_gateway.policy.errors import FieldError, PolicyValidationError
 from egress_gateway.policy.model import (
     GROUP_VERSION,
+    GROUP_VERSIONS,
     KINDS,
+    MODELS,
     Action,
     ClusterEgressPolicySpec,
     LabelSelector,
     LabelSelectorOperator,
     PolicyObject,
     Rule,
+    Tier,
+    to_storage_version,
 )
 
 _HINTS = {
@@ -138,8 +142,19 @@ def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
     errors: list[FieldError] = _selector_errors("spec.podSelector", policy.spec.pod_selector)
     if isinstance(policy.spec, ClusterEgressPolicySpec):
         errors.extend(_selector_errors("spec.namespaceSelector", policy.spec.namespace_selector))
+    if isinstance(policy.spec, ClusterEgressPolicySpec) and policy.spec.tier is Tier.NAMESPACE:
+        for i, cluster_rule in enumerate(policy.spec.rules):
+            if cluster_rule.action is Action.PASS:
+                errors.append(
+                    FieldError(
+                        f"spec.rules[{i}].action",
+                        "Pass skips the rest of the Admin or Baseline tier; a Namespace-tier policy has none to skip",
+                        "use tier: Admin (or Baseline), or action Allow/Deny",
+                    )
+                )
     seen: dict[str, int] = {}
-    for i, rule in enumerate(policy.spec.rules):
+    rules: list[Rule] = list(policy.spec.rules)
+    for i, rule in enumerate(rules):
         if rule.name in seen:
             errors.append(
                 FieldError(
@@ -164,28 +179,30 @@ def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
 
 
 def validate_object(data: Any) -> PolicyObject:
-    """Validate one decoded object (a dict from YAML or the API server). Raises `PolicyValidationError`."""
+    """Validate one decoded object (a dict from YAML or the API server), either API version.
+
+    Returns the v1alpha2 (storage version) form. Raises `PolicyValidationError`.
+    """
     if not isinstance(data, Mapping):
         raise PolicyValidationError([FieldError("", f"expected a mapping (object), got {type(data).__name__}")])
     api_version = data.get("apiVersion")
     kind = data.get("kind")
-    if api_version != GROUP_VERSION:
+    if api_version not in GROUP_VERSIONS:
         raise PolicyValidationError(
             [
                 FieldError(
                     "apiVersion",
-                    f"expected {GROUP_VERSION!r}, got {api_version!r}",
+                    f"expected one of {', '.join(GROUP_VERSIONS)}, got {api_version!r}",
                     f"set apiVersion: {GROUP_VERSION}",
                 )
             ]
         )
-    model = KINDS.get(kind) if isinstance(kind, str) else None
-    if model is None:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise PolicyValidationError(
             [FieldError("kind", f"expected one of {sorted(KINDS)}, got {kind!r}", "set kind: EgressPolicy")]
         )
     try:
-        policy = model.model_validate(data)
+        policy = to_storage_version(MODELS[(str(api_version), kind)].model_validate(data))
     except ValidationError as exc:
         raise PolicyValidationError(_from_pydantic(exc)) from None
     errors = _semantic_errors(policy)

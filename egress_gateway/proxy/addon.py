@@ -620,6 +620,8 @@ class GatewayAddon:
                     policy=decision.policy,
                     rule=decision.rule,
                     matched=decision.matched,
+                    tier=decision.tier,
+                    deciders=decision.deciders,
                 ),
             )
             self.close_client(state.client_id)

@@ -15,7 +15,7 @@ import pytest
 from egress_gateway.settings import Settings
 from tests.kube.fake_apiserver import FakeApiServer
 
-GV = "egressgateway.io/v1alpha1"
+GV = "egressgateway.io/v1alpha2"
 
 
 @pytest.fixture

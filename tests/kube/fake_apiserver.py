@@ -40,15 +40,15 @@ Key = tuple[str | None, str]  # (namespace, name)
 
 # resource path segment -> (apiVersion, kind, namespaced)
 RESOURCES: dict[str, tuple[str, str, bool]] = {
-    "egresspolicies": ("egressgateway.io/v1alpha1", "EgressPolicy", True),
-    "clusteregresspolicies": ("egressgateway.io/v1alpha1", "ClusterEgressPolicy", False),
+    "egresspolicies": ("egressgateway.io/v1alpha2", "EgressPolicy", True),
+    "clusteregresspolicies": ("egressgateway.io/v1alpha2", "ClusterEgressPolicy", False),
     "pods": ("v1", "Pod", True),
     "namespaces": ("v1", "Namespace", False),
     "leases": ("coordination.k8s.io/v1", "Lease", True),
 }
 _GROUP_PREFIX = {
-    "egresspolicies": "/apis/egressgateway.io/v1alpha1",
-    "clusteregresspolicies": "/apis/egressgateway.io/v1alpha1",
+    "egresspolicies": "/apis/egressgateway.io/v1alpha2",
+    "clusteregresspolicies": "/apis/egressgateway.io/v1alpha2",
     "pods": "/api/v1",
     "namespaces": "/api/v1",
     "leases": "/apis/coordination.k8s.io/v1",

@@ -431,7 +431,7 @@ def test_lease_times_are_valid_micro_times_even_on_a_whole_second(
 
 
 def test_api_server_answering_500_to_list_and_watch_is_retried(apiserver: FakeApiServer, kubeconfig: Path) -> None:
-    path = "/apis/egressgateway.io/v1alpha1/egresspolicies"
+    path = "/apis/egressgateway.io/v1alpha2/egresspolicies"
     apiserver.put(egress_policy("shop", "a", ["a.example.com"]))
     apiserver.fail_next[path] = 500  # the first list
 

@@ -143,12 +143,8 @@ def test_crds_have_status_subresource_short_names_and_columns(crds: list[dict]) 
     for crd in crds:
         version = crd["spec"]["versions"][0]
         assert version["subresources"] == {"status": {}}
-        assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-            "Mode",
-            "Rules",
-            "Accepted",
-            "Age",
-        ]
+        tiers = ["Tier", "Priority"] if crd["spec"]["names"]["kind"] == "ClusterEgressPolicy" else []
+        assert [c["name"] for c in version["additionalPrinterColumns"]] == [*tiers, "Mode", "Rules", "Accepted", "Age"]
     assert (
         "namespaceSelector"
         in by_kind["ClusterEgressPolicy"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
@@ -185,3 +181,47 @@ def test_crd_output_dir_writes_one_file_per_crd(tmp_path: Path) -> None:
         "clusteregresspolicies.egressgateway.io.yaml",
         "egresspolicies.egressgateway.io.yaml",
     ]
+
+
+def test_check_names_every_decider_per_tier_and_explains_the_walk() -> None:
+    denied = cli(*CHECK_AS_PAYMENTS, "--explain", "pastebin.com:443")
+    assert denied.returncode == 1
+    assert "tier:     Admin" in denied.stdout
+    assert "decider:  Admin: ClusterEgressPolicy/security-denies (version sha256:" in denied.stdout
+    assert "rule deny-paste-sites -> Deny" in denied.stdout
+    assert "tier walk:\n  Admin tier: decided: deny (denied_by_rule)" in denied.stdout
+    unmatched = cli(*CHECK_AS_PAYMENTS, "--explain", "example.org:443")
+    assert unmatched.returncode == 1 and "policy:" not in unmatched.stdout
+    for name in ("EgressPolicy/shop/payments", "EgressPolicy/shop/break-glass-vendor-support"):
+        assert f"decider:  Namespace: {name} (version sha256:" in unmatched.stdout
+    walk = unmatched.stdout.split("tier walk:\n", 1)[1]
+    assert walk.splitlines()[:2] == [
+        "  Admin tier: nothing decided; on to the next tier",
+        "    ClusterEgressPolicy/security-denies (version "
+        + walk.split("security-denies (version ", 1)[1].split(")", 1)[0]
+        + ") priority 10: no match - no rule matches example.org:443",
+    ]
+    assert "  Namespace tier: decided: deny (no_matching_rule)" in walk
+    as_json = json.loads(cli(*CHECK_AS_PAYMENTS, "--explain", "--output", "json", "example.org:443").stdout)
+    assert [d["verdict"] for d in as_json["deciders"]] == ["NoMatch", "NoMatch"]
+    assert [t["tier"] for t in as_json["walk"]] == ["Admin", "Namespace"]
+
+
+def test_check_explain_walks_to_baseline_and_default_action() -> None:
+    mirror = cli(
+        *CHECK_AS_PAYMENTS[:-4],
+        "--namespace",
+        "web",
+        "--ip",
+        "10.20.1.1",
+        "--explain",
+        "mirror.internal.example.com:443",
+    )
+    assert mirror.returncode == 0, mirror.stdout + mirror.stderr
+    assert "Baseline tier: decided: allow (allowed_by_rule)" in mirror.stdout
+    other = cli(
+        "check", "--policies", "policies", "--namespace", "web", "--ip", "93.184.216.5", "--explain", "example.org:443"
+    )
+    assert other.returncode == 1
+    assert "Namespace tier: no policy of this tier selects the client" in other.stdout
+    assert "default_action: deny (no_policy)" in other.stdout

@@ -126,3 +126,19 @@ def test_a_directory_load_publishes_one_policy_set(tmp_path: Path) -> None:
     store.subscribe(lambda policy_set: published.append(len(policy_set)))
     assert load_into_store([tmp_path], store) == []
     assert published == [5]
+
+
+def test_the_file_source_accepts_both_api_versions(tmp_path: Path) -> None:
+    (tmp_path / "old.yaml").write_text(POLICY.format(host="a.example.com"))
+    (tmp_path / "new.yaml").write_text(
+        POLICY.format(host="b.example.com").replace("v1alpha1", "v1alpha2").replace("name: p,", "name: q,")
+    )
+    (tmp_path / "cluster-old.yaml").write_text(
+        "apiVersion: egressgateway.io/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {name: old}\n"
+        "spec: {rules: [{name: c, hosts: [c.example.com]}]}\n"
+    )
+    store = PolicyStore()
+    assert load_into_store([tmp_path], store) == []
+    assert allowed(store, "a.example.com") and allowed(store, "b.example.com") and allowed(store, "c.example.com")
+    versions = {p.source.api_version for p in store.current.policies}
+    assert versions == {"egressgateway.io/v1alpha2"}  # what the engine sees is the storage version

@@ -154,3 +154,30 @@ def test_protocols_are_checked_with_their_field_path() -> None:
         "spec.rules[0].protocols",
         "Deny rule denies every protocol",
     )
+
+def test_v1alpha1_and_v1alpha2_both_validate_and_convert_to_v1alpha2() -> None:
+    from egress_gateway.policy.model import Tier
+
+    for version in ("egressgateway.io/v1alpha1", "egressgateway.io/v1alpha2"):
+        assert validate_object({**policy(), "apiVersion": version}).api_version == "egressgateway.io/v1alpha2"
+    cluster = {"kind": "ClusterEgressPolicy", "metadata": {"name": "c"}, "spec": {"rules": []}}
+    old = validate_object({**cluster, "apiVersion": "egressgateway.io/v1alpha1"})
+    new = validate_object({**cluster, "apiVersion": "egressgateway.io/v1alpha2"})
+    assert (old.spec.tier, new.spec.tier) == (Tier.NAMESPACE, Tier.ADMIN)  # type: ignore[union-attr]
+
+
+def test_v1alpha1_has_no_priority_pass_or_other_tiers() -> None:
+    base = {"apiVersion": "egressgateway.io/v1alpha1", "kind": "ClusterEgressPolicy", "metadata": {"name": "c"}}
+    assert_error({**base, "spec": {"priority": 5}}, "spec.priority", "")
+    assert_error({**base, "spec": {"tier": "Admin"}}, "spec.tier", "")
+    rule = {"name": "r", "action": "Pass", "hosts": ["a.example.com"]}
+    assert_error({**base, "spec": {"rules": [rule]}}, "spec.rules[0].action", "Pass")
+
+
+def test_pass_is_for_admin_and_baseline_cluster_policies_only() -> None:
+    rule = {"name": "r", "action": "Pass", "hosts": ["a.example.com"]}
+    assert_error({**policy(), "spec": {"rules": [rule]}}, "spec.rules[0].action", "ClusterEgressPolicy")
+    cluster = {"apiVersion": "egressgateway.io/v1alpha2", "kind": "ClusterEgressPolicy", "metadata": {"name": "c"}}
+    assert_error({**cluster, "spec": {"tier": "Namespace", "rules": [rule]}}, "spec.rules[0].action", "Pass")
+    validate_object({**cluster, "spec": {"tier": "Baseline", "rules": [rule]}})
+    assert_error({**cluster, "spec": {"priority": 1001}}, "spec.priority", "1000")
