@@ -364,12 +364,16 @@ def _notes(helm: Helm, chart_copy: Path, *set_values: str) -> str:
     return notes
 
 
+def _env(notes: str) -> dict[str, str]:
+    env = yaml.safe_load(textwrap.dedent(notes.split("  env:\n", 1)[1].split("\n\n", 1)[0]))
+    return {item["name"]: item["value"] for item in env}
+
+
 def test_notes_print_proxy_url_and_env(helm: Helm, chart_copy: Path) -> None:
     notes = _notes(helm, chart_copy)
     url = f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:3128"
     assert url in notes
-    env = yaml.safe_load(textwrap.dedent(notes.split("  env:\n", 1)[1].split("\n\n", 1)[0]))
-    values = {item["name"]: item["value"] for item in env}
+    values = _env(notes)
     assert values["HTTPS_PROXY"] == values["HTTP_PROXY"] == values["https_proxy"] == url
     no_proxy = values["NO_PROXY"].split(",")
     assert values["no_proxy"] == values["NO_PROXY"]
@@ -389,11 +393,39 @@ def test_notes_follow_cluster_values_and_enforcement(helm: Helm, chart_copy: Pat
         "enforcement.namespaces={shop,analytics}",
     )
     assert f"http://{FULLNAME}.{NAMESPACE}.svc.corp.local:3128" in notes
-    no_proxy_line = next(line for line in notes.splitlines() if "10.42.0.0/16" in line)
-    for entry in (".corp.local", "10.43.0.0/16", "api.corp.example"):
-        assert entry in no_proxy_line
-    assert "10.244.0.0/16" not in no_proxy_line
+    no_proxy = _env(notes)["NO_PROXY"].split(",")
+    # Enforcement drops direct traffic to pods and Services, so NO_PROXY must not send it there.
+    assert "api.corp.example" in no_proxy and "localhost" in no_proxy
+    for entry in (".svc", ".corp.local", "10.42.0.0/16", "10.43.0.0/16", "10.244.0.0/16"):
+        assert entry not in no_proxy
+    assert "enforcement.allowClusterPods=true" in notes
     assert "Enforcement is ON" in notes and "shop, analytics" in notes
+
+
+@pytest.mark.parametrize(
+    "enforcement",
+    [("enforcement.allowClusterPods=true", "enforcement.namespaces={shop}"), ()],
+    ids=["enforced-with-cluster-pods", "not-enforced"],
+)
+def test_notes_keep_cluster_traffic_direct_only_where_enforcement_lets_it_through(
+    helm3: Helm, chart_copy: Path, enforcement: tuple[str, ...]
+) -> None:
+    notes = _notes(helm3, chart_copy, "cluster.podCIDRs={10.42.0.0/16}", *enforcement)
+    no_proxy = _env(notes)["NO_PROXY"].split(",")
+    for entry in (".svc", ".cluster.local", "10.42.0.0/16", "10.96.0.0/12"):
+        assert entry in no_proxy
+
+
+def test_notes_name_the_cluster_policy_kind(helm3: Helm, chart_copy: Path) -> None:
+    notes = _notes(helm3, chart_copy, "enforcement.namespaceSelector.matchLabels.team=a")
+    assert "(ClusterNetworkPolicy)" in notes
+    notes = _notes(
+        helm3,
+        chart_copy,
+        "enforcement.namespaceSelector.matchLabels.team=a",
+        "enforcement.clusterPolicyKind=AdminNetworkPolicy",
+    )
+    assert "(AdminNetworkPolicy)" in notes
 
 
 def test_helm4_install_dry_run_prints_the_same_notes(chart_copy: Path) -> None:
@@ -408,7 +440,7 @@ def test_helm4_install_dry_run_prints_the_same_notes(chart_copy: Path) -> None:
 
 @pytest.mark.parametrize("values", [(), (ALL_FEATURES,)], ids=["defaults", "all-features"])
 def test_every_object_is_labelled_and_namespaced(helm3: Helm, values: tuple[Path, ...]) -> None:
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "AdminNetworkPolicy"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterNetworkPolicy", "AdminNetworkPolicy"}
     for obj in helm3.objects(*values):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
