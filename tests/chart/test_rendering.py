@@ -118,6 +118,35 @@ def test_files_source_needs_no_policy_or_lease_permissions(helm3: Helm) -> None:
     assert mounts["policies"] == "/etc/egress-gateway/policies"
 
 
+def test_file_policies_with_static_identity_get_no_cluster_access_and_no_token(helm3: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "config:\n  policySource: files\n  identity:\n    mode: [static]\n"
+        "    static: [{cidr: 10.1.0.0/16, namespace: shop}]\n"
+    )
+    objects = helm3.objects(values)
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert not find(objects, "Role") and not find(objects, "RoleBinding")
+    # The gateway never calls the API server, so no token is mounted for it to leak.
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    settings = _rendered_settings(objects, tmp_path)
+    assert settings.policy_source == "files" and settings.identity.mode == ["static"]
+
+
+def test_kubernetes_policies_with_static_identity_read_no_pods_or_namespaces(helm3: Helm) -> None:
+    objects = helm3.objects(set_values=("config.identity.mode={static}",))
+    resources = {resource for _, resource, _, _ in _rules(objects, "ClusterRole")}
+    assert resources == {
+        "egresspolicies",
+        "clusteregresspolicies",
+        "egresspolicies/status",
+        "clusteregresspolicies/status",
+    }
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is True
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
 def test_read_only_status_drops_status_and_lease_permissions(helm3: Helm, tmp_path: Path) -> None:
     objects = helm3.objects(set_values=("config.kubernetes.writeStatus=false",))
     rules = _rules(objects, "ClusterRole")
@@ -137,6 +166,8 @@ def test_two_replicas_spread_across_nodes(default_objects: list[dict[str, Any]])
     spread = {c["topologyKey"]: c for c in spec["template"]["spec"]["topologySpreadConstraints"]}
     by_node = spread["kubernetes.io/hostname"]
     assert by_node["whenUnsatisfiable"] == "DoNotSchedule" and by_node["maxSkew"] == 1
+    # Tainted nodes the pods cannot use must not count as empty domains, or DoNotSchedule leaves pods Pending.
+    assert by_node["nodeTaintsPolicy"] == "Honor"
     assert by_node["labelSelector"] == {"matchLabels": SELECTOR}
     assert by_node["matchLabelKeys"] == ["pod-template-hash"]
     assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
