@@ -32,8 +32,10 @@ API_VERSIONS = {
     "AdminNetworkPolicy": "policy.networking.k8s.io/v1alpha1",
 }
 FULLNAME = f"{RELEASE}-egress-gateway"
-GATEWAY_POD = ({"kubernetes.io/metadata.name": NAMESPACE}, {"app.kubernetes.io/name": "egress-gateway",
-               "app.kubernetes.io/instance": RELEASE})
+GATEWAY_POD = (
+    {"kubernetes.io/metadata.name": NAMESPACE},
+    {"app.kubernetes.io/name": "egress-gateway", "app.kubernetes.io/instance": RELEASE},
+)
 DNS_POD = ({"kubernetes.io/metadata.name": "kube-system"}, {"k8s-app": "kube-dns"})
 OTHER_POD = ({"kubernetes.io/metadata.name": "billing"}, {"app": "ledger"})
 COLLECTOR_POD = ({"kubernetes.io/metadata.name": "observability"}, {"app": "otel-collector"})
@@ -51,11 +53,11 @@ enforcement:
           podSelector: {matchLabels: {app: otel-collector}}
       ports: [{protocol: TCP, port: 4317, endPort: 4318}]
 """
+SELECTOR = "enforcement:\n  namespaceSelector: {matchLabels: {egress.example.com/enforce: 'true'}}\n"
 MODES = {
     "namespaces": "enforcement:\n  namespaces: [shop]\n",
-    "cluster-network-policy": "enforcement:\n  namespaceSelector: {matchLabels: {egress.example.com/enforce: 'true'}}\n",
-    "admin-network-policy": "enforcement:\n  namespaceSelector: {matchLabels: {egress.example.com/enforce: 'true'}}\n"
-    "  clusterPolicyKind: AdminNetworkPolicy\n",
+    "cluster-network-policy": SELECTOR,
+    "admin-network-policy": SELECTOR + "  clusterPolicyKind: AdminNetworkPolicy\n",
 }
 
 
@@ -212,7 +214,9 @@ def _network_policy_allows(policy: dict[str, Any], to: Destination) -> bool:
             return namespace_labels.get("kubernetes.io/metadata.name") == policy["metadata"]["namespace"] and (
                 _selects(peer["podSelector"], pod_labels)
             )
-        return _selects(peer["namespaceSelector"], namespace_labels) and _selects(peer.get("podSelector", {}), pod_labels)
+        return _selects(peer["namespaceSelector"], namespace_labels) and _selects(
+            peer.get("podSelector", {}), pod_labels
+        )
 
     def port_matches(port: dict[str, Any]) -> bool:
         if port.get("protocol", "TCP") != to.protocol:
@@ -251,7 +255,7 @@ def _cluster_policy_action(policy: dict[str, Any], to: Destination) -> str:
         if "portRange" in entry:
             ports = entry["portRange"]
             return ports.get("protocol", "TCP") == to.protocol and ports["start"] <= to.port <= ports["end"]
-        (protocol, spec), = entry.items()  # v1alpha2: {tcp: {destinationPort: {number | range}}}
+        ((protocol, spec),) = entry.items()  # v1alpha2: {tcp: {destinationPort: {number | range}}}
         if protocol.upper() != to.protocol:
             return False
         port = spec["destinationPort"]
@@ -294,7 +298,9 @@ def _enforced_verdict(objects: list[dict[str, Any]], to: Destination) -> bool:
         action = _cluster_policy_action(policy, to)
         assert action != "Pass", "the cluster policy must decide every connection of an enforced pod"
         return action in ("Accept", "Allow")
-    (policy,) = [o for o in find(objects, "NetworkPolicy", f"{FULLNAME}-enforce") if o["metadata"]["namespace"] == "shop"]
+    (policy,) = [
+        o for o in find(objects, "NetworkPolicy", f"{FULLNAME}-enforce") if o["metadata"]["namespace"] == "shop"
+    ]
     return _network_policy_allows(policy, to)
 
 
@@ -327,7 +333,9 @@ def test_allow_cluster_pods_passes_pod_traffic_to_namespace_policies(helm3: Helm
         ("[{to: [{podSelector: {matchLabels: {app: x}}}]}]", r"extraEgress\[0\]: a podSelector without"),
     ],
 )
-def test_what_a_cluster_policy_cannot_say_fails_the_render(helm3: Helm, tmp_path: Path, extra: str, message: str) -> None:
+def test_what_a_cluster_policy_cannot_say_fails_the_render(
+    helm3: Helm, tmp_path: Path, extra: str, message: str
+) -> None:
     values = _values(tmp_path, MODES["cluster-network-policy"], f"enforcement:\n  extraEgress: {extra}\n")
     with pytest.raises(HelmError, match=message):
         helm3.objects(*values)

@@ -104,7 +104,9 @@ def test_gateway_network_policy_admin_port_is_closed_to_pods_unless_scrapers_are
     assert [rule["ports"] for rule in ingress] == [[{"protocol": "TCP", "port": "proxy"}]]
 
 
-def test_gateway_network_policy_opens_the_api_server_only_where_the_gateway_calls_it(helm3: Helm, tmp_path: Path) -> None:
+def test_gateway_network_policy_opens_the_api_server_only_where_the_gateway_calls_it(
+    helm3: Helm, tmp_path: Path
+) -> None:
     objects = helm3.objects(
         set_values=(
             "networkPolicy.enabled=true",
