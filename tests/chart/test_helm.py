@@ -15,7 +15,9 @@ from tests.chart.conftest import ALL_FEATURES, CHART, NAMESPACE, REPO, Helm, Hel
 KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
 # Kinds that are CRDs outside Kubernetes itself; kubernetes-validate has no schema for them, so
 # test_rendering.py checks their structure instead.
-THIRD_PARTY_KINDS = {"ServiceMonitor", "AdminNetworkPolicy"}
+# Not in kubernetes-validate's schemas: the network-policy-api kinds are validated against their upstream CRDs in
+# test_enforcement.py, the monitoring ones by their own tests in test_monitoring.py.
+THIRD_PARTY_KINDS = {"ServiceMonitor", "PrometheusRule", "ClusterNetworkPolicy", "AdminNetworkPolicy"}
 VALUE_SETS = {
     "defaults": (),
     "all-features": (ALL_FEATURES,),
@@ -136,6 +138,16 @@ def test_template_guards_give_clear_errors(helm: Helm, tmp_path: Path) -> None:
         helm.template(select_all)
     with pytest.raises(HelmError, match=r"needs admin\.service\.enabled"):
         helm.template(set_values=("serviceMonitor.enabled=true", "admin.service.enabled=false"))
+    with pytest.raises(HelmError, match=r"apiServer\.cidrs is empty but the gateway calls the API server"):
+        helm.template(set_values=("networkPolicy.enabled=true",))
+    with pytest.raises(HelmError, match=r"needs networkPolicy\.ingress\.adminFrom"):
+        helm.template(
+            set_values=(
+                "networkPolicy.enabled=true",
+                "networkPolicy.egress.apiServer.cidrs={10.0.0.1/32}",
+                "serviceMonitor.enabled=true",
+            )
+        )
 
 
 def test_chart_refuses_kubernetes_older_than_1_29(helm: Helm) -> None:

@@ -27,6 +27,7 @@ def _enforcement_policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, 
 
 def test_nothing_is_enforced_by_default(default_objects: list[dict[str, Any]]) -> None:
     assert not find(default_objects, "NetworkPolicy")
+    assert not find(default_objects, "ClusterNetworkPolicy")
     assert not find(default_objects, "AdminNetworkPolicy")
 
 
@@ -44,7 +45,7 @@ def test_enforced_namespaces_get_a_deny_all_egress_policy_allowing_dns_and_the_g
             {"to": [DNS_PEER], "ports": DNS_PORTS},
             {"to": [GATEWAY_PEER], "ports": [{"protocol": "TCP", "port": 3128}]},
         ]
-    assert not find(objects, "AdminNetworkPolicy")
+    assert not find(objects, "ClusterNetworkPolicy")
 
 
 def test_gateway_peer_matches_the_gateway_pods(helm3: Helm) -> None:
@@ -77,56 +78,6 @@ def test_allow_cluster_pods_and_extra_egress_are_opt_in(helm3: Helm, tmp_path: P
     )
 
 
-def test_namespace_selector_becomes_an_admin_network_policy(helm3: Helm, tmp_path: Path) -> None:
-    values = tmp_path / "values.yaml"
-    values.write_text(
-        "enforcement:\n  namespaceSelector:\n    matchLabels: {egress.example.com/enforce: 'true'}\n"
-        "    matchExpressions: [{key: tier, operator: NotIn, values: [system]}]\n  priority: 40\n"
-    )
-    objects = helm3.objects(values)
-
-    anp = one(objects, "AdminNetworkPolicy")
-
-    assert anp["apiVersion"] == "policy.networking.k8s.io/v1alpha1"
-    assert "namespace" not in anp["metadata"]
-    spec = anp["spec"]
-    assert spec["priority"] == 40
-    subject = spec["subject"]["namespaces"]
-    assert subject["matchLabels"] == {"egress.example.com/enforce": "true"}
-    assert subject["matchExpressions"] == [
-        {"key": "tier", "operator": "NotIn", "values": ["system"]},
-        # the gateway's own namespace is never enforced
-        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NAMESPACE]},
-    ]
-    rules = {rule["name"]: rule for rule in spec["egress"]}
-    assert [rule["name"] for rule in spec["egress"]] == ["allow-dns", "allow-egress-gateway", "deny-all-other-egress"]
-    assert rules["allow-dns"]["action"] == "Allow"
-    assert rules["allow-dns"]["to"] == [{"pods": DNS_PEER}]
-    assert rules["allow-dns"]["ports"] == [{"portNumber": p} for p in DNS_PORTS]
-    assert rules["allow-egress-gateway"]["action"] == "Allow"
-    assert rules["allow-egress-gateway"]["to"] == [{"pods": GATEWAY_PEER}]
-    assert rules["allow-egress-gateway"]["ports"] == [{"portNumber": {"protocol": "TCP", "port": 3128}}]
-    deny = rules["deny-all-other-egress"]
-    assert deny["action"] == "Deny" and "ports" not in deny
-    assert deny["to"] == [{"namespaces": {}}, {"networks": ["0.0.0.0/0", "::/0"]}]
-    for rule in spec["egress"]:  # AdminNetworkPolicy peers take exactly one selector each
-        assert all(len(peer) == 1 for peer in rule["to"])
-        assert len(rule["name"]) <= 100
-
-
-def test_admin_network_policy_can_pass_pod_traffic_to_namespace_policies(helm3: Helm, tmp_path: Path) -> None:
-    values = tmp_path / "values.yaml"
-    values.write_text("enforcement:\n  namespaceSelector: {matchLabels: {team: a}}\n  allowClusterPods: true\n")
-    rules = one(helm3.objects(values), "AdminNetworkPolicy")["spec"]["egress"]
-    assert [r["name"] for r in rules] == [
-        "allow-dns",
-        "allow-egress-gateway",
-        "pass-cluster-pods",
-        "deny-all-other-egress",
-    ]
-    assert rules[2] == {"name": "pass-cluster-pods", "action": "Pass", "to": [{"namespaces": {}}]}
-
-
 def test_gateway_network_policy_opens_the_internet_on_allowed_ports_only(all_objects: list[dict[str, Any]]) -> None:
     policy = one(all_objects, "NetworkPolicy", FULLNAME)
     assert policy["metadata"]["namespace"] == NAMESPACE
@@ -143,3 +94,36 @@ def test_gateway_network_policy_opens_the_internet_on_allowed_ports_only(all_obj
     assert {"fc00::/7", "fe80::/10"} <= blocks["::/0"]
     assert allowed_ranges == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}]}  # config.allowedRanges, any port
     assert collector["ports"] == [{"protocol": "TCP", "port": 4318}]
+
+
+def test_gateway_network_policy_admin_port_is_closed_to_pods_unless_scrapers_are_named(helm3: Helm) -> None:
+    objects = helm3.objects(
+        set_values=("networkPolicy.enabled=true", "networkPolicy.egress.apiServer.cidrs={172.18.0.2/32}")
+    )
+    ingress = one(objects, "NetworkPolicy", FULLNAME)["spec"]["ingress"]
+    assert [rule["ports"] for rule in ingress] == [[{"protocol": "TCP", "port": "proxy"}]]
+
+
+def test_gateway_network_policy_opens_the_api_server_only_where_the_gateway_calls_it(
+    helm3: Helm, tmp_path: Path
+) -> None:
+    objects = helm3.objects(
+        set_values=(
+            "networkPolicy.enabled=true",
+            "networkPolicy.egress.apiServer.cidrs={172.18.0.2/32,172.18.0.3/32}",
+            "networkPolicy.egress.apiServer.ports={6443}",
+        )
+    )
+    egress = one(objects, "NetworkPolicy", FULLNAME)["spec"]["egress"]
+    assert egress[1] == {
+        "to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}, {"ipBlock": {"cidr": "172.18.0.3/32"}}],
+        "ports": [{"protocol": "TCP", "port": 6443}],
+    }
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "networkPolicy: {enabled: true}\nconfig:\n  policySource: files\n  identity:\n    mode: [static]\n"
+    )
+    egress = one(helm3.objects(values), "NetworkPolicy", FULLNAME)["spec"]["egress"]
+    dns, internet = egress  # no API server rule: file policies and static identity never call it
+    assert dns["ports"] == DNS_PORTS
+    assert {peer["ipBlock"]["cidr"] for peer in internet["to"]} == {"0.0.0.0/0", "::/0"}

@@ -118,6 +118,35 @@ def test_files_source_needs_no_policy_or_lease_permissions(helm3: Helm) -> None:
     assert mounts["policies"] == "/etc/egress-gateway/policies"
 
 
+def test_file_policies_with_static_identity_get_no_cluster_access_and_no_token(helm3: Helm, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        "config:\n  policySource: files\n  identity:\n    mode: [static]\n"
+        "    static: [{cidr: 10.1.0.0/16, namespace: shop}]\n"
+    )
+    objects = helm3.objects(values)
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert not find(objects, "Role") and not find(objects, "RoleBinding")
+    # The gateway never calls the API server, so no token is mounted for it to leak.
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    settings = _rendered_settings(objects, tmp_path)
+    assert settings.policy_source == "files" and settings.identity.mode == ["static"]
+
+
+def test_kubernetes_policies_with_static_identity_read_no_pods_or_namespaces(helm3: Helm) -> None:
+    objects = helm3.objects(set_values=("config.identity.mode={static}",))
+    resources = {resource for _, resource, _, _ in _rules(objects, "ClusterRole")}
+    assert resources == {
+        "egresspolicies",
+        "clusteregresspolicies",
+        "egresspolicies/status",
+        "clusteregresspolicies/status",
+    }
+    assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is True
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
 def test_read_only_status_drops_status_and_lease_permissions(helm3: Helm, tmp_path: Path) -> None:
     objects = helm3.objects(set_values=("config.kubernetes.writeStatus=false",))
     rules = _rules(objects, "ClusterRole")
@@ -137,6 +166,8 @@ def test_two_replicas_spread_across_nodes(default_objects: list[dict[str, Any]])
     spread = {c["topologyKey"]: c for c in spec["template"]["spec"]["topologySpreadConstraints"]}
     by_node = spread["kubernetes.io/hostname"]
     assert by_node["whenUnsatisfiable"] == "DoNotSchedule" and by_node["maxSkew"] == 1
+    # Tainted nodes the pods cannot use must not count as empty domains, or DoNotSchedule leaves pods Pending.
+    assert by_node["nodeTaintsPolicy"] == "Honor"
     assert by_node["labelSelector"] == {"matchLabels": SELECTOR}
     assert by_node["matchLabelKeys"] == ["pod-template-hash"]
     assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
@@ -366,12 +397,16 @@ def _notes(helm: Helm, chart_copy: Path, *set_values: str) -> str:
     return notes
 
 
+def _env(notes: str) -> dict[str, str]:
+    env = yaml.safe_load(textwrap.dedent(notes.split("  env:\n", 1)[1].split("\n\n", 1)[0]))
+    return {item["name"]: item["value"] for item in env}
+
+
 def test_notes_print_proxy_url_and_env(helm: Helm, chart_copy: Path) -> None:
     notes = _notes(helm, chart_copy)
     url = f"http://{FULLNAME}.{NAMESPACE}.svc.cluster.local:3128"
     assert url in notes
-    env = yaml.safe_load(textwrap.dedent(notes.split("  env:\n", 1)[1].split("\n\n", 1)[0]))
-    values = {item["name"]: item["value"] for item in env}
+    values = _env(notes)
     assert values["HTTPS_PROXY"] == values["HTTP_PROXY"] == values["https_proxy"] == url
     no_proxy = values["NO_PROXY"].split(",")
     assert values["no_proxy"] == values["NO_PROXY"]
@@ -391,11 +426,39 @@ def test_notes_follow_cluster_values_and_enforcement(helm: Helm, chart_copy: Pat
         "enforcement.namespaces={shop,analytics}",
     )
     assert f"http://{FULLNAME}.{NAMESPACE}.svc.corp.local:3128" in notes
-    no_proxy_line = next(line for line in notes.splitlines() if "10.42.0.0/16" in line)
-    for entry in (".corp.local", "10.43.0.0/16", "api.corp.example"):
-        assert entry in no_proxy_line
-    assert "10.244.0.0/16" not in no_proxy_line
+    no_proxy = _env(notes)["NO_PROXY"].split(",")
+    # Enforcement drops direct traffic to pods and Services, so NO_PROXY must not send it there.
+    assert "api.corp.example" in no_proxy and "localhost" in no_proxy
+    for entry in (".svc", ".corp.local", "10.42.0.0/16", "10.43.0.0/16", "10.244.0.0/16"):
+        assert entry not in no_proxy
+    assert "enforcement.allowClusterPods=true" in notes
     assert "Enforcement is ON" in notes and "shop, analytics" in notes
+
+
+@pytest.mark.parametrize(
+    "enforcement",
+    [("enforcement.allowClusterPods=true", "enforcement.namespaces={shop}"), ()],
+    ids=["enforced-with-cluster-pods", "not-enforced"],
+)
+def test_notes_keep_cluster_traffic_direct_only_where_enforcement_lets_it_through(
+    helm3: Helm, chart_copy: Path, enforcement: tuple[str, ...]
+) -> None:
+    notes = _notes(helm3, chart_copy, "cluster.podCIDRs={10.42.0.0/16}", *enforcement)
+    no_proxy = _env(notes)["NO_PROXY"].split(",")
+    for entry in (".svc", ".cluster.local", "10.42.0.0/16", "10.96.0.0/12"):
+        assert entry in no_proxy
+
+
+def test_notes_name_the_cluster_policy_kind(helm3: Helm, chart_copy: Path) -> None:
+    notes = _notes(helm3, chart_copy, "enforcement.namespaceSelector.matchLabels.team=a")
+    assert "(ClusterNetworkPolicy)" in notes
+    notes = _notes(
+        helm3,
+        chart_copy,
+        "enforcement.namespaceSelector.matchLabels.team=a",
+        "enforcement.clusterPolicyKind=AdminNetworkPolicy",
+    )
+    assert "(AdminNetworkPolicy)" in notes
 
 
 def test_helm4_install_dry_run_prints_the_same_notes(chart_copy: Path) -> None:
@@ -410,7 +473,7 @@ def test_helm4_install_dry_run_prints_the_same_notes(chart_copy: Path) -> None:
 
 @pytest.mark.parametrize("values", [(), (ALL_FEATURES,)], ids=["defaults", "all-features"])
 def test_every_object_is_labelled_and_namespaced(helm3: Helm, values: tuple[Path, ...]) -> None:
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "AdminNetworkPolicy"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "ClusterNetworkPolicy", "AdminNetworkPolicy"}
     for obj in helm3.objects(*values):
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/instance"] == RELEASE
