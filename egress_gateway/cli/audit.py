@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from egress_gateway.audit import fields
-from egress_gateway.audit.render import write_csv, write_json_lines, write_table
-from egress_gateway.audit.trail import FlowFilter, FlowRecord, ReadStats, parse_time, read_records, summarize
+from egress_gateway.trail.render import write_csv, write_json_lines, write_table
+from egress_gateway.trail.read import FlowFilter, FlowRecord, ReadStats, parse_time, read_records, summarize
 
 FLOW_COLUMNS = (
     ("time", "TIME"),
@@ -199,7 +199,7 @@ def _summary(records: Iterator[FlowRecord], output: str, top: int) -> int:
 
 
 def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
-    from egress_gateway.audit.suggest import suggest_policy
+    from egress_gateway.trail.suggest import suggest_policy
 
     suggestion = suggest_policy(
         records,
@@ -224,7 +224,7 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
 def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     import json
 
-    from egress_gateway.audit.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
+    from egress_gateway.trail.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
     from egress_gateway.policy.engine import Engine, EngineConfig
     from egress_gateway.policy.store import PolicyStore
     from egress_gateway.settings import configured_own_addresses, load_settings

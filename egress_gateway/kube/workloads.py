@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import structlog
 from kubernetes.aio.client import ApiClient, CoreV1Api
 
-from egress_gateway.audit import metrics
+from egress_gateway import metrics
 from egress_gateway.kube.client import connect
 from egress_gateway.kube.reflector import RawObject, Reflector, cancel_all, wait_synced, watch_backoff
 from egress_gateway.policy.decision import Identity

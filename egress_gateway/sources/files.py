@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 import yaml
 
-from egress_gateway.audit import metrics
+from egress_gateway import metrics
 from egress_gateway.policy.errors import FieldError, PolicyValidationError
 from egress_gateway.policy.model import KINDS
 from egress_gateway.policy.store import ObjectKey, PolicyStore, Versioned, object_key

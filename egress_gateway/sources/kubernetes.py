@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from kubernetes.aio.client import ApiClient, CustomObjectsApi
 
-from egress_gateway.audit import metrics
+from egress_gateway import metrics
 from egress_gateway.kube.client import connect
 from egress_gateway.kube.leader import StatusLeaderElection
 from egress_gateway.kube.reflector import Backoff, RawObject, Reflector, cancel_all, wait_synced, watch_backoff

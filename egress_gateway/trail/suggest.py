@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from egress_gateway import __version__
-from egress_gateway.audit.trail import FlowRecord
+from egress_gateway.trail.read import FlowRecord
 from egress_gateway.policy.errors import InvalidName, InvalidTarget
 from egress_gateway.policy.hostnames import parse_host_pattern
 from egress_gateway.policy.model import GROUP_VERSION

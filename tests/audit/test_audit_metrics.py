@@ -7,7 +7,7 @@ import math
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from egress_gateway.audit import metrics
+from egress_gateway import metrics
 from tests.audit.conftest import metric
 
 ALLOWED_LABELS = {"namespace", "decision", "reason", "kind", "state", "direction", "source", "exporter"}

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from egress_gateway.audit import build_recorder
-from egress_gateway.audit.replay import facts_from_record, replay
-from egress_gateway.audit.trail import read_records
+from egress_gateway.trail.replay import facts_from_record, replay
+from egress_gateway.trail.read import read_records
 from egress_gateway.policy.decision import Reason, adapter_denial
 from egress_gateway.policy.engine import Engine, EngineConfig
 from egress_gateway.policy.store import PolicyStore
@@ -76,7 +76,7 @@ def test_facts_are_rebuilt_from_the_record(trail: Path) -> None:
 
 
 def test_suggest_includes_destinations_the_policy_allowed_but_the_upstream_refused(trail: Path) -> None:
-    from egress_gateway.audit.suggest import suggest_policy
+    from egress_gateway.trail.suggest import suggest_policy
 
     suggestion = suggest_policy(read_records([str(trail)]), "shop")
     assert suggestion.flows == 2
