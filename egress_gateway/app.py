@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import ipaddress
 import signal
 import socket
 import sys
@@ -25,9 +24,10 @@ import structlog
 from egress_gateway.admin import AdminServer
 from egress_gateway.audit import build_recorder as build_audit_recorder
 from egress_gateway.audit.recorder import Recorder
+from egress_gateway.engine_config import engine_config
 from egress_gateway.identity.base import ChainResolver, IdentityResolver
 from egress_gateway.identity.static import StaticIdentityResolver
-from egress_gateway.policy.engine import Engine, EngineConfig, PolicySet
+from egress_gateway.policy.engine import Engine, PolicySet
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts
 from egress_gateway.proxy.embedded import EmbeddedProxy
@@ -35,7 +35,7 @@ from egress_gateway.proxy.gate import Gate
 from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
 from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import Resolver
-from egress_gateway.settings import DefaultAction, Settings, configured_own_addresses, split_hostport
+from egress_gateway.settings import Settings, configured_own_addresses, split_hostport
 from egress_gateway.sources.base import PolicySource
 
 if TYPE_CHECKING:  # imported at run time only when a cluster identity mode is configured
@@ -52,14 +52,7 @@ class ConfigurationError(Exception):
 
 
 def build_engine(settings: Settings) -> Engine:
-    return Engine(
-        EngineConfig(
-            default_allow=settings.default_action is DefaultAction.ALLOW,
-            allowed_ranges=tuple(ipaddress.ip_network(r) for r in settings.allowed_ranges),
-            own_addresses=configured_own_addresses(settings),
-            require_sni_match=settings.require_sni_match,
-        )
-    )
+    return Engine(engine_config(settings))
 
 
 def build_identity(settings: Settings) -> tuple[ChainResolver, list[Any]]:

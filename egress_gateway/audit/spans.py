@@ -29,8 +29,7 @@ from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, format_span_id, format_trace_id
 
-from egress_gateway import __version__
-from egress_gateway import metrics
+from egress_gateway import __version__, metrics
 from egress_gateway.audit import fields
 from egress_gateway.audit.logs import log_decision
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord

@@ -11,15 +11,14 @@ Exit codes: 0 done; 1 --replay found allowed connections the candidate would den
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from egress_gateway.audit import fields
-from egress_gateway.trail.render import write_csv, write_json_lines, write_table
 from egress_gateway.trail.read import FlowFilter, FlowRecord, ReadStats, parse_time, read_records, summarize
+from egress_gateway.trail.render import write_csv, write_json_lines, write_table
 
 FLOW_COLUMNS = (
     ("time", "TIME"),
@@ -224,11 +223,12 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
 def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     import json
 
-    from egress_gateway.trail.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
-    from egress_gateway.policy.engine import Engine, EngineConfig
+    from egress_gateway.engine_config import engine_config
+    from egress_gateway.policy.engine import Engine
     from egress_gateway.policy.store import PolicyStore
-    from egress_gateway.settings import configured_own_addresses, load_settings
+    from egress_gateway.settings import load_settings
     from egress_gateway.sources.files import load_into_store
+    from egress_gateway.trail.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
 
     if not args.replay.exists():
         return _fail(f"--replay {args.replay}: no such file or directory")
@@ -242,15 +242,7 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         for err in errors:
             print(f"audit: invalid policy: {err}", file=sys.stderr)
         return 2
-    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
-    config = EngineConfig(
-        default_allow=default_action == "Allow",
-        allowed_ranges=tuple(
-            ipaddress.ip_network(r, strict=False) for r in (settings.allowed_ranges if settings else [])
-        ),
-        own_addresses=configured_own_addresses(settings) if settings else frozenset(),
-        require_sni_match=settings.require_sni_match if settings else True,
-    )
+    config = engine_config(settings, default_action=args.default_action)
     report = replay(records, Engine(config, store.current))
     if args.output == "json":
         print(json.dumps(report.as_dict(), indent=2))

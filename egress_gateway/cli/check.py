@@ -16,14 +16,15 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
+from egress_gateway.engine_config import engine_config
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
-from egress_gateway.policy.engine import Engine, EngineConfig
+from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.explain import explain, render
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.targets import normalize_host, parse_authority
-from egress_gateway.settings import DefaultAction, configured_own_addresses, load_settings
+from egress_gateway.settings import DefaultAction, load_settings
 from egress_gateway.sources.files import load_into_store
 
 _SCHEME_PORTS = {"http": 80, "https": 443}
@@ -121,15 +122,8 @@ def run(args: argparse.Namespace) -> int:
     except InvalidTarget as exc:
         print(f"check: invalid target: {exc}", file=sys.stderr)
         return 2
-    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
-    ranges = [*(settings.allowed_ranges if settings else []), *args.allowed_range]
     try:
-        config = EngineConfig(
-            default_allow=default_action == "Allow",
-            allowed_ranges=tuple(ipaddress.ip_network(r, strict=False) for r in ranges),
-            own_addresses=configured_own_addresses(settings) if settings else frozenset(),
-            require_sni_match=settings.require_sni_match if settings else True,
-        )
+        config = engine_config(settings, default_action=args.default_action, extra_allowed_ranges=args.allowed_range)
         ips = [ipaddress.ip_address(ip) for ip in args.ip]
     except ValueError as exc:
         print(f"check: {exc}", file=sys.stderr)

@@ -17,9 +17,9 @@ from types import MappingProxyType
 from typing import Any
 
 from egress_gateway.audit import fields
-from egress_gateway.trail.read import FlowRecord, PolicyVerdict
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
 from egress_gateway.policy.engine import Engine
+from egress_gateway.trail.read import FlowRecord, PolicyVerdict
 
 ALLOW_TO_DENY = "allow -> deny"
 DENY_TO_ALLOW = "deny -> allow"

@@ -19,12 +19,12 @@ from typing import Any
 import yaml
 
 from egress_gateway import __version__
-from egress_gateway.trail.read import FlowRecord
 from egress_gateway.policy.errors import InvalidName, InvalidTarget
 from egress_gateway.policy.hostnames import parse_host_pattern
 from egress_gateway.policy.model import GROUP_VERSION
 from egress_gateway.policy.targets import normalize_host
 from egress_gateway.policy.validation import validate_object
+from egress_gateway.trail.read import FlowRecord
 
 MAX_RULE_NAME = 63
 

@@ -8,13 +8,13 @@ import pytest
 import yaml
 
 from egress_gateway.audit import build_recorder
-from egress_gateway.trail.replay import facts_from_record, replay
-from egress_gateway.trail.read import read_records
 from egress_gateway.policy.decision import Reason, adapter_denial
 from egress_gateway.policy.engine import Engine, EngineConfig
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.settings import AuditSettings, Settings
 from egress_gateway.sources.files import load_into_store
+from egress_gateway.trail.read import read_records
+from egress_gateway.trail.replay import facts_from_record, replay
 from tests.audit.conftest import PAYMENTS, SHOP_PAYMENTS_POLICY, facts, write_policies
 
 
