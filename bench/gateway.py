@@ -57,7 +57,6 @@ def gateway_config(
     origin_host: str,
     origin_address: str,
     extra_hosts: list[str],
-    workers: int | str,
     port: int,
     admin_port: int,
     audit: bool = True,
@@ -71,7 +70,6 @@ def gateway_config(
         "policies_path": str(policies),
         "default_action": "Deny",
         "allowed_ranges": ["127.0.0.0/8"],
-        "workers": workers,
         "identity": {
             "mode": ["static"],
             "static": [
@@ -101,7 +99,6 @@ def start_gateway(
     origin_host: str,
     origin_address: str,
     *,
-    workers: int | str = 1,
     objects: list[dict[str, Any]] | None = None,
     extra_hosts: list[str] | None = None,
     ready_timeout_s: float = 60,
@@ -122,7 +119,6 @@ def start_gateway(
                 origin_host,
                 origin_address,
                 extra_hosts or [],
-                workers,
                 port,
                 admin_port,
                 audit,

@@ -2,8 +2,8 @@
 
 Starts on loopback: nginx (TLS origin on <origin-address>:443: `/tiny`, `/bulk` = 100 MB), Squid (allowlisting
 CONNECT proxy, ssl_bump peek + splice on SNI), the gateway (`python -O -m egress_gateway run`, realistic policy set,
-audit to a JSON-lines file) with 1 and 2 workers (2 independent processes on separate ports when the build has no
-worker mode), and the direct path. Measures, interleaved over repetitions:
+audit to a JSON-lines file), optionally N independent gateway processes on separate ports (`--workers`, like N
+replicas: the gateway has no worker mode), and the direct path. Measures, interleaved over repetitions:
 new connections/s at several concurrencies, p50/p99 latency at c=1, proxy CPU seconds per 1000 connections (from
 /proc), bulk MB/s, peak RSS, RSS with idle tunnels; then the gateway's policy reload costs and the engine
 decision benchmark (bench/decision.py). Prints the tables and writes them between markers in docs/benchmarks.md.
@@ -586,7 +586,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--reload-sizes", help="policy counts for the reload benchmark (default 1000,10000; quick 1000; '' to skip)"
     )
-    parser.add_argument("--workers", default="1,2", help="gateway worker counts to run as separate rows")
+    parser.add_argument(
+        "--workers", default="1", help="gateway process counts as rows; N > 1 runs N independent gateways (replicas)"
+    )
     parser.add_argument(
         "--decision", choices=["full", "quick", "skip"], help="engine benchmark (default full, quick: quick)"
     )
@@ -673,18 +675,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 targets.append(Target("squid", squid.proxy, squid.server.pid, fresh=squid_factory))
                 for workers in opts.workers:
-                    name = "gateway" if workers == 1 else f"gateway {workers} workers"
+                    name = "gateway" if workers == 1 else f"{workers} gateway processes"
                     gateway = launch(
                         proxies,
                         name,
                         lambda w=workers: start_gateway(  # type: ignore[misc]
-                            root / f"gateway-w{w}", ORIGIN_HOST, args.origin_address, workers=w
+                            root / f"gateway-w{w}", ORIGIN_HOST, args.origin_address
                         ),
                     )
-                    processes = gateway.processes
-                    if workers > 1 and processes < workers:
-                        # No worker mode in this build: run `workers` independent gateways on their own ports
-                        # and split hey across them, which shows the same CPU picture without a shared port.
+                    if workers > 1:
+                        # No worker mode: run `workers` independent gateways on their own ports (like replicas)
+                        # and split hey across them.
                         extra = [
                             launch(
                                 proxies,
@@ -695,18 +696,16 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             for i in range(1, workers)
                         ]
-                        name = f"{workers} gateway processes"
                         notes.append(
-                            f"`workers: {workers}` started {processes} process(es): worker mode is not implemented "
-                            f"in this build. The row '{name}' emulates it with {workers} independent gateways on "
-                            "separate ports, each driven by its own hey with c/workers (so no c=1 figure); CPU and "
-                            "memory are summed over the processes."
+                            f"The row '{name}' runs {workers} independent gateways on separate ports (like replicas), "
+                            "each driven by its own hey with c/workers (so no c=1 figure); CPU and memory are summed "
+                            "over the processes."
                         )
                         more = [(g.proxy, g.server.pid) for g in extra]
                         targets.append(Target(name, gateway.proxy, gateway.server.pid, more=more))
                         continue
                     gateway_factory = functools.partial(
-                        start_gateway, origin_host=ORIGIN_HOST, origin_address=args.origin_address, workers=workers
+                        start_gateway, origin_host=ORIGIN_HOST, origin_address=args.origin_address
                     )
                     targets.append(Target(name, gateway.proxy, gateway.server.pid, fresh=gateway_factory))
                     audit_files[name] = gateway.audit_file

@@ -1,8 +1,8 @@
 """The admin HTTP listener: `/healthz` (the process is alive), `/readyz` (policies loaded), `/metrics` (Prometheus).
 
 Owns only this small HTTP surface (aiohttp). `/metrics` serves the default `prometheus_client` registry, on which
-the audit package defines the gateway's metrics. Imports nothing from the proxy or the engine: readiness (and, for
-the worker supervisor, liveness and metrics) are callables handed in by `app.py` / `supervisor.py`.
+`egress_gateway/metrics.py` defines the gateway's metrics. Imports nothing from the proxy or the engine: readiness
+is a callable handed in by `app.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]  # (ok, one-line reason)
-Metrics = Callable[[], Awaitable[bytes]]
 
 
 async def _result(check: Check) -> tuple[bool, str]:
@@ -23,25 +22,16 @@ async def _result(check: Check) -> tuple[bool, str]:
     return await value
 
 
-def _alive() -> tuple[bool, str]:
-    return True, "ok"
-
-
-async def _local_metrics() -> bytes:
-    return generate_latest(REGISTRY)
-
-
-def build_app(readiness: Check, liveness: Check = _alive, metrics: Metrics = _local_metrics) -> web.Application:
+def build_app(readiness: Check) -> web.Application:
     async def healthz(_request: web.Request) -> web.Response:
-        alive, reason = await _result(liveness)
-        return web.Response(status=200 if alive else 503, text=f"{reason}\n")
+        return web.Response(status=200, text="ok\n")
 
     async def readyz(_request: web.Request) -> web.Response:
         ready, reason = await _result(readiness)
         return web.Response(status=200 if ready else 503, text=f"{reason}\n")
 
     async def serve_metrics(_request: web.Request) -> web.Response:
-        response = web.Response(body=await metrics())
+        response = web.Response(body=generate_latest(REGISTRY))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -53,14 +43,10 @@ def build_app(readiness: Check, liveness: Check = _alive, metrics: Metrics = _lo
 
 
 class AdminServer:
-    def __init__(
-        self, host: str, port: int, readiness: Check, liveness: Check = _alive, metrics: Metrics = _local_metrics
-    ) -> None:
+    def __init__(self, host: str, port: int, readiness: Check) -> None:
         self.host = host
         self.port = port
-        self._runner = web.AppRunner(
-            build_app(readiness, liveness, metrics), access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
+        self._runner = web.AppRunner(build_app(readiness), access_log=None, handle_signals=False, shutdown_timeout=1.0)
 
     async def start(self) -> list[tuple[str, int]]:
         await self._runner.setup()

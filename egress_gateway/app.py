@@ -4,8 +4,8 @@ Owns the process lifecycle: start order (admin first so /healthz answers, then t
 the policy-change subscription (swap the engine's policies, revoke tunnels that became denied), the same revocation
 when cluster identities change (pod or namespace relabelled, pod gone), and the SIGTERM drain (stop accepting,
 wait for open connections up to `shutdown_grace_s`, close the rest, exit 0).
-It is the only module that knows every adapter. `workers` > 1 hands over to `supervisor.py`, which runs
-`serve` once per worker process.
+It is the only module that knows every adapter. One process per gateway: scale out with replicas
+(docs/configuration.md, "Scaling").
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import importlib
 import signal
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -97,7 +96,7 @@ def build_recorder(settings: Settings) -> Recorder:
 class Gateway:
     """One running gateway. `start()` returns once it listens; `stop()` drains and shuts everything down."""
 
-    def __init__(self, settings: Settings, listen_socket: socket.socket | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = PolicyStore()
         self.engine = build_engine(settings)
@@ -125,7 +124,6 @@ class Gateway:
             listen_port,
             idle_timeout_s=settings.timeouts.idle_s,
             data_dir=settings.data_dir,
-            listen_socket=listen_socket,
         )
         self.addon = GatewayAddon(
             self.gate,
@@ -223,20 +221,14 @@ class Gateway:
 async def serve(
     settings: Settings,
     stop_signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-    *,
-    listen_socket: socket.socket | None = None,
-    on_started: Callable[[Gateway], None] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code.
-
-    `listen_socket` and `on_started` are for worker processes (`egress_gateway.supervisor`): accept on a socket
-    shared with the other workers, and tell the supervisor where this worker's admin listener is."""
+    """Run until SIGTERM/SIGINT, then drain. Returns the process exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in stop_signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        gateway = Gateway(settings, listen_socket=listen_socket)
+        gateway = Gateway(settings)
     except ConfigurationError as exc:
         log.error("configuration_error", error=str(exc))
         return 2
@@ -247,8 +239,6 @@ async def serve(
         with contextlib.suppress(Exception):
             await gateway.stop()
         return 1
-    if on_started is not None:
-        on_started(gateway)
     await stop.wait()
     await gateway.stop()
     return 0
@@ -265,11 +255,6 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(settings: Settings, *, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> int:
-    """Run the gateway: in this process, or as `workers` processes under a supervisor."""
-    from egress_gateway.supervisor import resolve_workers, supervise
-
-    workers = resolve_workers(settings.workers)
-    if workers > 1:
-        return supervise(settings, workers)
+    """Run the gateway in this process until SIGTERM/SIGINT."""
     with asyncio.Runner(loop_factory=loop_factory or event_loop_factory()) as runner:
         return runner.run(serve(settings))

@@ -153,7 +153,6 @@ class Settings(BaseSettings):
     own_ports: list[int] = Field(default_factory=list)  # further ports that are the gateway (e.g. a Service port)
     pod_ip: str | None = None  # default: the POD_IP environment variable (the chart sets it from status.podIP)
     shutdown_grace_s: float = Field(default=25.0, ge=0)
-    workers: int | Literal["auto"] = 1
     data_dir: Path | None = None
 
     identity: IdentitySettings = Field(default_factory=IdentitySettings)

@@ -272,7 +272,6 @@ def test_all_features_config_loads_into_the_settings_model(all_objects: list[dic
     assert settings.identity.mode == ["service-account-token", "pod-ip"]
     assert settings.identity.token_audience == "egress.example.com"
     assert settings.allowed_ranges == ["10.20.0.0/16"]
-    assert settings.workers == "auto"
     assert settings.limits.max_connections == 2_000_000  # not "2e+06": helm's float64 trap
     assert settings.limits.max_header_bytes == 65536
     assert settings.limits.namespace_rate.per_second == 50

@@ -61,8 +61,7 @@ class GatewayProcess:
         )
         threading.Thread(target=self._pump, args=(self.process.stderr, self.stderr_lines), daemon=True).start()
         threading.Thread(target=self._pump, args=(self.process.stdout, self.stdout_lines), daemon=True).start()
-        # With `workers` > 1 each worker logs its own line (with a `worker` field); the supervisor's comes last.
-        listening = self.wait_for("gateway_listening", lambda e: "worker" not in e, timeout=timeout)
+        listening = self.wait_for("gateway_listening", lambda e: True, timeout=timeout)
         self.proxy_port = int(listening["listen"][0].rsplit(":", 1)[1])
         self.admin_port = int(listening["admin"][0].rsplit(":", 1)[1])
         return self
