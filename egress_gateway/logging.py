@@ -35,7 +35,7 @@ class StructlogHandler(logging.Handler):
 def setup_logging(
     level: Literal["debug", "info", "warning", "error"] = "info", fmt: Literal["json", "console"] = "json"
 ) -> None:
-    configure_logging(level, fmt)
+    configure_logging(level, fmt, cache_loggers=True)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

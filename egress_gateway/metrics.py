@@ -60,7 +60,8 @@ WATCH_RESTARTS = Counter(
 )
 SPAN_EXPORT_DROPS = Counter(
     "egress_gateway_span_export_dropped",
-    "Audit spans lost before reaching an exporter (queue_full) or rejected by it (export_failed).",
+    "Audit spans lost before reaching an exporter (queue_full), rejected by it (export_failed), or that the trail "
+    "file could not encode (encode_failed).",
     ["exporter", "reason"],
 )
 SPANS_EXPORTED = Counter(

@@ -1,4 +1,6 @@
-"""Audit adapters: spans, decision log lines, metrics, and the trail reader. Never imported by the engine.
+"""The hot-path audit recorder: spans, the JSON-lines trail, decision log lines. Never imported by the engine.
+
+The offline trail tools live in `egress_gateway/trail/`, metrics in `egress_gateway/metrics.py`.
 
 `build_recorder(settings)` is the one entry point the gateway needs: it opens the exporters configured under
 `audit:` (a bad trail path fails here, at startup, with a clear error) and returns the `Recorder` the proxy

@@ -11,10 +11,9 @@ import re
 from collections.abc import Mapping
 from enum import Enum
 from functools import lru_cache
-from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
-from egress_gateway.policy.decision import Decision, Facts, Identity, PolicyRef, Reason
+from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 
 AttributeValue = str | bool | int | float
 
@@ -76,43 +75,40 @@ _SECRET_RE = re.compile(
 )
 
 
-@lru_cache(maxsize=4096)  # keys are a small vocabulary; checked for every attribute and log field
+@lru_cache(maxsize=1024)  # keys are a small vocabulary; checked for every attribute and log field
 def is_secret_key(key: str) -> bool:
     return bool(_SECRET_RE.search(key))
 
 
-_PRIMITIVES = frozenset((str, bool, int, float))
+def safe_text(value: str) -> str:
+    """`value` as text every encoder can write: a lone surrogate (a byte that was not UTF-8, kept by mitmproxy's
+    `surrogateescape`) becomes its backslash escape (`\\xff`), so a Host or SNI from the wire is kept, visibly and
+    recoverably, and never makes the trail, OTLP or a log line fail. Control characters are left to JSON's escaping."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that surrogateescape did not make (U+D800..U+DC7F)
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def to_attribute_value(value: Any) -> AttributeValue | None:
     """Coerce a value to an OpenTelemetry attribute primitive; None means "leave unset"."""
-    if type(value) in _PRIMITIVES:  # exactly a primitive (an Enum member is a subclass): as is
-        return value
     if value is None:
         return None
     if isinstance(value, Enum):
         return str(value.value)
-    if isinstance(value, bool | int | float | str):
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, bool | int | float):
         return value
-    if isinstance(value, IPv4Address | IPv6Address | PolicyRef):
-        return str(value)
-    return str(value)
-
-
-_MAX_CACHED = 4096
-# `set()` key -> attribute name, or "" for a credential-looking key (dropped).
-_proxy_names: dict[str, str] = {}
-
-
-def _proxy_name(key: str) -> str:
-    if is_secret_key(key):
-        name = ""
-    else:
-        name = PROXY_KEYS.get(key) or (key if key.startswith("egress.") else "egress." + key.removeprefix("egress_"))
-    if len(_proxy_names) >= _MAX_CACHED:
-        _proxy_names.clear()
-    _proxy_names[key] = name
-    return name
+    return safe_text(str(value))
 
 
 def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
@@ -121,33 +117,20 @@ def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
     Unknown keys land under `egress.` so nothing the proxy reports is silently lost.
     """
     out: dict[str, AttributeValue] = {}
-    names = _proxy_names
     for key, value in values.items():
-        name = names.get(key)
-        if name is None:
-            name = _proxy_name(key)
-        if not name:
+        if is_secret_key(key):
             continue
         coerced = to_attribute_value(value)
         if coerced is None:
             continue
+        name = PROXY_KEYS.get(key) or (key if key.startswith("egress.") else "egress." + key.removeprefix("egress_"))
         out[name] = coerced
     return out
-
-
-# id(identity) -> (identity, its attributes). Identities are immutable values (frozen, labels copied into a read-only
-# mapping by the resolvers), and the resolvers hand out the same object for every connection of a workload.
-_identity_attributes: dict[int, tuple[Identity, dict[str, AttributeValue]]] = {}
-# The last IP written as text, and its text (a tunnel reports the same address object at CONNECT and at the SNI).
-_last_ip: tuple[Any, str] = (None, "")
 
 
 def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
     if identity is None:
         return {}
-    cached = _identity_attributes.get(id(identity))
-    if cached is not None and cached[0] is identity:
-        return dict(cached[1])
     out: dict[str, AttributeValue] = {K8S_NAMESPACE: identity.namespace}
     if identity.pod:
         out[K8S_POD] = identity.pod
@@ -158,29 +141,21 @@ def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
         out[K8S_POD_LABEL_PREFIX + key] = value
     for key, value in sorted(identity.namespace_labels.items())[:MAX_LABELS]:
         out[K8S_NAMESPACE_LABEL_PREFIX + key] = value
-    if len(_identity_attributes) >= _MAX_CACHED:
-        _identity_attributes.clear()
-    _identity_attributes[id(identity)] = (identity, out)  # holds the identity: its id cannot be reused meanwhile
-    return dict(out)
+    return out
 
 
 def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
-    global _last_ip
     out = identity_attributes(facts.identity)
-    out[SERVER_ADDRESS] = facts.target
+    out[SERVER_ADDRESS] = safe_text(facts.target)
     out[SERVER_PORT] = facts.port
     if facts.sni is not None:
-        out[TLS_SERVER_NAME] = facts.sni
+        out[TLS_SERVER_NAME] = safe_text(facts.sni)
     if facts.host_header is not None:
-        out[HOST_HEADER] = facts.host_header
+        out[HOST_HEADER] = safe_text(facts.host_header)
     if facts.protocol is not None:
         out[PROTOCOL] = str(facts.protocol)
-    ip = facts.destination_ip
-    if ip is not None:
-        last = _last_ip
-        if last[0] is not ip:
-            last = _last_ip = (ip, str(ip))
-        out[NETWORK_PEER_ADDRESS] = last[1]
+    if facts.destination_ip is not None:
+        out[NETWORK_PEER_ADDRESS] = str(facts.destination_ip)
     return out
 
 
@@ -188,7 +163,7 @@ def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:
     out: dict[str, AttributeValue] = {
         DECISION: decision.verdict,
         REASON: str(decision.reason.value),
-        MESSAGE: decision.message,
+        MESSAGE: safe_text(decision.message),
         LOGGED: decision.logged,
         WOULD_DENY: decision.would_deny,
     }

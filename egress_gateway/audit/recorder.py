@@ -2,7 +2,7 @@
 
 The proxy opens one `ConnectionRecord` per CONNECT tunnel or plain-HTTP request, reports stages and the decision
 on it, and closes it with byte counts. `Recorder` implementations (spans + logs + metrics in `audit/`) must never
-raise into the data path and never block it. `NullRecorder` is the no-op used when nothing is configured.
+raise into the data path and never block it. `NullRecord` stands in when a record cannot be opened.
 """
 
 from __future__ import annotations
@@ -45,14 +45,4 @@ class NullRecord:
         pass
 
     def close(self, *, bytes_sent: int = 0, bytes_received: int = 0) -> None:
-        pass
-
-
-class NullRecorder:
-    _record = NullRecord()
-
-    def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
-        return self._record
-
-    def shutdown(self) -> None:
         pass

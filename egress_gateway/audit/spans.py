@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,18 +19,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, Tracer, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.sdk.util import BoundedList
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, format_span_id, format_trace_id
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_span_id, format_trace_id
 
 from egress_gateway import __version__, metrics
 from egress_gateway.audit import fields
-from egress_gateway.audit.logs import log_decision
+from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.policy.decision import Decision, Facts
 from egress_gateway.settings import AuditSettings
@@ -43,31 +39,9 @@ TRACER_NAME = "egress_gateway.audit"
 MAX_EXPORT_BATCH = 512
 OTLP_TIMEOUT_S = 5.0
 SPAN_LIMITS = SpanLimits(max_span_attributes=256, max_event_attributes=64, max_events=64)
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
-_UNSET = Status(StatusCode.UNSET)
 
 
-class _RateLimitedWarning:
-    """Logs a warning at most once per `interval` seconds, carrying how many occurrences it summarizes."""
-
-    def __init__(self, event: str, interval: float = 10.0) -> None:
-        self._event = event
-        self._interval = interval
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._last = 0.0
-
-    def __call__(self, count: int = 1, **fields: Any) -> None:
-        with self._lock:
-            self._pending += count
-            now = time.monotonic()
-            if now - self._last < self._interval:
-                return
-            pending, self._pending, self._last = self._pending, 0, now
-        log.warning(self._event, count=pending, **fields)
-
-
-_record_failure = _RateLimitedWarning("audit_record_failed")
+_record_failure = RateLimitedWarning("audit_record_failed")
 
 
 class CountingExporter(SpanExporter):
@@ -76,9 +50,11 @@ class CountingExporter(SpanExporter):
     def __init__(self, inner: SpanExporter, name: str) -> None:
         self.inner = inner
         self.name = name
-        self._warn = _RateLimitedWarning("audit_export_failed")
+        self.taken = 0  # spans handed to export so far (written by the export thread only)
+        self._warn = RateLimitedWarning("audit_export_failed")
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.taken += len(spans)
         try:
             result = self.inner.export(spans)
         except Exception:
@@ -104,31 +80,30 @@ class CountingExporter(SpanExporter):
 
 
 class BoundedBatchSpanProcessor(BatchSpanProcessor):
-    """The SDK's batch processor (bounded deque, worker thread) plus a count of spans dropped on a full queue.
+    """The SDK's batch processor (bounded queue, worker thread) plus a count of spans dropped on a full queue.
 
-    The SDK drops the oldest queued span when the queue is full and only logs it; we count it per exporter.
+    The SDK drops the oldest queued span when its queue of `max_queue_size` is full and only logs it. The queue's
+    length is not public, so it is kept here from what goes in (`on_end`) and what the exporter took: a span that
+    arrives while `max_queue_size` spans are waiting pushes one out, and is counted per exporter.
     """
 
     def __init__(self, exporter: SpanExporter, name: str, max_queue_size: int) -> None:
+        self._counting = CountingExporter(exporter, name)
         super().__init__(
-            CountingExporter(exporter, name),
-            max_queue_size=max_queue_size,
-            max_export_batch_size=min(MAX_EXPORT_BATCH, max_queue_size),
+            self._counting, max_queue_size=max_queue_size, max_export_batch_size=min(MAX_EXPORT_BATCH, max_queue_size)
         )
         self.name = name
-        self._warn = _RateLimitedWarning("audit_queue_full")
-        # The SDK's bounded deque, looked up once (it is cleared, never replaced, after a fork).
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        self._sdk_queue: Any = queue if queue is not None and queue.maxlen is not None else None
-
-    def _queue_full(self) -> bool:
-        queue = self._sdk_queue
-        return queue is not None and len(queue) >= queue.maxlen
+        self._max_queue_size = max_queue_size
+        self._submitted = 0  # written by the event loop only
+        self._dropped = 0
+        self._warn = RateLimitedWarning("audit_queue_full")
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._queue_full():
+        if self._submitted - self._counting.taken - self._dropped >= self._max_queue_size:
+            self._dropped += 1
             metrics.span_export_dropped(self.name, "queue_full")
             self._warn(exporter=self.name)
+        self._submitted += 1
         super().on_end(span)
 
 
@@ -213,28 +188,19 @@ def build_tracer_provider(
     return provider
 
 
-_MAX_EVENTS = SPAN_LIMITS.max_events or 0
-_MAX_EVENT_ATTRIBUTES = SPAN_LIMITS.max_event_attributes or 0
-_MAX_SPAN_ATTRIBUTES = SPAN_LIMITS.max_span_attributes or 0
 _DECIDED_EVENT_KEYS = (fields.DECISION, fields.REASON, fields.POLICY, fields.RULE, fields.WOULD_DENY)
 
 
 class SpanRecord:
-    """One connection's span. Attributes are gathered and applied at close, so a later decision (SNI after
-    CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed; each decision is an event.
-
-    The finished span is built once, at close, as a `ReadableSpan` and handed to the tracer's span processors
-    (`on_end`), instead of driving an SDK `Span` through a dozen calls that each re-validate every attribute: every
-    value here is already an attribute primitive (`fields.to_attribute_value`), and the SDK's limits (`SPAN_LIMITS`)
-    are applied the same way (oldest events dropped and counted; attributes bounded). Processors' `on_start` is not
-    called (the batch processors do nothing there). Sampling is always on.
+    """One connection's record: an SDK span started at accept, its events added as they happen, its attributes
+    gathered and applied at close, so a later decision (SNI after CONNECT) replaces the earlier one's policy/rule
+    instead of leaving them mixed; each decision is an event. The SDK applies `SPAN_LIMITS`.
 
     Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
     allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
     same (one line, with the SNI), both are written when it changes; any other stage or the close writes it.
 
-    Every public method catches its own exceptions (the audit trail must never break a connection): written out
-    rather than as a decorator, which cost an extra call per method on the per-connection path.
+    Every public method catches its own exceptions (the audit trail must never break a connection).
     """
 
     __slots__ = (
@@ -246,32 +212,28 @@ class SpanRecord:
         "_decision",
         "_decisions",
         "_denied",
-        "_dropped_events",
-        "_events",
         "_kind",
+        "_log",
         "_namespace",
         "_opened",
         "_outcome",
         "_pending_decided",
         "_pending_line",
-        "_recorder",
         "_resolved_event",
-        "_span_id",
-        "_start_ns",
-        "_trace_id",
+        "_span",
         "span_id",
         "trace_id",
     )
 
     def __init__(self, recorder: SpanRecorder, kind: str, client_address: str, client_port: int) -> None:
-        self._recorder = recorder
         self._kind = kind
+        self._log = recorder.log
         self._opened = time.monotonic()
-        self._start_ns = time.time_ns()
+        self._span: Span = recorder.tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER)
         self._attributes: dict[str, fields.AttributeValue] = {
-            fields.CLIENT_ADDRESS: client_address,
+            fields.CLIENT_ADDRESS: fields.safe_text(client_address),
             fields.CLIENT_PORT: client_port,
-            fields.HTTP_METHOD: kind,
+            fields.HTTP_METHOD: fields.safe_text(kind),
         }
         self._decision: dict[str, fields.AttributeValue] = {}
         self._decided_by: Decision | None = None
@@ -285,14 +247,9 @@ class SpanRecord:
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
         self._pending_line: dict[str, fields.AttributeValue] | None = None
-        # The SDK's BoundedList semantics (oldest dropped and counted) on a plain list, without a lock per span.
-        self._events: list[Event] = []
-        self._dropped_events = 0
-        ids = recorder.id_generator
-        self._trace_id = ids.generate_trace_id()
-        self._span_id = ids.generate_span_id()
-        self.trace_id = format_trace_id(self._trace_id)
-        self.span_id = format_span_id(self._span_id)
+        context = self._span.get_span_context()
+        self.trace_id = format_trace_id(context.trace_id)
+        self.span_id = format_span_id(context.span_id)
         metrics.connection_opened(kind)
 
     def event(self, name: str, **attributes: Any) -> None:
@@ -315,7 +272,7 @@ class SpanRecord:
                 if self._resolved_event:
                     return
                 self._resolved_event = True
-            self._add_event(name, values)
+            self._span.add_event(name, values)
         except Exception as exc:  # the audit trail must never break a connection
             _record_failure(error=repr(exc), method="event")
 
@@ -328,7 +285,7 @@ class SpanRecord:
             if peer is not None and not self._resolved_event:
                 # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
                 self._resolved_event = True
-                self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
+                self._span.add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
             self._attributes.update(values)
         except Exception as exc:
             _record_failure(error=repr(exc), method="set")
@@ -353,12 +310,12 @@ class SpanRecord:
             self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
         self._namespace = facts.identity.namespace if facts.identity else None
-        self._denied = None if decision.allowed else decision.message
+        self._denied = None if decision.allowed else attributes[fields.MESSAGE]  # type: ignore[assignment]
         event = {key: attributes[key] for key in _DECIDED_EVENT_KEYS if key in attributes}
         if self._pending_decided:
             event.update(self._pending_decided)
             self._pending_decided = {}
-        self._add_event("decided", event)
+        self._span.add_event("decided", event)
         outcome = self._decided_outcome
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
         if outcome != self._outcome:
@@ -373,18 +330,8 @@ class SpanRecord:
         else:
             self._write_line(line)
 
-    def _add_event(self, name: str, values: dict[str, fields.AttributeValue]) -> None:
-        attributes: dict[str, fields.AttributeValue] | BoundedAttributes = values
-        if len(values) > _MAX_EVENT_ATTRIBUTES:
-            attributes = BoundedAttributes(_MAX_EVENT_ATTRIBUTES, values, immutable=True)
-        events = self._events
-        if len(events) >= _MAX_EVENTS:
-            del events[0]
-            self._dropped_events += 1
-        events.append(Event(name, attributes, time.time_ns()))
-
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
-        log_decision(line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
+        log_decision(self._log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
 
     def _write_pending_line(self) -> None:
         if self._pending_line is not None:
@@ -404,36 +351,23 @@ class SpanRecord:
             _record_failure(error=repr(exc), method="close")
 
     def _end(self, bytes_sent: int, bytes_received: int) -> None:
-        self._write_pending_line()
-        if not self._closed_event:
-            self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-        attributes: dict[str, fields.AttributeValue] | BoundedAttributes = {
-            **self._attributes,
-            **self._decision,
-            fields.BYTES_SENT: bytes_sent,
-            fields.BYTES_RECEIVED: bytes_received,
-        }
-        if len(attributes) > _MAX_SPAN_ATTRIBUTES:
-            attributes = BoundedAttributes(_MAX_SPAN_ATTRIBUTES, attributes, immutable=True)
-        events: list[Event] | BoundedList = self._events
-        if self._dropped_events:
-            events = BoundedList.from_seq(SPAN_LIMITS.max_events, self._events)
-            events.dropped = self._dropped_events
-        recorder = self._recorder
-        span = ReadableSpan(
-            name=f"egress {self._kind}",
-            context=SpanContext(self._trace_id, self._span_id, is_remote=False, trace_flags=_SAMPLED),
-            parent=None,
-            resource=recorder.resource,
-            attributes=attributes,
-            events=events,
-            kind=SpanKind.SERVER,
-            status=_UNSET if self._denied is None else Status(StatusCode.ERROR, self._denied),
-            start_time=self._start_ns,
-            end_time=time.time_ns(),
-            instrumentation_scope=recorder.scope,
-        )
-        recorder.span_processor.on_end(span)
+        span = self._span
+        try:
+            self._write_pending_line()
+            if not self._closed_event:
+                span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
+            span.set_attributes(
+                {
+                    **self._attributes,
+                    **self._decision,
+                    fields.BYTES_SENT: bytes_sent,
+                    fields.BYTES_RECEIVED: bytes_received,
+                }
+            )
+            if self._denied is not None:
+                span.set_status(Status(StatusCode.ERROR, self._denied))
+        finally:
+            span.end()
 
 
 class SpanRecorder:
@@ -444,12 +378,8 @@ class SpanRecorder:
         tracer = provider.get_tracer(TRACER_NAME, __version__)
         if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
             raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
-        self._tracer = tracer
-        # What every record needs from the tracer, looked up once.
-        self.id_generator = tracer.id_generator
-        self.resource = tracer.resource
-        self.span_processor = tracer.span_processor
-        self.scope = InstrumentationScope(TRACER_NAME, __version__)
+        self.tracer = tracer
+        self.log = decision_logger()
         self._shut = False
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:

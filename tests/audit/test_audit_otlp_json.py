@@ -1,38 +1,58 @@
-"""The direct OTLP/JSON encoder writes what the SDK's protobuf encoder + protobuf's JSON mapping write."""
+"""The trail's lines (OTLP/JSON objects written by orjson) say what the SDK's protobuf encoder + protobuf's JSON
+mapping say for the same spans; a span that cannot be encoded is dropped alone."""
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-import pytest
+from google.protobuf.json_format import MessageToDict
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from egress_gateway.audit import otlp_json
-from egress_gateway.audit.jsonl import sdk_spans_to_lines, span_to_line, spans_to_lines
-from egress_gateway.audit.otlp_json import UnsupportedValue
+from egress_gateway.audit.jsonl import JsonLinesSpanExporter, span_to_line
 from egress_gateway.policy.decision import Reason
-from tests.audit.conftest import MemoryRecorder, allow, deny, facts
+from tests.audit.conftest import MemoryRecorder, allow, deny, facts, metric
 
 
-def _same_lines(spans: list[ReadableSpan]) -> list[dict[str, object]]:
-    direct = [span_to_line(span) for span in spans]  # the direct encoder alone, no fallback
-    reference = sdk_spans_to_lines(spans)
-    assert len(direct) == len(reference) == len(spans)
-    assert [json.loads(line) for line in direct] == [json.loads(line) for line in reference]
-    # Same keys in the same order too, so a byte-level diff of two trails shows only real differences.
-    assert direct == reference
-    # The dict form of the encoder says the same.
-    for span, line in zip(spans, direct, strict=True):
-        as_dict = otlp_json.span(span)
-        as_dict["resource"] = otlp_json.resource(span.resource)
-        as_dict["scope"] = otlp_json.scope(span.instrumentation_scope)
-        assert json.dumps(as_dict, separators=(",", ":"), ensure_ascii=False) == line
-    return [json.loads(line) for line in direct]
+def _hex_ids(obj: dict[str, Any]) -> None:
+    # protobuf's JSON mapping writes `bytes` as base64; OTLP/JSON requires trace and span ids as hex.
+    for key in ("traceId", "spanId", "parentSpanId"):
+        if isinstance(obj.get(key), str):
+            obj[key] = base64.b64decode(obj[key]).hex()
+
+
+def sdk_objects(spans: Sequence[ReadableSpan]) -> list[dict[str, Any]]:
+    """The reference: the SDK's OTLP protobuf encoder and protobuf's JSON mapping."""
+    objects: list[dict[str, Any]] = []
+    for resource_spans in encode_spans(spans).resource_spans:
+        resource = MessageToDict(resource_spans.resource, use_integers_for_enums=True)
+        for scope_spans in resource_spans.scope_spans:
+            scope = MessageToDict(scope_spans.scope, use_integers_for_enums=True)
+            for span in scope_spans.spans:
+                obj = MessageToDict(span, use_integers_for_enums=True)
+                _hex_ids(obj)
+                for link in obj.get("links", []):
+                    _hex_ids(link)
+                objects.append({**obj, "resource": resource, "scope": scope})
+    return objects
+
+
+def _same_lines(spans: list[ReadableSpan]) -> list[dict[str, Any]]:
+    lines = [json.loads(span_to_line(span)) for span in spans]
+    reference = sdk_objects(spans)
+    assert lines == reference
+    # Same keys in the same order too, so a diff of two trails shows only real differences.
+    assert [list(line) for line in lines] == [list(obj) for obj in reference]
+    return lines
 
 
 def test_gateway_spans_encode_exactly_like_the_sdk_path(recorder: MemoryRecorder) -> None:
@@ -116,15 +136,19 @@ def test_every_value_shape_and_span_field_encodes_like_the_sdk_path() -> None:
     provider.shutdown()
 
 
-def test_a_value_the_direct_encoder_does_not_know_falls_back_to_the_sdk_path() -> None:
+def test_a_span_that_cannot_be_encoded_is_dropped_alone_and_counted(tmp_path: Path) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    with provider.get_tracer("t").start_as_current_span("s") as span:
-        span.set_attribute("ok", 1)
-    finished = exporter.get_finished_spans()[0]
-    finished._attributes = {"huge": 2**64}  # the SDK encoder logs and drops it
-    with pytest.raises(UnsupportedValue):
-        span_to_line(finished)
-    assert spans_to_lines([finished]) == sdk_spans_to_lines([finished])
+    tracer = provider.get_tracer("t")
+    for name, value in (("first", 1), ("huge", 2**64), ("last", 2)):  # OTLP has no integer beyond int64
+        with tracer.start_as_current_span(name) as span:
+            span.set_attribute("n", value)
+    before = metric("egress_gateway_span_export_dropped_total", exporter="file", reason="encode_failed")
+    trail = JsonLinesSpanExporter(tmp_path / "audit.jsonl")
+    trail.export(exporter.get_finished_spans())
+    trail.shutdown()
     provider.shutdown()
+    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["name"] for line in lines] == ["first", "last"]
+    assert metric("egress_gateway_span_export_dropped_total", exporter="file", reason="encode_failed") == before + 1
