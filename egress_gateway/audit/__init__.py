@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 
 
 def build_recorder(settings: Settings) -> SpanRecorder:
-    from egress_gateway.audit.spans import SpanRecorder, build_exporters, build_tracer_provider
+    from egress_gateway.audit.spans import build_recorder as build
 
-    exporters = build_exporters(settings.audit)
-    provider = build_tracer_provider(exporters, max_queue_size=settings.audit.max_queue_size)
-    return SpanRecorder(provider)
+    return build(settings.audit)

@@ -1,54 +1,126 @@
-"""The JSON-lines audit trail: a SpanExporter writing one finished span per line, in OTLP/JSON field names.
+"""The JSON-lines audit trail: one finished connection record per line, in OTLP/JSON field names.
 
 Each line is one OTLP `Span` object as the OTLP/JSON mapping writes it (`traceId`/`spanId` as hex, `kind` and
 `status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value:
-AnyValue}`), plus the `resource` and `scope` it came from (`audit/otlp_json.py` builds the object, orjson writes
-it), so the trail says exactly what an OTLP receiver gets.
+AnyValue}`), plus the `resource` and `scope` it came from: what an OTLP receiver gets for the same record
+(`audit/otlp_json.py` builds the object, orjson writes it; tests compare with the SDK's protobuf encoding and with
+a real OTLP receiver).
 
-Each span is encoded on its own: one that cannot be encoded is dropped, counted and logged, and never takes the
-rest of its batch with it. Lines are written as bytes (UTF-8, by orjson), so no value can fail at write time.
-Runs on the batch processor's worker thread, never on the proxy's event loop. Follows external rotation: when the
-path no longer names the open file (logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
+`TrailWriter` owns the file and a bounded queue drained by its own thread, so the proxy's event loop only appends.
+A full queue drops the new record, counted. Each record is encoded on its own: one that cannot be encoded is
+dropped, counted and logged, and never takes the rest of its batch with it; lines are bytes (UTF-8 by orjson), so
+nothing can fail at write time. Follows external rotation: when the path no longer names the open file
+(logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from egress_gateway import metrics
-from egress_gateway.audit import otlp_json
 from egress_gateway.audit.logs import RateLimitedWarning
+from egress_gateway.audit.otlp_json import FinishedRecord, record_object
 
 EXPORTER_NAME = "file"
-_not_encodable = RateLimitedWarning("audit_span_not_encodable")
+MAX_BATCH = 512
+FLUSH_INTERVAL_S = 1.0
 
 
-def span_to_line(span: ReadableSpan) -> bytes:
-    """One finished span as a trail line (without the newline). Raises on a span that cannot be encoded."""
-    obj: dict[str, Any] = otlp_json.span(span)
-    obj["resource"] = otlp_json.resource(span.resource)
-    obj["scope"] = otlp_json.scope(span.instrumentation_scope)
-    return orjson.dumps(obj)
+class TrailWriter:
+    """Appends finished records to `path`. Opens in the constructor, so a bad path fails at startup, not later."""
 
-
-class JsonLinesSpanExporter(SpanExporter):
-    """Appends spans to `path`. It opens in the constructor, so a bad path fails at startup, not later."""
-
-    def __init__(self, path: Path, *, mode: int = 0o640) -> None:
+    def __init__(self, path: Path, *, max_queue_size: int, envelope: dict[str, Any], mode: int = 0o640) -> None:
         self.path = Path(path)
         self._mode = mode
-        self._lock = threading.Lock()
+        self._envelope = envelope  # {"resource": ..., "scope": ...}, the same for every line
+        self._max_queue_size = max_queue_size
+        self._queue: collections.deque[FinishedRecord] = collections.deque()
         self._file: IO[bytes] | None = None
-        self._closed = False
+        self._write_lock = threading.Lock()  # one batch at a time, in queue order
+        self._wake = threading.Event()
+        self._stopping = False
+        self._queue_full = RateLimitedWarning("audit_queue_full")
+        self._not_encodable = RateLimitedWarning("audit_record_not_encodable")
+        self._write_failed = RateLimitedWarning("audit_export_failed")
         self._open()
+        self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: FinishedRecord) -> None:
+        """Called on the event loop: never blocks, never raises."""
+        queue = self._queue
+        if len(queue) >= self._max_queue_size or self._stopping:
+            metrics.span_export_dropped(EXPORTER_NAME, "queue_full")
+            self._queue_full(exporter=EXPORTER_NAME)
+            return
+        queue.append(record)
+        if len(queue) == MAX_BATCH:
+            self._wake.set()
+
+    def busy(self) -> bool:
+        """A full batch is waiting or being written (what a benchmark's idle loop waits for)."""
+        return len(self._queue) >= MAX_BATCH or self._write_lock.locked()
+
+    def force_flush(self) -> None:
+        self._drain()
+
+    def shutdown(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        self._drain()
+        with self._write_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.clear()
+            self._drain()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        with self._write_lock:
+            while queue:
+                batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
+                self._write(batch)
+
+    def _write(self, batch: list[FinishedRecord]) -> None:
+        lines: list[bytes] = []
+        envelope = self._envelope
+        for record in batch:
+            try:
+                lines.append(orjson.dumps(record_object(record, envelope)))
+            except Exception as exc:  # this record only: the others of the batch are written
+                metrics.span_export_dropped(EXPORTER_NAME, "encode_failed")
+                self._not_encodable(error=repr(exc))
+        if not lines:
+            return
+        lines.append(b"")
+        try:
+            if self._file is not None and self._rotated():
+                self._file.close()
+                self._file = None
+            if self._file is None:
+                self._open()
+            assert self._file is not None
+            self._file.write(b"\n".join(lines))
+            self._file.flush()
+        except (OSError, ValueError) as exc:
+            metrics.span_export_dropped(EXPORTER_NAME, "export_failed", len(lines) - 1)
+            self._write_failed(len(lines) - 1, exporter=EXPORTER_NAME, error=repr(exc))
+            return
+        metrics.spans_exported(EXPORTER_NAME, len(lines) - 1)
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
@@ -62,45 +134,3 @@ class JsonLinesSpanExporter(SpanExporter):
             return True
         current = os.fstat(self._file.fileno())
         return (on_disk.st_dev, on_disk.st_ino) != (current.st_dev, current.st_ino)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if not spans:
-            return SpanExportResult.SUCCESS
-        lines: list[bytes] = []
-        for span in spans:
-            try:
-                lines.append(span_to_line(span))
-            except Exception as exc:  # this span only: the others of the batch are written
-                metrics.span_export_dropped(EXPORTER_NAME, "encode_failed")
-                _not_encodable(span_name=span.name, error=repr(exc))
-        if not lines:
-            return SpanExportResult.SUCCESS
-        lines.append(b"")
-        with self._lock:
-            if self._closed:
-                return SpanExportResult.FAILURE
-            try:
-                if self._file is not None and self._rotated():
-                    self._file.close()
-                    self._file = None
-                if self._file is None:
-                    self._open()
-                assert self._file is not None
-                self._file.write(b"\n".join(lines))
-                self._file.flush()
-            except (OSError, ValueError):
-                return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        with self._lock:
-            if self._file is not None:
-                self._file.flush()
-        return True
-
-    def shutdown(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._file is not None:
-                self._file.close()
-                self._file = None

@@ -1,10 +1,11 @@
-"""Finished SDK spans as OTLP/JSON objects (plain dicts, serialized by the trail writer with orjson).
+"""Finished connection records as OTLP/JSON objects (plain dicts, serialized by the trail writer with orjson).
 
-Builds what `encode_spans` + protobuf's `MessageToDict(use_integers_for_enums=True)` build for the same span (the
-JSON-lines trail's format, see `audit/jsonl.py`): proto3 defaults left out, 64-bit integers and nanosecond times as
-strings, ids as hex, enums as integers, fields in field-number order. `tests/audit/test_audit_otlp_json.py` compares
-the two on real spans. A value it cannot encode (an unknown type, an int outside int64) raises `UnsupportedValue`,
-and the writer drops that one span, counted. Imports only the OpenTelemetry SDK's types; must not import the proxy.
+Builds what the OpenTelemetry SDK's OTLP encoder + protobuf's `MessageToDict(use_integers_for_enums=True)` build
+for the span of the same record (the JSON-lines trail's format, see `audit/jsonl.py`): proto3 defaults left out,
+64-bit integers and nanosecond times as strings, ids as hex, enums as integers, fields in field-number order.
+`tests/audit/test_audit_otlp_json.py` compares the two. A value it cannot encode (an unknown type, an int outside
+int64) raises `UnsupportedValue`, and the writer drops that one record, counted. Imports only the OpenTelemetry
+SDK's types; must not import the proxy.
 """
 
 from __future__ import annotations
@@ -12,23 +13,11 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind
 
-# opentelemetry-proto's Span.SpanKind numbers (the SDK's enum starts at INTERNAL = 0, the proto at UNSPECIFIED = 0).
-_KIND = {
-    SpanKind.INTERNAL: 1,
-    SpanKind.SERVER: 2,
-    SpanKind.CLIENT: 3,
-    SpanKind.PRODUCER: 4,
-    SpanKind.CONSUMER: 5,
-}
 _FLAG_HAS_IS_REMOTE = 0x100
-_FLAG_IS_REMOTE = 0x200
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -82,91 +71,67 @@ def resource(res: Resource) -> dict[str, Any]:
     return {"attributes": attrs} if attrs else {}
 
 
-def scope(instrumentation: InstrumentationScope | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if instrumentation is None:
-        return out
-    if instrumentation.name:
-        out["name"] = instrumentation.name
-    if instrumentation.version:
-        out["version"] = instrumentation.version
-    attrs = attributes(instrumentation.attributes)
-    if attrs:
-        out["attributes"] = attrs
+def scope(name: str, version: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name} if name else {}
+    if version:
+        out["version"] = version
     return out
 
 
-def _flags(parent: SpanContext | None) -> int:
-    if parent is not None and parent.is_remote:
-        return _FLAG_HAS_IS_REMOTE | _FLAG_IS_REMOTE
-    return _FLAG_HAS_IS_REMOTE
+class FinishedRecord(NamedTuple):
+    """One closed connection record: what the trail writes and what the OTLP exporters get, the same values."""
+
+    trace_id: int
+    span_id: int
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    dropped_attributes: int
+    events: list[tuple[str, dict[str, Any], int, int]]  # name, attributes, time (ns), dropped attributes
+    dropped_events: int
+    error: str | None  # the status message of a denied connection (status ERROR), None for UNSET
 
 
-def span(sdk_span: ReadableSpan) -> dict[str, Any]:
-    """One span as an OTLP/JSON `Span` object (without its resource and scope)."""
-    context = sdk_span.get_span_context()
-    if context is None:
-        raise UnsupportedValue("span without a context")
-    out: dict[str, Any] = {"traceId": f"{context.trace_id:032x}", "spanId": f"{context.span_id:016x}"}
-    trace_state = ",".join(f"{key}={value}" for key, value in context.trace_state.items())
-    if trace_state:
-        out["traceState"] = trace_state
-    parent = sdk_span.parent
-    if parent:
-        out["parentSpanId"] = f"{parent.span_id:016x}"
-    if sdk_span.name:
-        out["name"] = sdk_span.name
-    out["kind"] = _KIND[sdk_span.kind]
-    if sdk_span.start_time:
-        out["startTimeUnixNano"] = str(sdk_span.start_time)
-    if sdk_span.end_time:
-        out["endTimeUnixNano"] = str(sdk_span.end_time)
-    attrs = attributes(sdk_span.attributes)
-    if attrs:
-        out["attributes"] = attrs
-    if sdk_span.dropped_attributes:
-        out["droppedAttributesCount"] = sdk_span.dropped_attributes
-    if sdk_span.events:
-        out["events"] = [_event(event) for event in sdk_span.events]
-    if sdk_span.dropped_events:
-        out["droppedEventsCount"] = sdk_span.dropped_events
-    if sdk_span.links:
-        out["links"] = [_link(link) for link in sdk_span.links]
-    if sdk_span.dropped_links:
-        out["droppedLinksCount"] = sdk_span.dropped_links
-    status: dict[str, Any] = {}
-    if sdk_span.status.description:
-        status["message"] = sdk_span.status.description
-    if sdk_span.status.status_code.value:
-        status["code"] = sdk_span.status.status_code.value
-    out["status"] = status
-    out["flags"] = _flags(parent)
-    return out
+SPAN_KIND_SERVER = 2
+FLAGS = _FLAG_HAS_IS_REMOTE  # a root span: no remote parent
 
 
-def _event(event: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if event.timestamp:
-        out["timeUnixNano"] = str(event.timestamp)
-    if event.name:
-        out["name"] = event.name
-    attrs = attributes(event.attributes)
-    if attrs:
-        out["attributes"] = attrs
-    if event.dropped_attributes:
-        out["droppedAttributesCount"] = event.dropped_attributes
-    return out
-
-
-def _link(link: Any) -> dict[str, Any]:
+def record_object(record: FinishedRecord, envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """The OTLP/JSON `Span` object of one record, plus `envelope` (its resource and scope)."""
     out: dict[str, Any] = {
-        "traceId": f"{link.context.trace_id:032x}",
-        "spanId": f"{link.context.span_id:016x}",
+        "traceId": f"{record.trace_id:032x}",
+        "spanId": f"{record.span_id:016x}",
+        "name": record.name,
+        "kind": SPAN_KIND_SERVER,
+        "startTimeUnixNano": str(record.start_ns),
+        "endTimeUnixNano": str(record.end_ns),
     }
-    attrs = attributes(link.attributes)
+    attrs = attributes(record.attributes)
     if attrs:
         out["attributes"] = attrs
-    if link.dropped_attributes:
-        out["droppedAttributesCount"] = link.dropped_attributes
-    out["flags"] = _flags(link.context)
+    if record.dropped_attributes:
+        out["droppedAttributesCount"] = record.dropped_attributes
+    if record.events:
+        out["events"] = [_event(name, values, time_ns, dropped) for name, values, time_ns, dropped in record.events]
+    if record.dropped_events:
+        out["droppedEventsCount"] = record.dropped_events
+    if record.error is None:
+        out["status"] = {}
+    else:
+        out["status"] = {"message": record.error, "code": 2} if record.error else {"code": 2}
+    out["flags"] = FLAGS
+    out.update(envelope)
+    return out
+
+
+def _event(name: str, values: Mapping[str, Any], time_ns: int, dropped: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"timeUnixNano": str(time_ns)}
+    if name:
+        out["name"] = name
+    attrs = attributes(values)
+    if attrs:
+        out["attributes"] = attrs
+    if dropped:
+        out["droppedAttributesCount"] = dropped
     return out

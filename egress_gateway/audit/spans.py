@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,15 +20,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
 
 from egress_gateway import __version__, metrics
-from egress_gateway.audit import fields
+from egress_gateway.audit import fields, otlp_json
+from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
+from egress_gateway.audit.otlp_json import FinishedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.policy.decision import Decision, Facts
 from egress_gateway.settings import AuditSettings
@@ -132,15 +137,8 @@ def otlp_http_traces_url(endpoint: str) -> str:
 
 
 def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
-    """The configured exporters by name ("file", "otlp", "console"). Raises ValueError on bad settings."""
+    """The configured OpenTelemetry exporters by name ("otlp", "console"). Raises ValueError on bad settings."""
     exporters: list[tuple[str, SpanExporter]] = []
-    if audit.file is not None:
-        from egress_gateway.audit.jsonl import JsonLinesSpanExporter
-
-        try:
-            exporters.append(("file", JsonLinesSpanExporter(audit.file)))
-        except OSError as exc:
-            raise ValueError(f"audit.file {str(audit.file)!r} cannot be opened for appending: {exc}") from exc
     if audit.otlp_endpoint:
         if audit.otlp_protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
@@ -174,6 +172,32 @@ def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
     return exporters
 
 
+class RecordIds(IdGenerator):
+    """The SDK's random ids, except that a record's span gets the ids the record drew when it opened (its decision
+    log lines and its trail line carry them): `SpanRecord` hands them over right before it starts the span."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+        self._next = threading.local()
+
+    def generate_trace_id(self) -> int:
+        ids: tuple[int, int] | None = getattr(self._next, "ids", None)
+        return ids[0] if ids is not None else self._random.generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids: tuple[int, int] | None = getattr(self._next, "ids", None)
+        if ids is None:
+            return self._random.generate_span_id()
+        self._next.ids = None
+        return ids[1]
+
+    def new_ids(self) -> tuple[int, int]:
+        return self._random.generate_trace_id(), self._random.generate_span_id()
+
+    def hand_over(self, ids: tuple[int, int]) -> None:
+        self._next.ids = ids
+
+
 def build_tracer_provider(
     exporters: Sequence[tuple[str, SpanExporter]], *, max_queue_size: int, resource: Resource | None = None
 ) -> TracerProvider:
@@ -182,19 +206,33 @@ def build_tracer_provider(
         resource=resource or build_resource(),
         sampler=ALWAYS_ON,
         span_limits=SPAN_LIMITS,
+        id_generator=RecordIds(),
     )
     for name, exporter in exporters:
         provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
     return provider
 
 
+_MAX_EVENTS = SPAN_LIMITS.max_events or 0
+_MAX_EVENT_ATTRIBUTES = SPAN_LIMITS.max_event_attributes or 0
+_MAX_SPAN_ATTRIBUTES = SPAN_LIMITS.max_span_attributes or 0
 _DECIDED_EVENT_KEYS = (fields.DECISION, fields.REASON, fields.POLICY, fields.RULE, fields.WOULD_DENY)
+_NO_PARENT = Context()
+
+
+def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
+    """The SDK's attribute limit: the newest `limit` keys are kept, the number dropped is counted."""
+    if len(values) <= limit:
+        return values, 0
+    return dict(list(values.items())[-limit:]), len(values) - limit
 
 
 class SpanRecord:
-    """One connection's record: an SDK span started at accept, its events added as they happen, its attributes
-    gathered and applied at close, so a later decision (SNI after CONNECT) replaces the earlier one's policy/rule
-    instead of leaving them mixed; each decision is an event. The SDK applies `SPAN_LIMITS`.
+    """One connection's record, from accept to close: its attributes (applied at close, so a later decision (SNI
+    after CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed), its events (each decision
+    is one), its ids (drawn at open: the decision log lines carry them), its outcome. At close it is handed, as one
+    `FinishedRecord`, to the trail writer and, when OpenTelemetry exporters are configured, to the SDK as a span
+    with the same ids, times, attributes and events. The SDK's span limits (`SPAN_LIMITS`) apply to both.
 
     Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
     allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
@@ -212,24 +250,27 @@ class SpanRecord:
         "_decision",
         "_decisions",
         "_denied",
+        "_dropped_events",
+        "_events",
+        "_ids",
         "_kind",
-        "_log",
         "_namespace",
         "_opened",
         "_outcome",
         "_pending_decided",
         "_pending_line",
+        "_recorder",
         "_resolved_event",
-        "_span",
+        "_start_ns",
         "span_id",
         "trace_id",
     )
 
     def __init__(self, recorder: SpanRecorder, kind: str, client_address: str, client_port: int) -> None:
+        self._recorder = recorder
         self._kind = kind
-        self._log = recorder.log
         self._opened = time.monotonic()
-        self._span: Span = recorder.tracer.start_span(f"egress {kind}", kind=SpanKind.SERVER)
+        self._start_ns = time.time_ns()
         self._attributes: dict[str, fields.AttributeValue] = {
             fields.CLIENT_ADDRESS: fields.safe_text(client_address),
             fields.CLIENT_PORT: client_port,
@@ -247,9 +288,11 @@ class SpanRecord:
         self._pending_decided: dict[str, fields.AttributeValue] = {}
         self._outcome: tuple[str, str, str | None] | None = None
         self._pending_line: dict[str, fields.AttributeValue] | None = None
-        context = self._span.get_span_context()
-        self.trace_id = format_trace_id(context.trace_id)
-        self.span_id = format_span_id(context.span_id)
+        self._events: list[tuple[str, dict[str, Any], int, int]] = []
+        self._dropped_events = 0
+        self._ids = recorder.ids.new_ids()
+        self.trace_id = format_trace_id(self._ids[0])
+        self.span_id = format_span_id(self._ids[1])
         metrics.connection_opened(kind)
 
     def event(self, name: str, **attributes: Any) -> None:
@@ -272,7 +315,7 @@ class SpanRecord:
                 if self._resolved_event:
                     return
                 self._resolved_event = True
-            self._span.add_event(name, values)
+            self._add_event(name, values)
         except Exception as exc:  # the audit trail must never break a connection
             _record_failure(error=repr(exc), method="event")
 
@@ -285,7 +328,7 @@ class SpanRecord:
             if peer is not None and not self._resolved_event:
                 # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
                 self._resolved_event = True
-                self._span.add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
+                self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
             self._attributes.update(values)
         except Exception as exc:
             _record_failure(error=repr(exc), method="set")
@@ -310,12 +353,12 @@ class SpanRecord:
             self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
         self._namespace = facts.identity.namespace if facts.identity else None
-        self._denied = None if decision.allowed else attributes[fields.MESSAGE]  # type: ignore[assignment]
+        self._denied = None if decision.allowed else str(attributes[fields.MESSAGE])
         event = {key: attributes[key] for key in _DECIDED_EVENT_KEYS if key in attributes}
         if self._pending_decided:
             event.update(self._pending_decided)
             self._pending_decided = {}
-        self._span.add_event("decided", event)
+        self._add_event("decided", event)
         outcome = self._decided_outcome
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
         if outcome != self._outcome:
@@ -330,8 +373,17 @@ class SpanRecord:
         else:
             self._write_line(line)
 
+    def _add_event(self, name: str, values: dict[str, Any]) -> None:
+        values, dropped = _bounded(values, _MAX_EVENT_ATTRIBUTES)
+        events = self._events
+        if len(events) >= _MAX_EVENTS:  # the SDK's rule: the oldest goes, and is counted
+            del events[0]
+            self._dropped_events += 1
+        events.append((name, values, time.time_ns(), dropped))
+
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
-        log_decision(self._log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
+        recorder = self._recorder
+        log_decision(recorder.log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
 
     def _write_pending_line(self) -> None:
         if self._pending_line is not None:
@@ -351,34 +403,53 @@ class SpanRecord:
             _record_failure(error=repr(exc), method="close")
 
     def _end(self, bytes_sent: int, bytes_received: int) -> None:
-        span = self._span
-        try:
-            self._write_pending_line()
-            if not self._closed_event:
-                span.add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-            span.set_attributes(
-                {
-                    **self._attributes,
-                    **self._decision,
-                    fields.BYTES_SENT: bytes_sent,
-                    fields.BYTES_RECEIVED: bytes_received,
-                }
-            )
-            if self._denied is not None:
-                span.set_status(Status(StatusCode.ERROR, self._denied))
-        finally:
-            span.end()
+        self._write_pending_line()
+        if not self._closed_event:
+            self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
+        attributes, dropped = _bounded(
+            {
+                **self._attributes,
+                **self._decision,
+                fields.BYTES_SENT: bytes_sent,
+                fields.BYTES_RECEIVED: bytes_received,
+            },
+            _MAX_SPAN_ATTRIBUTES,
+        )
+        finished = FinishedRecord(
+            trace_id=self._ids[0],
+            span_id=self._ids[1],
+            name=f"egress {self._kind}",
+            start_ns=self._start_ns,
+            end_ns=time.time_ns(),
+            attributes=attributes,
+            dropped_attributes=dropped,
+            events=self._events,
+            dropped_events=self._dropped_events,
+            error=self._denied,
+        )
+        self._recorder.finished(finished)
 
 
 class SpanRecorder:
-    """The `Recorder` of the gateway: spans + decision log lines + metrics."""
+    """The `Recorder` of the gateway: records + the trail file + OpenTelemetry spans + decision log lines + metrics.
 
-    def __init__(self, provider: TracerProvider) -> None:
+    `provider` (from `build_tracer_provider`) gets one span per record when OpenTelemetry exporters are configured;
+    `trail` writes the JSON-lines file. Either may be absent."""
+
+    def __init__(self, provider: TracerProvider | None = None, trail: TrailWriter | None = None) -> None:
         self.provider = provider
-        tracer = provider.get_tracer(TRACER_NAME, __version__)
-        if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
-            raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
-        self.tracer = tracer
+        self.trail = trail
+        self._tracer: Tracer | None = None
+        ids = RecordIds()
+        if provider is not None:
+            tracer = provider.get_tracer(TRACER_NAME, __version__)
+            if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
+                raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
+            if not isinstance(tracer.id_generator, RecordIds):
+                raise ValueError("the tracer provider must come from build_tracer_provider (record ids)")
+            self._tracer = tracer
+            ids = tracer.id_generator
+        self.ids = ids
         self.log = decision_logger()
         self._shut = False
 
@@ -389,14 +460,58 @@ class SpanRecorder:
             _record_failure(error=repr(exc), method="open")
             return NullRecord()
 
+    def finished(self, record: FinishedRecord) -> None:
+        """A closed record: to the trail, and to OpenTelemetry as a span with the same ids and values."""
+        if self.trail is not None:
+            self.trail.submit(record)
+        tracer = self._tracer
+        if tracer is None:
+            return
+        self.ids.hand_over((record.trace_id, record.span_id))
+        span = tracer.start_span(
+            record.name,
+            context=_NO_PARENT,
+            kind=SpanKind.SERVER,
+            attributes=record.attributes,
+            start_time=record.start_ns,
+        )
+        for name, values, time_ns, _dropped in record.events:
+            span.add_event(name, values, timestamp=time_ns)
+        if record.error is not None:
+            span.set_status(Status(StatusCode.ERROR, record.error))
+        span.end(end_time=record.end_ns)
+
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
-        return self.provider.force_flush(timeout_millis)
+        if self.trail is not None:
+            self.trail.force_flush()
+        return self.provider.force_flush(timeout_millis) if self.provider is not None else True
 
     def shutdown(self) -> None:
         if self._shut:
             return
         self._shut = True
         try:
-            self.provider.shutdown()
+            if self.trail is not None:
+                self.trail.shutdown()
+            if self.provider is not None:
+                self.provider.shutdown()
         except Exception as exc:
             log.warning("audit_shutdown_failed", error=repr(exc))
+
+
+def build_recorder(settings: AuditSettings) -> SpanRecorder:
+    """The recorder for `audit:`: the trail file (a path that cannot be opened fails here, at startup, with a clear
+    error) and the OpenTelemetry exporters."""
+    resource = build_resource()
+    trail = None
+    if settings.file is not None:
+        envelope = {"resource": otlp_json.resource(resource), "scope": otlp_json.scope(TRACER_NAME, __version__)}
+        try:
+            trail = TrailWriter(settings.file, max_queue_size=settings.max_queue_size, envelope=envelope)
+        except OSError as exc:
+            raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc
+    exporters = build_exporters(settings)
+    provider = None
+    if exporters:
+        provider = build_tracer_provider(exporters, max_queue_size=settings.max_queue_size, resource=resource)
+    return SpanRecorder(provider, trail)

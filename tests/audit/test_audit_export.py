@@ -17,9 +17,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from egress_gateway.audit import build_recorder, spans
-from egress_gateway.audit.jsonl import JsonLinesSpanExporter
 from egress_gateway.audit.logs import configure_logging
-from egress_gateway.audit.spans import SpanRecorder, build_exporters, build_tracer_provider, otlp_http_traces_url
+from egress_gateway.audit.spans import SpanRecorder, build_tracer_provider, otlp_http_traces_url
 from egress_gateway.settings import AuditSettings, Settings
 from tests.audit.conftest import allow, deny, facts, metric
 
@@ -74,13 +73,9 @@ def test_trail_file_has_one_otlp_json_span_per_line(tmp_path: Path) -> None:
 
 def test_trail_file_follows_external_rotation(tmp_path: Path) -> None:
     trail = tmp_path / "audit.jsonl"
-    exporter = JsonLinesSpanExporter(trail)
-    provider = build_tracer_provider([], max_queue_size=8)
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    recorder = SpanRecorder(provider)
+    recorder = _file_recorder(trail)
     recorder.open("CONNECT", "127.0.0.2", 1).close()
+    recorder.force_flush()
     trail.rename(tmp_path / "audit.jsonl.1")
     recorder.open("CONNECT", "127.0.0.2", 2).close()
     recorder.shutdown()
@@ -90,7 +85,19 @@ def test_trail_file_follows_external_rotation(tmp_path: Path) -> None:
 
 def test_bad_trail_path_fails_at_startup_with_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"audit.file .*missing.* cannot be opened"):
-        build_exporters(AuditSettings(file=tmp_path / "missing" / "audit.jsonl"))
+        build_recorder(Settings(audit=AuditSettings(file=tmp_path / "missing" / "audit.jsonl")))
+
+
+def test_a_full_trail_queue_drops_new_records_counts_them_and_never_blocks(tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail, max_queue_size=8)))
+    before = metric("egress_gateway_span_export_dropped_total", exporter="file", reason="queue_full")
+    for port in range(50):  # the writer thread wakes at most once a second: the queue of 8 overflows
+        recorder.open("CONNECT", "127.0.0.2", port).close()
+    dropped = metric("egress_gateway_span_export_dropped_total", exporter="file", reason="queue_full") - before
+    recorder.shutdown()
+    written = len(trail.read_text().splitlines())
+    assert dropped >= 1 and written >= 8 and written + dropped == 50
 
 
 def test_otlp_http_endpoint_gets_the_traces_path() -> None:
