@@ -100,6 +100,11 @@ def safe_text(value: str) -> str:
 
 def to_attribute_value(value: Any) -> AttributeValue | None:
     """Coerce a value to an OpenTelemetry attribute primitive; None means "leave unset"."""
+    kind = type(value)
+    if kind is str:
+        return value if value.isascii() else safe_text(value)
+    if kind is bool or kind is int or kind is float:
+        return value
     if value is None:
         return None
     if isinstance(value, Enum):
@@ -144,8 +149,9 @@ def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
     return out
 
 
-def facts_attributes(facts: Facts) -> dict[str, AttributeValue]:
-    out = identity_attributes(facts.identity)
+def facts_attributes(facts: Facts, identity: dict[str, AttributeValue] | None = None) -> dict[str, AttributeValue]:
+    """`identity`: the attributes of `facts.identity` when the caller has them already."""
+    out = dict(identity) if identity is not None else identity_attributes(facts.identity)
     out[SERVER_ADDRESS] = safe_text(facts.target)
     out[SERVER_PORT] = facts.port
     if facts.sni is not None:

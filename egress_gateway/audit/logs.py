@@ -2,8 +2,8 @@
 
 `configure_logging(level, fmt)` renders JSON (production: structlog's `JSONRenderer` with orjson, bytes written by
 a `BytesLogger` on stderr, the documented fast path) or console lines (local) to stderr, with an ISO UTC
-timestamp, a redaction step that drops credential-looking keys and `Basic`/`Bearer` values from every line, and
-an escaping step for text that is not valid Unicode (from the wire), so no value can make a line fail.
+timestamp, and a step that drops credential-looking keys and `Basic`/`Bearer` values from every line and escapes
+text that is not valid Unicode (from the wire), so no value can make a line fail.
 `log_decision` writes one `egress_decision` line through structlog with the span's attributes plus
 `trace_id`/`span_id`. Must not import the proxy or the engine.
 """
@@ -24,35 +24,34 @@ from egress_gateway.audit.fields import AttributeValue, is_secret_key, safe_text
 
 REDACTED = "[redacted]"
 _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
+_CREDENTIAL_FIRST = frozenset("bBnNdD")  # a cheap first test: most values cannot start like a credential
 
 DECISION_EVENT = "egress_decision"
 DECISION_LOGGER = "egress_gateway.audit"
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: never let a credential reach a log line, whoever logged it."""
+    """structlog processor: never let a credential reach a log line, whoever logged it; and write text that is not
+    valid Unicode (a byte from the wire that was not UTF-8, kept as a lone surrogate) escaped, and an integer JSON
+    cannot hold exactly as text, instead of failing the line."""
     for key, value in event_dict.items():  # replacing values (not keys) while iterating is safe
-        if (key != "event" and is_secret_key(key)) or (
-            isinstance(value, str) and value[:10].lower().startswith(_CREDENTIAL_PREFIXES)
-        ):
+        if key != "event" and is_secret_key(key):
+            event_dict[key] = REDACTED
+            continue
+        kind = type(value)
+        if kind is str:
+            if value[:1] in _CREDENTIAL_FIRST and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
+                event_dict[key] = REDACTED
+            elif not value.isascii():
+                event_dict[key] = safe_text(value)
+        elif kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
+            event_dict[key] = str(value)
+        elif isinstance(value, str) and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
             event_dict[key] = REDACTED
     return event_dict
 
 
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
-
-
-def safe_values(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """structlog processor: a value from the wire (a byte that was not UTF-8, kept as a lone surrogate) is written
-    escaped instead of failing the line; an integer JSON cannot hold exactly is written as text."""
-    for key, value in event_dict.items():
-        kind = type(value)
-        if kind is str:
-            if not value.isascii():
-                event_dict[key] = safe_text(value)
-        elif kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
-            event_dict[key] = str(value)
-    return event_dict
 
 
 def configure_logging(
@@ -79,7 +78,6 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
             structlog.processors.format_exc_info,
-            safe_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

@@ -63,7 +63,19 @@ def _key_value(key: str, value: Any) -> dict[str, Any]:
 def attributes(values: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     if not values:
         return []
-    return [_key_value(key, value) for key, value in values.items()]
+    out = []
+    for key, value in values.items():
+        kind = type(value)  # the primitives every record holds first, without the general dispatch
+        if kind is str:
+            encoded: dict[str, Any] = {"stringValue": value}
+        elif kind is bool:
+            encoded = {"boolValue": value}
+        elif kind is int and _INT64_MIN <= value <= _INT64_MAX:
+            encoded = {"intValue": str(value)}
+        else:
+            encoded = any_value(value)
+        out.append({"key": key, "value": encoded} if key else {"value": encoded})
+    return out
 
 
 def resource(res: Resource) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
 from egress_gateway.audit.otlp_json import FinishedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
-from egress_gateway.policy.decision import Decision, Facts
+from egress_gateway.policy.decision import Decision, Facts, Identity
 from egress_gateway.settings import AuditSettings
 
 log = structlog.get_logger("egress_gateway.audit")
@@ -252,6 +252,8 @@ class SpanRecord:
         "_denied",
         "_dropped_events",
         "_events",
+        "_identity",
+        "_identity_attributes",
         "_ids",
         "_kind",
         "_namespace",
@@ -278,6 +280,8 @@ class SpanRecord:
         }
         self._decision: dict[str, fields.AttributeValue] = {}
         self._decided_by: Decision | None = None
+        self._identity: Identity | None = None
+        self._identity_attributes: dict[str, fields.AttributeValue] = {}
         self._decided_outcome: tuple[str, str, str | None] = ("", "", None)  # verdict, reason, would-deny reason
         self._denied: str | None = None
         self._namespace: str | None = None
@@ -345,7 +349,10 @@ class SpanRecord:
         self._decisions += 1
         if self._decisions == 1:
             metrics.observe_decision_latency(time.monotonic() - self._opened)
-        self._attributes.update(fields.facts_attributes(facts))
+        if facts.identity is not self._identity:  # a tunnel's SNI decision has the same identity as its CONNECT
+            self._identity = facts.identity
+            self._identity_attributes = fields.identity_attributes(facts.identity)
+        self._attributes.update(fields.facts_attributes(facts, self._identity_attributes))
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
