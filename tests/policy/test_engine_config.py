@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.settings import load_settings
 from egress_gateway.sources.files import load_into_store
 from tests.audit.conftest import PAYMENTS, SHOP_PAYMENTS_POLICY, record_flows, write_policies
+from tests.policy.test_cli import cli
 
-REPO = Path(__file__).resolve().parents[2]
 # The address the recorded payments flows resolved api.stripe.com to, and here also the gateway's listening address.
 OWN = "93.184.216.34"
 CONFIG = f'listen: "{OWN}:3128"\ndefault_action: Allow\nallowed_ranges: ["10.0.0.0/8"]\nrequire_sni_match: true\n'
@@ -70,14 +68,7 @@ def test_check_blocks_the_gateways_own_address(setup: tuple[Path, Path]) -> None
     config, policies = setup
     args = ["check", "--config", str(config), "--policies", str(policies), "--namespace", "shop"]
     args += ["--label", "app=payments", "--output", "json", "--ip", OWN, "api.stripe.com:443"]
-    result = subprocess.run(
-        [sys.executable, "-m", "egress_gateway", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    result = cli(*args)
     assert result.returncode == 1, result.stdout + result.stderr
     payload = json.loads(result.stdout)
     assert payload["reason"] == "blocked_address" and "own address" in payload["message"]
