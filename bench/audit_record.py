@@ -4,10 +4,10 @@ Builds the recorder exactly as `egress-gateway run` does (`egress_gateway.audit.
 logging set up by `egress_gateway.logging.setup_logging`, Prometheus metrics on the default registry), then replays
 the proxy's per-tunnel call sequence (proxy/addon.py: open, set server, set peer, event decided, decided, set TLS,
 event client_hello, decided, event upstream_connected, event closed, close) N times and prints CPU microseconds per
-record (`time.process_time`, which covers every thread, so the batch processor's export thread is included; the
+record (`time.process_time`, which covers every thread, so the trail writer's thread is included; the
 clock stops after a final `force_flush`). Four configurations:
 
-- `spans`: span building and metrics, no exporter, no decision log line;
+- `spans`: the connection records and metrics, no trail file, no OTLP exporter, no decision log line;
 - `+jsonl`: plus the JSON-lines trail file (a temporary file);
 - `+log`: spans plus the decision log line (JSON, to /dev/null), no exporter;
 - `all`: spans, trail file and log line.
