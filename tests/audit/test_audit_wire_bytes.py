@@ -1,14 +1,17 @@
 """Issue 12 item 11: one client's bad bytes never cost other clients their audit records.
 
-A real gateway writes the trail while one client sends a Host header with bytes that are not UTF-8 (0xff, 0xfe)
-and 8 others make ordinary HTTPS requests at the same time. Every record reaches the
-trail, and the odd one is readable by the `audit` command with its bytes escaped (`\\xff`), not lost or mangled.
+A real gateway writes the trail while one client sends a Host header with bytes that are not UTF-8 (0xff, 0xfe),
+another a TLS ClientHello whose SNI carries 0xff, and 8 others make ordinary HTTPS requests at the same time. Every
+record reaches the trail, and the odd ones are readable by the `audit` command, the Host's bytes escaped (`\\xff`),
+not lost or mangled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -53,6 +56,23 @@ def _bad_host_request(gateway: GatewayProcess, port: int) -> bytes:
         return answer
 
 
+def _bad_sni_tunnel(gateway: GatewayProcess, port: int) -> bytes:
+    """A CONNECT tunnel whose ClientHello (from OpenSSL) names a server with byte 0xff in it."""
+    context = ssl.create_default_context()
+    outgoing = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="api.strxpe.test")
+    with contextlib.suppress(ssl.SSLWantReadError):  # the ClientHello is written; no server answers here
+        tls.do_handshake()
+    hello = outgoing.read().replace(b"api.strxpe.test", b"api.str\xffpe.test")
+    with socket.create_connection(("127.0.0.1", gateway.proxy_port), timeout=15, source_address=(PAYMENTS_POD, 0)) as s:
+        s.sendall(f"CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode())
+        answer = s.recv(65536)
+        s.sendall(hello)
+        while chunk := s.recv(65536):
+            answer += chunk
+        return answer
+
+
 def _audit(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "egress_gateway", "audit", *args],
@@ -64,7 +84,9 @@ def _audit(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_a_host_with_bytes_that_are_not_utf8_loses_no_record(tmp_path: Path, ca: TestCA, origin: OriginServer) -> None:
+def test_a_host_or_sni_with_bytes_that_are_not_utf8_loses_no_record(
+    tmp_path: Path, ca: TestCA, origin: OriginServer
+) -> None:
     trail = tmp_path / "audit.jsonl"
     config: dict[str, Any] = {
         "default_action": "Allow",
@@ -83,6 +105,7 @@ def test_a_host_with_bytes_that_are_not_utf8_loses_no_record(tmp_path: Path, ca:
         for thread in threads[: NORMAL_CLIENTS // 2]:
             thread.start()
         answer = _bad_host_request(gateway, origin.port)  # among the others: their records share its batch
+        tunnel = _bad_sni_tunnel(gateway, origin.port)
         for thread in threads[NORMAL_CLIENTS // 2 :]:
             thread.start()
         for thread in threads:
@@ -90,20 +113,25 @@ def test_a_host_with_bytes_that_are_not_utf8_loses_no_record(tmp_path: Path, ca:
     finally:
         assert gateway.stop() == 0
     assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    assert tunnel.startswith(b"HTTP/1.1 200"), tunnel[:200]  # then closed: the SNI is refused
     assert [r.status for r in results] == [200] * NORMAL_CLIENTS
 
     raw = trail.read_bytes()
     raw.decode("utf-8")  # the whole trail is valid UTF-8
     lines = [json.loads(line) for line in raw.splitlines()]
-    assert len(lines) == NORMAL_CLIENTS + 1
+    assert len(lines) == NORMAL_CLIENTS + 2
 
     done = _audit(str(trail), "--output", "json")
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(records) == NORMAL_CLIENTS + 1
+    assert len(records) == NORMAL_CLIENTS + 2
     (odd,) = [r for r in records if r.get("http.request.method") == "GET"]
     assert odd["egress.host_header"] == "caf\\xff\\xfe.test"  # the bytes, escaped
     assert odd["egress.decision"] == "deny"
+    denied_tunnels = [
+        r for r in records if r.get("http.request.method") == "CONNECT" and r["egress.decision"] == "deny"
+    ]
+    assert len(denied_tunnels) == 1 and "not ASCII" in denied_tunnels[0]["egress.message"]
     table = _audit(str(trail))
     assert table.returncode == 0, table.stderr
-    assert len(table.stdout.splitlines()) == NORMAL_CLIENTS + 2  # header + one row per record
+    assert len(table.stdout.splitlines()) == NORMAL_CLIENTS + 3  # header + one row per record
