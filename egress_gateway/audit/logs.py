@@ -1,7 +1,7 @@
 """structlog setup (the one place logging is configured) and the per-decision log line.
 
 `configure_logging(level, fmt)` renders JSON (production: structlog's `JSONRenderer` with orjson, bytes written by
-a `BytesLogger` on stderr, the documented fast path) or console lines (local) to stderr, with an ISO UTC
+a `BytesLogger` on stderr, structlog's documented fast path) or console lines (local) to stderr, with an ISO UTC
 timestamp, and a step that drops credential-looking keys and `Basic`/`Bearer` values from every line and escapes
 text that is not valid Unicode (from the wire), so no value can make a line fail.
 `log_decision` writes one `egress_decision` line through structlog with the span's attributes plus
@@ -54,6 +54,17 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 
+# What `structlog.BytesLoggerFactory(sys.stderr.buffer)` / `PrintLoggerFactory(sys.stderr)` give, with the stream
+# looked up when a logger is made rather than once at configuration: whoever replaces sys.stderr later (a command run
+# in-process, a test's capture) is followed, and a logger never writes to a stream closed since.
+def _stderr_bytes_logger(*_args: Any) -> structlog.BytesLogger:
+    return structlog.BytesLogger(sys.stderr.buffer)
+
+
+def _stderr_print_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info",
     fmt: Literal["json", "console"] = "json",
@@ -67,10 +78,10 @@ def configure_logging(
     factory: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        factory = _stderr_bytes_logger
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-        factory = structlog.PrintLoggerFactory(sys.stderr)
+        factory = _stderr_print_logger
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

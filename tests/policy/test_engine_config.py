@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from egress_gateway.app import build_engine
 from egress_gateway.cli import main
@@ -25,6 +27,13 @@ from tests.policy.test_cli import cli
 # The address the recorded payments flows resolved api.stripe.com to, and here also the gateway's listening address.
 OWN = "93.184.216.34"
 CONFIG = f'listen: "{OWN}:3128"\ndefault_action: Allow\nallowed_ranges: ["10.0.0.0/8"]\nrequire_sni_match: true\n'
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """`audit` configures logging in-process; leave the global configuration as found."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture
