@@ -404,3 +404,39 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_token_review_flood_from_one_address_gets_429_with_a_record(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    _identity_cluster(apiserver)
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {
+        "mode": ["service-account-token"],
+        "token_reviews_per_address": {"per_second": 0.2, "burst": 3},
+    }
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+    statuses = []
+    for n in range(10):
+        answer = connect(
+            gateway.proxy_port,
+            target,
+            source=UNKNOWN_POD,
+            extra=f"Proxy-Authorization: Bearer {fake_jwt(time.time() + 600, junk=n)}\r\n",
+        )
+        answer.sock.close()
+        statuses.append((answer.status, answer.headers.get("retry-after")))
+    assert [s for s, _ in statuses] == [407] * 3 + [429] * 7
+    assert all(retry is not None and int(retry) >= 1 for s, retry in statuses if s == 429)
+    assert len(apiserver.requests_matching(lambda r: r.path.endswith("/tokenreviews"))) == 3
+    records = gateway.wait_for("egress_decision", lambda e: e.get("egress.reason") == "rate_limited", timeout=5)
+    assert records
+    # another address is not limited by the first one's flood
+    answer = connect(gateway.proxy_port, target, source=ANALYTICS_POD, extra="Proxy-Authorization: Bearer x.y.z\r\n")
+    answer.sock.close()
+    assert answer.status == 407
