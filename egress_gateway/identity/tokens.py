@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import math
 import time
 from collections import OrderedDict
@@ -102,17 +101,11 @@ def token_from_header(value: str | None) -> str | None:
 
 
 def token_expiry(token: str) -> float | None:
-    """The `exp` claim of a JWT, unverified (TokenReview did the verifying); None if it has none."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    """The `exp` claim of a JWT, unverified; None if it has none or is not a JWT."""
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload))
-    except (binascii.Error, ValueError):
+        return parse_token(token).expiry
+    except MalformedToken:
         return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    return float(exp) if isinstance(exp, int | float) else None
 
 
 class TokenIdentityResolver:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from egress_gateway.identity.base import AuthenticationFailed, ChainResolver, IdentityUnavailable, TooManyReviews
@@ -312,6 +314,24 @@ def test_only_well_formed_jwts_are_accepted_and_each_has_one_canonical_form() ->
     variant = f"{header}.{payload}.{signature[:-1]}{'k' if signature[-1] == 'l' else signature[-1]}"
     if base64.urlsafe_b64decode(variant.split(".")[2] + "==") == signature_bytes and variant != token:
         assert parse_token(variant).cache_key == parse_token(token).cache_key
+
+
+_TOKEN_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=. \t\n%+/"
+_SEGMENT_TEXT = st.text(alphabet=_TOKEN_CHARACTERS, max_size=40)
+_CLAIMS = st.dictionaries(st.text(max_size=5).filter(lambda k: k != "exp"), st.integers(), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix=_SEGMENT_TEXT, suffix=_SEGMENT_TEXT, claims=_CLAIMS)
+def test_parse_token_refuses_or_returns_a_canonical_fixed_point(prefix: str, suffix: str, claims: dict) -> None:
+    """Any text is either refused with MalformedToken or has a canonical form that parses to itself."""
+    for text in (prefix + fake_jwt(time.time() + 60, **claims) + suffix, prefix + suffix):
+        try:
+            parsed = parse_token(text)
+        except MalformedToken:
+            continue
+        assert parse_token(parsed.canonical).canonical == parsed.canonical
+        assert parse_token(parsed.canonical).cache_key == parsed.cache_key
 
 
 def test_review_rate_per_address() -> None:
