@@ -172,8 +172,8 @@ class TokenIdentityResolver:
         if not self.index.ready:
             return None  # labels unknown yet: do not guess (fails closed as unknown_client)
         self._refuse_if_revoked(token, review)
-        if review.pod and self.index.pod(namespace, review.pod) is None:
-            await self._wait_for_pod(namespace, review.pod)
+        if self.bind_to_pod_ip and review.pod and self.index.pod(namespace, review.pod) is None:
+            await self._wait_for_pod(namespace, review.pod)  # binding needs the pod's address
         if review.pod and not self._pod_matches(review):
             # The pod this token is bound to is not (or no longer) the indexed one: the API server invalidates
             # such tokens, so a cached verdict may be stale. Ask again (a brand-new pod may not be indexed yet).
