@@ -440,3 +440,33 @@ def test_a_token_review_flood_from_one_address_gets_429_with_a_record(
     answer = connect(gateway.proxy_port, target, source=ANALYTICS_POD, extra="Proxy-Authorization: Bearer x.y.z\r\n")
     answer.sock.close()
     assert answer.status == 407
+
+
+def test_past_max_staleness_pod_ip_clients_are_unknown_with_the_reason_and_readiness_stays(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    _identity_cluster(apiserver)
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {"mode": ["pod-ip"], "max_staleness_s": 1.0}
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+    assert poll_status(gateway, target, 200, 5.0) < 5.0  # pay-1 by its address
+
+    apiserver.hang()  # the API server stops answering; open watches are cut
+    apiserver.cut_watches(mid_event=False)
+    gateway.wait_for("pod_ip_identities_untrusted", timeout=10)
+    answer = connect(gateway.proxy_port, target, source=PAYMENTS_POD)
+    answer.sock.close()
+    assert answer.status == 403
+    assert answer.body.startswith(b"unknown_client: the pod index has been out of touch with the API server")
+    assert http_get(f"{gateway.admin_url}/readyz")[0] == 200  # on purpose: docs/operations.md says why
+    metrics_text = http_get(f"{gateway.admin_url}/metrics")[1]
+    assert "egress_gateway_pod_ip_identity_trusted 0.0" in metrics_text
+
+    apiserver.answer_again()
+    gateway.wait_for("pod_ip_identities_trusted_again", timeout=15)
+    assert poll_status(gateway, target, 200, 5.0) < 5.0
