@@ -107,7 +107,6 @@ class PodRecord:
     running: bool
     terminating: bool
     created: str  # RFC 3339, sorts chronologically
-    started: str  # status.startTime (RFC 3339) or the creation time: orders the claims found in one list
 
     def identity_data(self) -> tuple[Mapping[str, str], str | None, tuple[str, ...]]:
         """What an identity (or the address that leads to it) is made of: a change is reported to subscribers."""
@@ -159,7 +158,6 @@ def pod_record(raw: RawObject) -> PodRecord | None:
         running=phase == "Running",
         terminating=bool(meta.get("deletionTimestamp")),
         created=str(meta.get("creationTimestamp") or ""),
-        started=str(status.get("startTime") or meta.get("creationTimestamp") or ""),
     )
 
 
