@@ -415,10 +415,11 @@ def test_a_token_review_flood_from_one_address_gets_429_with_a_record(
     config = gateway_config(kubeconfig, write_status=False)
     config["identity"] = {
         "mode": ["service-account-token"],
-        "token_reviews_per_address": {"per_second": 0.2, "burst": 3},
+        "token_reviews_per_address": {"per_second": 0.01, "burst": 3},  # no refill within the test
     }
     gateway = GatewayProcess(tmp_path / "gw", config).start()
     gateways.append(gateway)
+    gateway.wait_for("kube_policies_loaded", timeout=15)
     gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
     target = f"allowed.test:{server.port}"
     statuses = []
