@@ -262,7 +262,7 @@ def test_a_junk_token_flood_is_rate_limited_and_does_not_evict_approved_entries(
             "service-account-token",
             token_cache_size=1,
             token_rejection_cache_size=4,
-            token_reviews_per_address={"per_second": 0.5, "burst": 5},
+            token_reviews_per_address={"per_second": 0.01, "burst": 5},  # no refill within the test
         )
         resolver = TokenIdentityResolver(settings)
         await resolver.start()
