@@ -36,6 +36,8 @@ class PodIdentityResolver:
         return self.index.identity_for_ip(client_ip)
 
     def namespace_of_address(self, client_ip: str) -> str | None:
+        if self.index.ready and not self.index.addresses_trusted():
+            return None  # a stale index may name the address's previous namespace
         identity = self.index.identity_for_ip(client_ip)
         return identity.namespace if identity is not None else None
 

@@ -32,7 +32,7 @@ from egress_gateway.settings import Settings, StaticIdentity
 from tests.kube.conftest import cluster_policy, eventually, fake_jwt, kube_settings, namespace, pod, run
 from tests.kube.fake_apiserver import FakeApiServer
 
-PUBLIC = ipaddress.ip_address("203.0.113.10")
+PUBLIC = ipaddress.ip_address("93.184.216.10")
 SA = "system:serviceaccount:shop:pay"
 NAME = "kubernetes.io/metadata.name"
 

@@ -32,7 +32,7 @@ from tests.kube.real.cluster import ApiServer, Cluster
 
 NAME = "kubernetes.io/metadata.name"
 AUDIENCE = "egress-gateway"
-PUBLIC = ipaddress.ip_address("203.0.113.10")
+PUBLIC = ipaddress.ip_address("93.184.216.10")
 
 
 def settings_for(kubeconfig: Path, *modes: str, **identity: Any) -> Settings:
