@@ -154,3 +154,33 @@ def spans_exported(exporter: str, count: int) -> None:
 def render() -> tuple[bytes, str]:
     """The `/metrics` body and its content type, for the admin listener."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+# ---- workload identity (issue 18): defined here with the others, updated by identity/ and kube/workloads.py
+POD_IP_CONFLICTS = Counter(
+    "egress_gateway_pod_ip_conflicts",
+    "Times a pod listed an address another live pod already listed (the most recent claim owns the address).",
+)
+POD_IP_IDENTITY_TRUSTED = Gauge(
+    "egress_gateway_pod_ip_identity_trusted",
+    "1 while pod-IP identities are served; 0 while the pod index is out of touch with the API server for longer "
+    "than identity.max_staleness_s (or not synced yet): such clients are unknown_client.",
+)
+TOKEN_REVIEWS = Counter(
+    "egress_gateway_token_reviews",
+    "ServiceAccount tokens presented, by outcome: cached, approved, rejected (by TokenReview), refused_locally "
+    "(malformed, expired, revoked, wrong address), rate_limited, error (TokenReview could not be made).",
+    ["outcome"],
+)
+
+
+def pod_ip_conflict() -> None:
+    POD_IP_CONFLICTS.inc()
+
+
+def pod_ip_identity_trusted(trusted: bool) -> None:
+    POD_IP_IDENTITY_TRUSTED.set(1.0 if trusted else 0.0)
+
+
+def token_review(outcome: str) -> None:
+    _child(TOKEN_REVIEWS, outcome).inc()

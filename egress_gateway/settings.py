@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -22,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # the same key as policy.model's (settings import no adapter)
 
 
 class DefaultAction(StrEnum):
@@ -51,8 +53,25 @@ class StaticIdentity(_Section):
     def _cidr(cls, value: str) -> str:
         return str(ipaddress.ip_network(value, strict=False))
 
+    @model_validator(mode="after")
+    def _real_namespace_name(self) -> StaticIdentity:
+        # The name label is always the namespace's own name; another value would let this entry pose as another
+        # namespace for every namespaceSelector that selects by name.
+        stated = self.namespace_labels.get(NAMESPACE_NAME_LABEL)
+        if stated is not None and stated != self.namespace:
+            raise ValueError(
+                f"namespace_labels[{NAMESPACE_NAME_LABEL!r}] is {stated!r} but namespace is {self.namespace!r}: "
+                "the name label is always the namespace's own name (leave it out)"
+            )
+        return self
+
 
 IdentityMode = Literal["static", "pod-ip", "service-account-token"]
+
+
+class TokenReviewRate(_Section):
+    per_second: float = Field(default=1.0, ge=0)  # 0 = unlimited
+    burst: int = Field(default=10, ge=1)
 
 
 class IdentitySettings(_Section):
@@ -61,7 +80,14 @@ class IdentitySettings(_Section):
     mode: Annotated[list[IdentityMode], NoDecode] = Field(default_factory=lambda: list[IdentityMode](["static"]))
     static: list[StaticIdentity] = Field(default_factory=list)
     token_audience: str = "egress-gateway"
-    token_cache_size: int = Field(default=10_000, ge=1)
+    token_cache_size: int = Field(default=10_000, ge=1)  # approved tokens kept
+    token_rejection_cache_size: int = Field(default=10_000, ge=1)  # rejected tokens kept (a separate LRU)
+    token_cache_ttl_s: float = Field(default=60.0, gt=0)  # an approval is re-reviewed after this (or at its exp)
+    token_reviews_per_address: TokenReviewRate = Field(default_factory=TokenReviewRate)
+    # A token is accepted only from the address of the pod it is bound to; None = on when "pod-ip" is in `mode`.
+    bind_token_to_pod_ip: bool | None = None
+    # Pod-IP identities are not served once the pod index has been out of touch with the API server this long.
+    max_staleness_s: float = Field(default=30.0, gt=0)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -71,6 +97,12 @@ class IdentitySettings(_Section):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def binds_tokens_to_pod_ip(self) -> bool:
+        if self.bind_token_to_pod_ip is None:
+            return "pod-ip" in self.mode
+        return self.bind_token_to_pod_ip
 
 
 class ResolverSettings(_Section):

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     identity = None
     if args.namespace:
-        ns_labels = {NAMESPACE_NAME_LABEL: args.namespace, **dict(args.namespace_label)}
+        ns_labels = {**dict(args.namespace_label), NAMESPACE_NAME_LABEL: args.namespace}
         identity = Identity(
             namespace=args.namespace,
             pod=args.pod,

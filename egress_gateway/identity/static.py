@@ -19,7 +19,7 @@ class StaticIdentityResolver:
     def __init__(self, entries: Sequence[StaticIdentity]) -> None:
         compiled = []
         for entry in entries:
-            ns_labels = {NAMESPACE_NAME_LABEL: entry.namespace, **entry.namespace_labels}
+            ns_labels = {**entry.namespace_labels, NAMESPACE_NAME_LABEL: entry.namespace}  # always the real name
             identity = Identity(
                 namespace=entry.namespace,
                 pod=entry.pod,

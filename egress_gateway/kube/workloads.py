@@ -1,10 +1,16 @@
 """The cluster's workloads as the identity resolvers need them: pods by IP and by name, namespaces' labels.
 
-Owns: `WorkloadIndex`, fed by two reflectors (Pods in all namespaces with a server-side field selector that drops
-finished pods, and Namespaces). It keeps only what identity needs (name, labels, service account, IPs, phase,
-creation time) and indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the
-node's). When an IP is claimed by several pods (reuse during churn), the newest pod that is not terminating owns
-it. `WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one pair of watches).
+Owns: `WorkloadIndex`, fed by reflectors (Pods in all namespaces with a server-side field selector that drops
+finished pods, Namespaces, and ServiceAccounts when token identity is configured). It keeps only what identity
+needs (name, UID, labels, service account, IPs, phase, start time; a ServiceAccount's UID and Secret names) and
+indexes every pod IP (`status.podIPs`). Pods on the host network are ignored (their IP is the node's). When an IP
+is claimed by several live pods (reuse during churn, a ghost pod on a lost node), the most recent claim owns it
+(a terminating pod loses to one that is not): the conflict is logged and counted. The UIDs of pods and
+ServiceAccounts seen to go away are remembered (bounded), so a token bound to one can be refused locally.
+A namespace's `kubernetes.io/metadata.name` label is always its real name, whatever label is stored. Pod-IP
+identities are trusted only while the index is at most `max_staleness_s` out of touch with the API server
+(`addresses_trusted()`; the transition is logged and exported as a gauge).
+`WorkloadIndex.shared(settings)` hands the pod-IP and token resolvers one index (one set of watches).
 Identities it hands out are `ClusterIdentity`s. `subscribe(callback)` tells the gateway which of them changed
 (pod labels, service account or IPs, pod gone, namespace labels), coalesced: at most one call per
 `NOTIFY_INTERVAL_S`, so a busy cluster costs a bounded number of passes over the open tunnels.
@@ -17,6 +23,7 @@ import asyncio
 import ipaddress
 import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +49,10 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 # notification are gathered into one, so a rollout of thousands of pods costs at most 1/interval passes per second
 # over the open tunnels, and a relabel waits at most this long.
 NOTIFY_INTERVAL_S = 0.5
+# UIDs of pods and ServiceAccounts seen to go away, remembered for refusing their tokens locally. A UID is never
+# reused, so an old entry stays true; the bound only caps memory (beyond it the API server's own check applies).
+GONE_UIDS_REMEMBERED = 100_000
+STALENESS_CHECK_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,19 +107,35 @@ class PodRecord:
     running: bool
     terminating: bool
     created: str  # RFC 3339, sorts chronologically
-    seen: int  # arrival order, breaks ties within one second
-
-    def rank(self) -> tuple[bool, str, int]:
-        # A pod that lists an IP is using it (a Pending pod's init containers already are); the CNI hands an IP
-        # to a new pod only after the old sandbox is gone, so the newest, not terminating claimant is the owner.
-        return (not self.terminating, self.created, self.seen)
 
     def identity_data(self) -> tuple[Mapping[str, str], str | None, tuple[str, ...]]:
         """What an identity (or the address that leads to it) is made of: a change is reported to subscribers."""
         return (self.labels, self.service_account, self.ips)
 
 
-def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
+@dataclass(frozen=True, slots=True)
+class ServiceAccountRecord:
+    uid: str
+    secrets: frozenset[str]  # names in `secrets` (legacy token Secrets are listed here on the servers that use them)
+
+
+class _GoneUids:
+    def __init__(self, limit: int = GONE_UIDS_REMEMBERED) -> None:
+        self._uids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def add(self, uid: str) -> None:
+        if uid:
+            self._uids[uid] = None
+            self._uids.move_to_end(uid)
+            while len(self._uids) > self._limit:
+                self._uids.popitem(last=False)
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._uids
+
+
+def pod_record(raw: RawObject) -> PodRecord | None:
     meta = raw.get("metadata") or {}
     spec = raw.get("spec") or {}
     status = raw.get("status") or {}
@@ -131,24 +158,38 @@ def pod_record(raw: RawObject, seen: int) -> PodRecord | None:
         running=phase == "Running",
         terminating=bool(meta.get("deletionTimestamp")),
         created=str(meta.get("creationTimestamp") or ""),
-        seen=seen,
     )
 
 
 class WorkloadIndex:
     _shared: ClassVar[dict[int, tuple[Settings, WorkloadIndex]]] = {}
 
-    def __init__(self, settings: KubernetesSettings, api: ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: KubernetesSettings,
+        api: ApiClient | None = None,
+        *,
+        max_staleness_s: float | None = None,
+        watch_service_accounts: bool = False,
+    ) -> None:
         self.settings = settings
+        self.max_staleness_s = max_staleness_s
+        self.watch_service_accounts = watch_service_accounts
         self._api = api
         self._own_api = api is None
         self._log = structlog.get_logger("egress_gateway.kube.workloads")
         self._pods: dict[PodKey, PodRecord] = {}
         self._claims: dict[str, set[PodKey]] = {}  # ip -> pods that list it
+        self._claim_order: dict[tuple[str, PodKey], int] = {}  # (ip, pod) -> when the pod started listing it
+        self._claim_counter = itertools.count()
+        self._gone_pods = _GoneUids()
+        self._service_accounts: dict[PodKey, ServiceAccountRecord] = {}
+        self._gone_service_accounts = _GoneUids()
+        self._trusted = False
+        self._ever_trusted = False
         self._owner: dict[str, PodKey] = {}  # ip -> the pod that owns it
         self._namespaces: dict[str, Mapping[str, str]] = {}
         self._identities: dict[PodKey, Identity] = {}
-        self._seen = itertools.count()
         self.reflectors: dict[str, Reflector] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._users = 0
@@ -163,7 +204,14 @@ class WorkloadIndex:
         """One index per Settings object, shared by the resolvers built from it."""
         entry = cls._shared.get(id(settings))
         if entry is None or entry[0] is not settings:
-            entry = (settings, cls(settings.kubernetes))
+            entry = (
+                settings,
+                cls(
+                    settings.kubernetes,
+                    max_staleness_s=settings.identity.max_staleness_s,
+                    watch_service_accounts="service-account-token" in settings.identity.mode,
+                ),
+            )
             cls._shared[id(settings)] = entry
         return entry[1]
 
@@ -201,9 +249,23 @@ class WorkloadIndex:
                 on_restart=partial(metrics.watch_restarted, "Namespace"),
             ),
         }
+        if self.watch_service_accounts:
+            self.reflectors["ServiceAccount"] = Reflector(
+                "ServiceAccount",
+                core.list_service_account_for_all_namespaces_without_preload_content,
+                on_replace=self._replace_service_accounts,
+                on_event=self._service_account_event,
+                watch_timeout_s=self.settings.watch_timeout_s,
+                backoff=watch_backoff(backoff_cap),
+                on_restart=partial(metrics.watch_restarted, "ServiceAccount"),
+            )
         # A stale pod index can attribute a reused IP to the pod that had it before: make that visible.
         metrics.track_source("kubernetes-workloads", self.staleness_seconds, lambda: self.ready)
+        metrics.pod_ip_identity_trusted(False)
         self._tasks = [asyncio.create_task(r.run(), name=f"kube-watch-{n}") for n, r in self.reflectors.items()]
+        if self.max_staleness_s is not None:
+            # The transition is logged and exported when it happens, not at the next client's lookup.
+            self._tasks.append(asyncio.create_task(self._check_staleness(), name="kube-workloads-staleness"))
 
     async def stop(self) -> None:
         self._users = max(0, self._users - 1)
@@ -227,6 +289,41 @@ class WorkloadIndex:
         if not values or any(v is None for v in values):
             return None
         return max(v for v in values if v is not None)
+
+    def addresses_trusted(self) -> bool:
+        """True while the index is synced and has been out of touch with the API server for at most
+        `max_staleness_s`: past that, an address may have moved to another pod without the index knowing."""
+        staleness = self.staleness_seconds()
+        trusted = staleness is not None and (self.max_staleness_s is None or staleness <= self.max_staleness_s)
+        if trusted != self._trusted:
+            self._trusted = trusted
+            metrics.pod_ip_identity_trusted(trusted)
+            if not trusted:
+                self._log.warning(
+                    "pod_ip_identities_untrusted",
+                    staleness_s=None if staleness is None else round(staleness, 3),
+                    max_staleness_s=self.max_staleness_s,
+                    effect="pod-IP clients are unknown_client until the index is back in touch",
+                )
+            elif self._ever_trusted:
+                self._log.info("pod_ip_identities_trusted_again", max_staleness_s=self.max_staleness_s)
+            self._ever_trusted = self._ever_trusted or trusted
+        return trusted
+
+    def untrusted_reason(self) -> str:
+        staleness = self.staleness_seconds()
+        if staleness is None:
+            return "the pod index has not been listed yet"
+        return (
+            f"the pod index has been out of touch with the API server for {staleness:.0f} s "
+            f"(identity.max_staleness_s is {self.max_staleness_s:g}): the address may belong to another pod now"
+        )
+
+    async def _check_staleness(self) -> None:
+        interval = min(STALENESS_CHECK_INTERVAL_S, (self.max_staleness_s or STALENESS_CHECK_INTERVAL_S) / 4)
+        while True:
+            self.addresses_trusted()
+            await asyncio.sleep(interval)
 
     # ---------------------------------------------------------------- change notifications
     def subscribe(self, callback: Callable[[IdentityChanges], None]) -> None:
@@ -271,6 +368,16 @@ class WorkloadIndex:
     def pod(self, namespace: str, name: str) -> PodRecord | None:
         return self._pods.get((namespace, name))
 
+    def pod_gone(self, uid: str) -> bool:
+        """The pod with this UID was seen deleted or finished (UIDs are never reused)."""
+        return uid in self._gone_pods
+
+    def service_account(self, namespace: str, name: str) -> ServiceAccountRecord | None:
+        return self._service_accounts.get((namespace, name))
+
+    def service_account_gone(self, uid: str) -> bool:
+        return uid in self._gone_service_accounts
+
     def identity_for_ip(self, ip: str) -> Identity | None:
         canonical = canonical_ip(ip)
         key = self._owner.get(canonical) if canonical else None
@@ -308,7 +415,9 @@ class WorkloadIndex:
             listed[(str(meta.get("namespace", "")), str(meta.get("name", "")))] = raw
         for key in set(self._pods) - set(listed):
             self._remove_pod(key)
-        for key, raw in listed.items():
+        # Claims first seen in one list are ordered by when their pods started (the list does not say when each
+        # pod took its address; a pod that started later took it later).
+        for key, raw in sorted(listed.items(), key=lambda item: _start_time(item[1])):
             self._upsert_pod(key, raw)
         self._log.info("kube_pods_indexed", pods=len(self._pods), addresses=len(self._owner))
 
@@ -322,12 +431,15 @@ class WorkloadIndex:
 
     def _upsert_pod(self, key: PodKey, raw: RawObject) -> None:
         old = self._pods.get(key)
-        record = pod_record(raw, old.seen if old is not None else next(self._seen))
+        record = pod_record(raw)
         if record is None:
             self._remove_pod(key)
             return
         if old == record:
             return
+        if old is not None and old.uid != record.uid:  # deleted and re-created between two lists
+            self._remove_pod(key)
+            old = None
         self._pods[key] = record
         self._identities.pop(key, None)
         if old is None or old.identity_data() != record.identity_data():
@@ -335,18 +447,37 @@ class WorkloadIndex:
         touched = set(record.ips) | set(old.ips if old else ())
         for ip in set(old.ips if old else ()) - set(record.ips):
             self._claims.get(ip, set()).discard(key)
+            self._claim_order.pop((ip, key), None)
         for ip in record.ips:
-            self._claims.setdefault(ip, set()).add(key)
+            claimants = self._claims.setdefault(ip, set())
+            if key not in claimants:
+                self._claim_order[(ip, key)] = next(self._claim_counter)
+                if claimants:
+                    self._conflict(ip, key, claimants)
+                claimants.add(key)
         self._elect(touched)
+
+    def _conflict(self, ip: str, claimant: PodKey, others: set[PodKey]) -> None:
+        metrics.pod_ip_conflict()
+        self._log.warning(
+            "kube_pod_ip_conflict",
+            ip=ip,
+            pod=f"{claimant[0]}/{claimant[1]}",
+            also_claimed_by=sorted(f"{ns}/{name}" for ns, name in others)[:5],
+            claimants=len(others) + 1,
+            owner="the most recent claim (a pod that is not terminating before one that is)",
+        )
 
     def _remove_pod(self, key: PodKey) -> None:
         old = self._pods.pop(key, None)
         self._identities.pop(key, None)
         if old is None:
             return
+        self._gone_pods.add(old.uid)
         self._changed(pod=key)
         for ip in old.ips:
             self._claims.get(ip, set()).discard(key)
+            self._claim_order.pop((ip, key), None)
         self._elect(set(old.ips))
 
     def _elect(self, ips: set[str]) -> None:
@@ -356,7 +487,10 @@ class WorkloadIndex:
                 self._claims.pop(ip, None)
                 self._owner.pop(ip, None)
                 continue
-            winner = max(claimants, key=lambda k: self._pods[k].rank())
+            # A pod that lists an IP is using it (a Pending pod's init containers already are). The CNI hands an
+            # IP to a new pod only after the old sandbox is gone, so the most recent claim is the one that holds
+            # it now; an older claimant is a pod whose deletion or node loss the index has not seen yet.
+            winner = max(claimants, key=lambda k: (not self._pods[k].terminating, self._claim_order.get((ip, k), -1)))
             if self._owner.get(ip) != winner:
                 self._owner[ip] = winner
                 if len(claimants) > 1:
@@ -381,7 +515,8 @@ class WorkloadIndex:
             labels: Mapping[str, str] | None = None
         else:
             values: dict[str, Any] = dict((raw.get("metadata") or {}).get("labels") or {})
-            values.setdefault(NAMESPACE_NAME_LABEL, name)
+            # Always the real name: before v1.21 the API server stores whatever a user sets for this label.
+            values[NAMESPACE_NAME_LABEL] = name
             labels = MappingProxyType(values)
         if self._namespaces.get(name) == labels:
             return
@@ -392,3 +527,40 @@ class WorkloadIndex:
         for key in [k for k in self._identities if k[0] == name]:
             del self._identities[key]
         self._changed(namespace=name)
+
+    # ---------------------------------------------------------------- service accounts
+    def _replace_service_accounts(self, items: list[RawObject]) -> None:
+        listed = {_key(raw): raw for raw in items}
+        for key in set(self._service_accounts) - set(listed):
+            self._set_service_account(key, None)
+        for key, raw in listed.items():
+            self._set_service_account(key, raw)
+
+    def _service_account_event(self, event: str, raw: RawObject) -> None:
+        self._set_service_account(_key(raw), None if event == "DELETED" else raw)
+
+    def _set_service_account(self, key: PodKey, raw: RawObject | None) -> None:
+        old = self._service_accounts.get(key)
+        if raw is None:
+            self._service_accounts.pop(key, None)
+            if old is not None:
+                self._gone_service_accounts.add(old.uid)
+            return
+        secrets = frozenset(
+            str(ref.get("name")) for ref in raw.get("secrets") or [] if isinstance(ref, dict) and ref.get("name")
+        )
+        record = ServiceAccountRecord(uid=str((raw.get("metadata") or {}).get("uid", "")), secrets=secrets)
+        if old is not None and old.uid != record.uid:
+            self._gone_service_accounts.add(old.uid)
+        self._service_accounts[key] = record
+
+
+def _key(raw: RawObject) -> PodKey:
+    meta = raw.get("metadata") or {}
+    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+def _start_time(raw: RawObject) -> str:
+    status = raw.get("status") or {}
+    meta = raw.get("metadata") or {}
+    return str(status.get("startTime") or meta.get("creationTimestamp") or "")

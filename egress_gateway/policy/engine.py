@@ -98,7 +98,9 @@ class CompiledPolicy:
 
 
 def _namespace_labels(identity: Identity) -> Mapping[str, str]:
-    if NAMESPACE_NAME_LABEL in identity.namespace_labels:
+    # The name label is always the identity's own namespace, whatever a resolver copied from a stored label: a
+    # tenant who may label its namespace must not match selectors written for another namespace's name.
+    if identity.namespace_labels.get(NAMESPACE_NAME_LABEL) == identity.namespace:
         return identity.namespace_labels
     return {**identity.namespace_labels, NAMESPACE_NAME_LABEL: identity.namespace}
 

@@ -13,6 +13,7 @@ policy sources.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,7 +26,7 @@ from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import events, layer, server_hooks
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
-from egress_gateway.identity.base import AuthenticationFailed
+from egress_gateway.identity.base import AuthenticationFailed, IdentityUnavailable, TooManyReviews
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.clienthello import starts_like_tls
@@ -664,8 +665,13 @@ class GatewayAddon:
         else:
             try:
                 identity = await self.gate.identify(state.address, request.headers.get("Proxy-Authorization"))
+            except TooManyReviews as exc:
+                state.retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+                verdict = Verdict(facts, adapter_denial(Reason.RATE_LIMITED, exc.reason))
             except AuthenticationFailed as exc:
                 verdict = Verdict(facts, adapter_denial(Reason.AUTH_REQUIRED, exc.reason))
+            except IdentityUnavailable as exc:
+                verdict = Verdict(facts, adapter_denial(Reason.UNKNOWN_CLIENT, exc.reason))
             else:
                 limited = self._over_namespace_share(state, identity) or self._rate_limited(state, identity)
                 if limited is not None:

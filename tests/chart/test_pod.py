@@ -137,18 +137,25 @@ def test_probes_metrics_policy_status_identity_and_shutdown(chart_pod: Pod) -> N
         b"unknown_client: "
     )
 
-    # Identity by ServiceAccount token (TokenReview, allowed only with that identity mode).
+    # Identity by ServiceAccount token (TokenReview, allowed only with that identity mode). With pod-IP identity
+    # also configured, the token is bound to its pod's address (identity.bind_token_to_pod_ip defaults on).
     token = fake_jwt(time.time() + 600, aud=["egress-gateway"])
+    payments = apiserver.get("pods", "shop", "payments-1") or {}
     apiserver.add_review_token(
-        token, username="system:serviceaccount:shop:payments", audiences=["egress-gateway"], exp=time.time() + 600
+        token,
+        username="system:serviceaccount:shop:payments",
+        audiences=["egress-gateway"],
+        exp=time.time() + 600,
+        extra={
+            "authentication.kubernetes.io/pod-name": ["payments-1"],
+            "authentication.kubernetes.io/pod-uid": [payments["metadata"]["uid"]],
+        },
     )
-    answer = connect(
-        gateway.proxy_port,
-        "dashboard.stripe.com:443",
-        source=UNKNOWN_POD,
-        extra=f"Proxy-Authorization: Bearer {token}\r\n",
-    )
-    assert answer.status == 403 and not answer.body.startswith(b"unknown_client")
+    proxy_authorization = f"Proxy-Authorization: Bearer {token}\r\n"
+    answer = connect(gateway.proxy_port, "dashboard.stripe.com:443", source=PAYMENTS_POD, extra=proxy_authorization)
+    assert answer.status == 403 and answer.body.startswith(b"denied_by_rule: ")
+    answer = connect(gateway.proxy_port, "dashboard.stripe.com:443", source=UNKNOWN_POD, extra=proxy_authorization)
+    assert answer.status == 407
 
     # Status through the Lease-elected writer (Role in the release namespace, status patch in the ClusterRole).
     def accepted() -> bool:
@@ -179,6 +186,7 @@ def test_probes_metrics_policy_status_identity_and_shutdown(chart_pod: Pod) -> N
         ("watch", "pods"),
         ("watch", "namespaces"),
         ("create", "tokenreviews"),
+        ("watch", "serviceaccounts"),
         ("patch", "egresspolicies/status"),
         ("create", "leases"),
     ]:

@@ -82,6 +82,7 @@ def test_cluster_role_grants_exactly_what_the_gateway_calls(all_objects: list[di
             ("", "pods", ("get", "list", "watch"), ()),
             ("", "namespaces", ("get", "list", "watch"), ()),
             ("authentication.k8s.io", "tokenreviews", ("create",), ()),
+            ("", "serviceaccounts", ("list", "watch"), ()),
         ]
     )
 
@@ -89,6 +90,7 @@ def test_cluster_role_grants_exactly_what_the_gateway_calls(all_objects: list[di
 def test_tokenreviews_only_with_service_account_token_identity(default_objects: list[dict[str, Any]]) -> None:
     resources = {resource for _, resource, _, _ in _rules(default_objects, "ClusterRole")}
     assert "tokenreviews" not in resources  # default identity.mode is [pod-ip]
+    assert "serviceaccounts" not in resources  # watched only to revoke cached token approvals
     assert {"pods", "namespaces", "egresspolicies", "clusteregresspolicies/status"} <= resources
 
 

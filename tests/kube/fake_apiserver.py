@@ -44,6 +44,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "clusteregresspolicies": ("egressgateway.io/v1alpha2", "ClusterEgressPolicy", False),
     "pods": ("v1", "Pod", True),
     "namespaces": ("v1", "Namespace", False),
+    "serviceaccounts": ("v1", "ServiceAccount", True),
     "leases": ("coordination.k8s.io/v1", "Lease", True),
 }
 _GROUP_PREFIX = {
@@ -51,6 +52,7 @@ _GROUP_PREFIX = {
     "clusteregresspolicies": "/apis/egressgateway.io/v1alpha2",
     "pods": "/api/v1",
     "namespaces": "/api/v1",
+    "serviceaccounts": "/api/v1",
     "leases": "/apis/coordination.k8s.io/v1",
 }
 

@@ -298,7 +298,7 @@ def test_service_account_token_identity_through_the_proxy(
     assert result.exit_code == 0 and result.status == 200, result.stderr
     assert result.json()["sni"] == "allowed.test"
     reviews = apiserver.requests_matching(lambda r: r.path.endswith("/tokenreviews"))
-    assert len(reviews) == 2  # the forged token and the good one; repeated use is cached
+    assert len(reviews) == 1  # the good one; the malformed one is refused without a review, repeated use is cached
 
 
 def _accepted_generation(apiserver: FakeApiServer, name: str) -> int | None:
@@ -404,3 +404,70 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_token_review_flood_from_one_address_gets_429_with_a_record(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    _identity_cluster(apiserver)
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {
+        "mode": ["service-account-token"],
+        "token_reviews_per_address": {"per_second": 0.01, "burst": 3},  # no refill within the test
+    }
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_policies_loaded", timeout=15)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+    statuses = []
+    for n in range(10):
+        answer = connect(
+            gateway.proxy_port,
+            target,
+            source=UNKNOWN_POD,
+            extra=f"Proxy-Authorization: Bearer {fake_jwt(time.time() + 600, junk=n)}\r\n",
+        )
+        answer.sock.close()
+        statuses.append((answer.status, answer.headers.get("retry-after")))
+    assert [s for s, _ in statuses] == [407] * 3 + [429] * 7
+    assert all(retry is not None and int(retry) >= 1 for s, retry in statuses if s == 429)
+    assert len(apiserver.requests_matching(lambda r: r.path.endswith("/tokenreviews"))) == 3
+    records = gateway.wait_for("egress_decision", lambda e: e.get("egress.reason") == "rate_limited", timeout=5)
+    assert records
+    # another address is not limited by the first one's flood
+    answer = connect(gateway.proxy_port, target, source=ANALYTICS_POD, extra="Proxy-Authorization: Bearer x.y.z\r\n")
+    answer.sock.close()
+    assert answer.status == 407
+
+
+def test_past_max_staleness_pod_ip_clients_are_unknown_with_the_reason_and_readiness_stays(
+    apiserver: FakeApiServer, tmp_path: Path, origin: tuple[OriginServer, TestCA], gateways: list[GatewayProcess]
+) -> None:
+    server, _ = origin
+    _identity_cluster(apiserver)
+    kubeconfig = apiserver.kubeconfig(tmp_path / "kubeconfig", token="gateway-a")
+    config = gateway_config(kubeconfig, write_status=False)
+    config["identity"] = {"mode": ["pod-ip"], "max_staleness_s": 1.0}
+    gateway = GatewayProcess(tmp_path / "gw", config).start()
+    gateways.append(gateway)
+    gateway.wait_for("kube_list_synced", lambda e: e.get("resource") == "Pod", timeout=15)
+    target = f"allowed.test:{server.port}"
+    assert poll_status(gateway, target, 200, 5.0) < 5.0  # pay-1 by its address
+
+    apiserver.hang()  # the API server stops answering; open watches are cut
+    apiserver.cut_watches(mid_event=False)
+    gateway.wait_for("pod_ip_identities_untrusted", timeout=10)
+    answer = connect(gateway.proxy_port, target, source=PAYMENTS_POD)
+    answer.sock.close()
+    assert answer.status == 403
+    assert answer.body.startswith(b"unknown_client: the pod index has been out of touch with the API server")
+    assert http_get(f"{gateway.admin_url}/readyz")[0] == 200  # on purpose: docs/operations.md says why
+    metrics_text = http_get(f"{gateway.admin_url}/metrics")[1]
+    assert "egress_gateway_pod_ip_identity_trusted 0.0" in metrics_text
+
+    apiserver.answer_again()
+    gateway.wait_for("pod_ip_identities_trusted_again", timeout=15)
+    assert poll_status(gateway, target, 200, 5.0) < 5.0

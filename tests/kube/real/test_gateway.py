@@ -206,19 +206,20 @@ def test_pod_ip_and_token_review_identity_with_the_charts_rbac(
     assert result.exit_code == 0 and result.status == 200, result.stderr
     assert connect_status(gateway, target, source=ANALYTICS_POD) == 403  # a pod the policy does not select
 
-    # TokenReview: a real bound token from the TokenRequest API identifies pay-1 from any address
+    # TokenReview: a real bound token from the TokenRequest API identifies pay-1, from pay-1's address only
+    # (identity.bind_token_to_pod_ip is on by default where pod-IP identity is configured too)
     token = cluster.token(ns, "payments", ["egress-gateway"], pod=pay)
     result = curl(
         gateway,
         f"https://{target}/token",
         "--proxy-header",
         f"Proxy-Authorization: Bearer {token}",
-        source=UNKNOWN_POD,
+        source=PAYMENTS_POD,
         ca=ca,
     )
     assert result.exit_code == 0 and result.status == 200, result.stderr
     wrong_audience = cluster.token(ns, "payments", ["someone-else"], pod=pay)
-    for credential in (wrong_audience, token[:-4] + "AAAA"):
+    for credential in (token, wrong_audience, token[:-4] + "AAAA"):
         answer = connect(
             gateway.proxy_port, target, source=UNKNOWN_POD, extra=f"Proxy-Authorization: Bearer {credential}\r\n"
         )
