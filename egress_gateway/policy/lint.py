@@ -95,9 +95,9 @@ def _public_suffix_wildcards(
                     LintCode.PUBLIC_SUFFIX_WILDCARD,
                     index,
                     f"spec.rules[{i}].hosts[{j}]",
-                    f"`{host}` (rule `{rule.name}`) spans the public suffix `{suffix}`: it matches names that "
-                    f"different owners register under `{suffix}`, not one organisation's domain",
-                    f"name the domains you mean (e.g. `api.example.{suffix}`)",
+                    f"`{host}` (rule `{rule.name}`) spans `{suffix}`, a public suffix (Public Suffix List): "
+                    f"names under it belong to different owners, so the wildcard admits all of them",
+                    f"list the names you mean; keep the wildcard only if every name under `{suffix}` may be reached",
                 )
 
 

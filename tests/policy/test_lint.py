@@ -59,7 +59,7 @@ def test_public_suffix_wildcard_warns(tmp_path: Path) -> None:
     warnings = payload["warnings"]
     assert codes(payload) == ["public_suffix_wildcard", "public_suffix_wildcard"]
     assert [w["field"] for w in warnings] == ["spec.rules[1].hosts[0]", "spec.rules[1].hosts[1]"]  # type: ignore[attr-defined]
-    assert "spans the public suffix `co.uk`" in warnings[0]["message"]  # type: ignore[index]
+    assert "spans `co.uk`, a public suffix" in warnings[0]["message"]  # type: ignore[index]
 
 
 def test_bucket_wildcard_is_a_public_suffix_wildcard(tmp_path: Path) -> None:
