@@ -2,10 +2,13 @@
 
 Lists connections matching the filters, or with --summary counts them by namespace, destination and decision;
 --suggest-policy NAMESPACE prints the EgressPolicy that would allow exactly what the namespace was seen using;
---replay POLICIES_DIR re-decides every recorded connection under candidate policies and reports what would flip.
+--replay POLICIES_DIR re-decides every recorded connection under candidate policies and reports what would flip,
+in both directions (allow -> deny closes access, deny -> allow opens it), and the candidate rules no recorded
+connection exercises ("untested by the trail"). --expect FILE lists intended changes, so a CI gate fails only on
+unintended ones; --fail-on opened|closed|any says which direction fails (default any).
 
-Exit codes: 0 done; 1 --replay found allowed connections the candidate would deny (a CI gate), or
---suggest-policy found nothing to suggest; 2 usage error, unreadable trail, invalid policies or config.
+Exit codes: 0 done; 1 --replay found unexpected changes in a --fail-on direction (a CI gate), or
+--suggest-policy found nothing to suggest; 2 usage error, unreadable trail, invalid policies, config or gate file.
 """
 
 from __future__ import annotations
@@ -121,6 +124,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument("--mode", choices=("Enforce", "Audit"), default="Enforce", help="--suggest-policy: spec.mode")
     parser.add_argument("--config", type=Path, help="--replay: gateway config (default_action, allowed_ranges, ...)")
     parser.add_argument("--default-action", choices=("Allow", "Deny"), help="--replay: override the config")
+    parser.add_argument(
+        "--expect",
+        type=Path,
+        metavar="FILE",
+        help="--replay: YAML list of intended changes (change: opened|closed, "
+        "namespace, pod, destination globs, why); they do not fail the gate",
+    )
+    parser.add_argument(
+        "--fail-on",
+        choices=("opened", "closed", "any"),
+        default="any",
+        help="--replay: which unexpected changes exit 1: opened (deny -> allow), closed (allow -> deny), any (default)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -221,10 +237,44 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     return 0
 
 
+REPLAY_COLUMNS = (
+    ("count", "COUNT"),
+    ("namespace", "NAMESPACE"),
+    ("pod", "POD"),
+    ("destination", "DESTINATION"),
+    ("before", "BEFORE"),
+    ("after", "AFTER"),
+    ("expected", "EXPECTED"),
+)
+REPLAY_SECTIONS = (
+    ("allow -> deny", "allow -> deny: access the candidate closes"),
+    ("deny -> allow", "deny -> allow: access the candidate opens"),
+    ("allow -> would deny (Audit mode)", "allow -> would deny: an Audit-mode candidate policy would deny"),
+)
+
+
+def _load_expectations(path: Path) -> list[Any]:
+    import yaml
+
+    from egress_gateway.audit.replay import parse_expectations
+
+    return parse_expectations(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     import json
 
-    from egress_gateway.audit.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
+    import yaml
+
+    from egress_gateway.audit.replay import (
+        ALLOW_TO_DENY,
+        CLOSED,
+        DENY_TO_ALLOW,
+        NEWLY_WOULD_DENY,
+        OPENED,
+        InvalidExpectation,
+        replay,
+    )
     from egress_gateway.policy.engine import Engine, EngineConfig
     from egress_gateway.policy.store import PolicyStore
     from egress_gateway.settings import configured_own_addresses, load_settings
@@ -236,6 +286,12 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         settings = load_settings(args.config) if args.config else None
     except Exception as exc:
         return _fail(f"invalid config: {exc}")
+    expectations = []
+    if args.expect is not None:
+        try:
+            expectations = _load_expectations(args.expect)
+        except (OSError, yaml.YAMLError, InvalidExpectation) as exc:
+            return _fail(f"--expect {args.expect}: {exc}")
     store = PolicyStore()
     errors = load_into_store([args.replay], store)
     if errors:
@@ -251,12 +307,15 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         own_addresses=configured_own_addresses(settings) if settings else frozenset(),
         require_sni_match=settings.require_sni_match if settings else True,
     )
-    report = replay(records, Engine(config, store.current))
+    report = replay(records, Engine(config, store.current), expectations=expectations)
+    payload = report.as_dict(args.fail_on)
     if args.output == "json":
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps(payload, indent=2))
     elif args.output == "csv":
         write_csv(
-            report.as_dict()["flips"], ("change", "count", "namespace", "destination", "before", "after"), sys.stdout
+            payload["flips"],
+            ("change", "count", "namespace", "pod", "destination", "before", "after", "expected"),
+            sys.stdout,
         )
     else:
         out = sys.stdout
@@ -264,40 +323,38 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         out.write(
             f"replayed {report.replayed} connection(s) under {policies} candidate policy object(s) from {args.replay}\n"
         )
+        closed, opened = report.count(ALLOW_TO_DENY), report.count(DENY_TO_ALLOW)
         out.write(
-            f"  allow -> deny: {report.count(ALLOW_TO_DENY)}   deny -> allow: {report.count(DENY_TO_ALLOW)}   "
+            f"  allow -> deny: {closed} ({closed - report.unexpected(CLOSED)} expected)   "
+            f"deny -> allow: {opened} ({opened - report.unexpected(OPENED)} expected)   "
             f"allow -> would deny: {report.count(NEWLY_WOULD_DENY)}   unchanged: {report.unchanged}\n"
         )
         if report.not_replayable:
             skipped = ", ".join(f"{reason}={n}" for reason, n in report.not_replayable.most_common())
             out.write(f"  not replayable (decided outside the policy engine): {skipped}\n")
-        if report.flips:
-            out.write("\n")
+        for change, title in REPLAY_SECTIONS:
             rows = [
-                {
-                    "change": key.change,
-                    "count": count,
-                    "namespace": key.namespace,
-                    "destination": key.destination,
-                    "before": key.before,
-                    "after": key.after,
-                }
-                for key, count in report.groups()
+                {**vars_of(key), "count": count, "expected": report.expected(key)}
+                for key, count in report.groups(change)
             ]
-            write_table(
-                rows,
-                (
-                    ("change", "CHANGE"),
-                    ("count", "COUNT"),
-                    ("namespace", "NAMESPACE"),
-                    ("destination", "DESTINATION"),
-                    ("before", "BEFORE"),
-                    ("after", "AFTER"),
-                ),
-                out,
-                max_cell=None,
-            )
-    return 1 if report.blocks_allowed_traffic else 0
+            if rows:
+                out.write(f"\n{title}\n")
+                write_table(rows, REPLAY_COLUMNS, out, max_cell=None)
+        if report.unmet():
+            out.write("\nexpected changes that did not happen (check the candidate or the --expect file):\n")
+            out.writelines(f"  - {e.describe()}\n" for e in report.unmet())
+        if report.untested:
+            out.write("\nuntested by the trail (no recorded connection of a selected client matches these rules):\n")
+            out.writelines(f"  - {u.describe()}\n" for u in report.untested)
+        unexpected = {CLOSED: report.unexpected(CLOSED), OPENED: report.unexpected(OPENED)}
+        counted = ", ".join(f"{k} {v}" for k, v in unexpected.items())
+        verdict = "FAIL" if report.fails(args.fail_on) else "pass"
+        out.write(f"\nresult: {verdict} (--fail-on {args.fail_on}; unexpected changes: {counted})\n")
+    return 1 if report.fails(args.fail_on) else 0
+
+
+def vars_of(key: Any) -> dict[str, Any]:
+    return {name: getattr(key, name) for name in key.__slots__}
 
 
 def run(args: argparse.Namespace) -> int:
