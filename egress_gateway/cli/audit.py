@@ -18,7 +18,7 @@ import ipaddress
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egress_gateway.audit import fields
 from egress_gateway.audit.render import write_csv, write_json_lines, write_table
@@ -73,6 +73,9 @@ SUMMARY_COLUMNS = (
     ("last_seen", "LAST SEEN"),
 )
 
+if TYPE_CHECKING:
+    from egress_gateway.policy.engine import Engine
+
 
 def _label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
@@ -119,10 +122,23 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--pod-label", type=_label, action="append", default=[], metavar="K=V", help="--suggest-policy: pod selector"
     )
-    parser.add_argument("--collapse", action="store_true", help="--suggest-policy: siblings become '*.parent'")
+    parser.add_argument(
+        "--collapse",
+        action="store_true",
+        help="--suggest-policy: siblings become '*.parent' (prints a warning naming what each wildcard newly admits)",
+    )
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        metavar="DIR",
+        help="--suggest-policy: the policies in force; what their Deny rules (any tier) or address safety refuse is "
+        "never suggested, and their rule names are kept where a suggestion extends a rule",
+    )
     parser.add_argument("--name", help="--suggest-policy: metadata.name (default NAMESPACE-observed)")
     parser.add_argument("--mode", choices=("Enforce", "Audit"), default="Enforce", help="--suggest-policy: spec.mode")
-    parser.add_argument("--config", type=Path, help="--replay: gateway config (default_action, allowed_ranges, ...)")
+    parser.add_argument(
+        "--config", type=Path, help="--replay, --suggest-policy: gateway config (default_action, allowed_ranges, ...)"
+    )
     parser.add_argument("--default-action", choices=("Allow", "Deny"), help="--replay: override the config")
     parser.add_argument(
         "--expect",
@@ -214,9 +230,48 @@ def _summary(records: Iterator[FlowRecord], output: str, top: int) -> int:
     return write_table(rows, SUMMARY_COLUMNS, sys.stdout)
 
 
+def _engine(policies: Path, args: argparse.Namespace, flag: str) -> Engine | None:
+    """The real engine over the policy files at `policies` and the gateway config; None (reported) when invalid."""
+    from egress_gateway.policy.engine import Engine, EngineConfig
+    from egress_gateway.policy.store import PolicyStore
+    from egress_gateway.settings import configured_own_addresses, load_settings
+    from egress_gateway.sources.files import load_into_store
+
+    if not policies.exists():
+        _fail(f"{flag} {policies}: no such file or directory")
+        return None
+    try:
+        settings = load_settings(args.config) if args.config else None
+    except Exception as exc:
+        _fail(f"invalid config: {exc}")
+        return None
+    store = PolicyStore()
+    errors = load_into_store([policies], store)
+    if errors:
+        for err in errors:
+            print(f"audit: invalid policy: {err}", file=sys.stderr)
+        return None
+    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
+    config = EngineConfig(
+        default_allow=default_action == "Allow",
+        allowed_ranges=tuple(
+            ipaddress.ip_network(r, strict=False) for r in (settings.allowed_ranges if settings else [])
+        ),
+        own_addresses=configured_own_addresses(settings) if settings else frozenset(),
+        require_sni_match=settings.require_sni_match if settings else True,
+    )
+    return Engine(config, store.current)
+
+
 def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     from egress_gateway.audit.suggest import suggest_policy
+    from egress_gateway.cli.lint import is_public_suffix
 
+    engine = None
+    if args.policies is not None:
+        engine = _engine(args.policies, args, "--policies")
+        if engine is None:
+            return 2
     suggestion = suggest_policy(
         records,
         args.suggest_policy,
@@ -224,7 +279,11 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         collapse=args.collapse,
         name=args.name,
         mode=args.mode,
+        engine=engine,
+        is_public_suffix=is_public_suffix,
     )
+    for warning in suggestion.warnings:
+        print(f"audit: warning: {warning}", file=sys.stderr)
     if suggestion.flows == 0:
         selector = "".join(f", pod label {k}={v}" for k, v in args.pod_label)
         print(
@@ -275,39 +334,17 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         InvalidExpectation,
         replay,
     )
-    from egress_gateway.policy.engine import Engine, EngineConfig
-    from egress_gateway.policy.store import PolicyStore
-    from egress_gateway.settings import configured_own_addresses, load_settings
-    from egress_gateway.sources.files import load_into_store
 
-    if not args.replay.exists():
-        return _fail(f"--replay {args.replay}: no such file or directory")
-    try:
-        settings = load_settings(args.config) if args.config else None
-    except Exception as exc:
-        return _fail(f"invalid config: {exc}")
     expectations = []
     if args.expect is not None:
         try:
             expectations = _load_expectations(args.expect)
         except (OSError, yaml.YAMLError, InvalidExpectation) as exc:
             return _fail(f"--expect {args.expect}: {exc}")
-    store = PolicyStore()
-    errors = load_into_store([args.replay], store)
-    if errors:
-        for err in errors:
-            print(f"audit: invalid policy: {err}", file=sys.stderr)
+    engine = _engine(args.replay, args, "--replay")
+    if engine is None:
         return 2
-    default_action = args.default_action or (settings.default_action.value if settings else "Deny")
-    config = EngineConfig(
-        default_allow=default_action == "Allow",
-        allowed_ranges=tuple(
-            ipaddress.ip_network(r, strict=False) for r in (settings.allowed_ranges if settings else [])
-        ),
-        own_addresses=configured_own_addresses(settings) if settings else frozenset(),
-        require_sni_match=settings.require_sni_match if settings else True,
-    )
-    report = replay(records, Engine(config, store.current), expectations=expectations)
+    report = replay(records, engine, expectations=expectations)
     payload = report.as_dict(args.fail_on)
     if args.output == "json":
         print(json.dumps(payload, indent=2))
@@ -319,7 +356,7 @@ def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         )
     else:
         out = sys.stdout
-        policies = len(store.current)
+        policies = len(engine.policies)
         out.write(
             f"replayed {report.replayed} connection(s) under {policies} candidate policy object(s) from {args.replay}\n"
         )
