@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,17 @@ from typing import Any
 from egress_gateway.policy.lint import LintWarning, describe, lint_policies
 from egress_gateway.policy.model import PolicyObject
 from egress_gateway.sources.files import LoadError, load_paths
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A valid object and where it came from."""
+
+    file: str
+    document: int
+    policy: PolicyObject
+    version: str
+    api_version: str
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,14 +79,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     results = load_paths(args.paths)
     errors = [err for result in results.values() for err in result.errors]
-    located: list[tuple[str, int, PolicyObject, str]] = [  # (file, document, object, version)
-        (str(path), document, item.policy, item.version)
+    located: list[Located] = [
+        Located(str(path), document, item.policy, item.version, api_version)
         for path, result in results.items()
-        for item, document in zip(result.objects, result.documents, strict=True)
+        for item, document, api_version in zip(result.objects, result.documents, result.api_versions, strict=True)
     ]
-    warnings = lint_policies(
-        [policy for _, _, policy, _ in located], is_public_suffix=is_public_suffix, names=args.name
-    )
+    warnings = lint_policies([item.policy for item in located], is_public_suffix=is_public_suffix, names=args.name)
     failed = bool(errors) or (args.strict and bool(warnings))
     if args.output == "json":
         print(json.dumps(_json_report(results, errors, located, warnings, failed), indent=2))
@@ -91,17 +101,15 @@ def _where(file: str, document: int | None) -> str:
     return f"{file}: document {document}" if document is not None else f"{file}: file"
 
 
-def _print_text(
-    errors: list[LoadError], located: list[tuple[str, int, PolicyObject, str]], warnings: list[LintWarning]
-) -> None:
+def _print_text(errors: list[LoadError], located: list[Located], warnings: list[LintWarning]) -> None:
     for err in errors:
         field = f" {err.error.field}:" if err.error.field else ""
         print(f"{_where(err.file, err.document)}:{field} {err.error.message}")
         if err.error.hint:
             print(f"    hint: {err.error.hint}")
     for warning in warnings:
-        file, document, _, _ = located[warning.policy_index]
-        print(f"{_where(file, document)}: {warning.field}: warning ({warning.code}): {warning.message}")
+        item = located[warning.policy_index]
+        print(f"{_where(item.file, item.document)}: {warning.field}: warning ({warning.code}): {warning.message}")
         if warning.hint:
             print(f"    hint: {warning.hint}")
 
@@ -109,7 +117,7 @@ def _print_text(
 def _json_report(
     results: dict[Path, Any],
     errors: list[LoadError],
-    located: list[tuple[str, int, PolicyObject, str]],
+    located: list[Located],
     warnings: list[LintWarning],
     failed: bool,
 ) -> dict[str, Any]:
@@ -120,22 +128,22 @@ def _json_report(
         "objects": len(located),
         "policies": [
             {
-                "file": file,
-                "document": document,
-                "apiVersion": policy.api_version,
-                "kind": policy.kind,
-                "namespace": policy.metadata.namespace,
-                "name": policy.metadata.name,
-                "version": version,
+                "file": item.file,
+                "document": item.document,
+                "apiVersion": item.api_version,  # as written (the model may hold it in the storage version)
+                "kind": item.policy.kind,
+                "namespace": item.policy.metadata.namespace,
+                "name": item.policy.metadata.name,
+                "version": item.version,
             }
-            for file, document, policy, version in located
+            for item in located
         ],
         "errors": [_error_dict(e) for e in errors],
         "warnings": [
             {
-                "file": located[w.policy_index][0],
-                "document": located[w.policy_index][1],
-                "policy": describe(located[w.policy_index][2]),
+                "file": located[w.policy_index].file,
+                "document": located[w.policy_index].document,
+                "policy": describe(located[w.policy_index].policy),
                 "code": str(w.code),
                 "field": w.field,
                 "message": w.message,

@@ -51,8 +51,17 @@ def describe(policy: PolicyObject) -> str:
     return f"{policy.kind} {meta.namespace}/{meta.name}" if meta.namespace else f"{policy.kind} {meta.name}"
 
 
-def _is_v1alpha1(policy: PolicyObject) -> bool:
-    return policy.api_version.endswith("/v1alpha1")
+def _tier(policy: PolicyObject) -> str:
+    """Where a policy is evaluated: `Admin`, `Namespace` or `Baseline`. Namespaced policies, and cluster policies
+    without tiers (v1alpha1, read as the Namespace tier), are evaluated together in the Namespace tier."""
+    return str(getattr(policy.spec, "tier", None) or "Namespace")
+
+
+def _evaluation_order(policy: PolicyObject) -> tuple[int, int]:
+    """Admin by priority, then the Namespace tier, then Baseline by priority (docs/policy-reference.md)."""
+    tier = _tier(policy)
+    priority = int(getattr(policy.spec, "priority", 0) or 0)
+    return {"Admin": (0, priority), "Baseline": (2, priority)}.get(tier, (1, 0))
 
 
 def _allows(rule: Rule) -> bool:
@@ -145,15 +154,15 @@ def _allows_nothing(index: int, policy: PolicyObject) -> Iterable[LintWarning]:
     compiled = compile_selector(policy.spec.pod_selector)
     pods = "every pod" if compiled.selects_all else f"the pods labelled {compiled.describe()}"
     if isinstance(policy, ClusterEgressPolicy):
-        if not _is_v1alpha1(policy):
-            return  # v1alpha2 tiers: a cluster policy's Deny rules decide first, the rest falls through
+        if _tier(policy) != "Namespace":
+            return  # Admin/Baseline tiers: what its Deny rules do not decide falls through to the next tier
         yield LintWarning(
             LintCode.DENY_ONLY_CLUSTER_POLICY,
             index,
             "spec.rules",
             f"{describe(policy)} has no Allow rule, yet it selects {pods} in the namespaces it matches: "
-            "in v1alpha1 every policy selecting a pod makes it deny-by-default, so those pods lose every "
-            "destination no other policy allows (no_matching_rule), even under default_action Allow",
+            "as a v1alpha1 (Namespace-tier) policy it makes every pod it selects deny-by-default, so those pods "
+            "lose every destination no other policy allows (no_matching_rule), even under default_action Allow",
             "to deny a few destinations cluster-wide and leave the rest to each namespace, use apiVersion "
             "egressgateway.io/v1alpha2 (tiers), or add the Allow rules the selected pods need",
         )
@@ -229,8 +238,8 @@ def _selects_all_of(denying: PolicyObject, allowing: PolicyObject) -> bool:
     """Does `denying` select at least every pod `allowing` selects? (conservative: only sure cases say yes)"""
     if denying.spec.mode is not Mode.ENFORCE:
         return False
-    if getattr(denying.spec, "tier", None) == "Baseline":
-        return False  # a Baseline Deny is evaluated after the namespace's policies; it shadows nothing of theirs
+    if _evaluation_order(denying) > _evaluation_order(allowing):
+        return False  # the Allow decides first (e.g. a namespaced Allow before a Baseline Deny)
     pods = compile_selector(denying.spec.pod_selector).selects_all or _same_selector(
         denying.spec.pod_selector, allowing.spec.pod_selector
     )

@@ -244,8 +244,8 @@ def _partial_semantic_errors(data: Mapping[str, Any], kind: str, model: type[Bas
             continue
         errors.extend(_rule_errors(i, rule))  # type: ignore[arg-type]
     metadata = data.get("metadata")
-    namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
-    errors.extend(_scope_errors(kind, namespace))
+    if isinstance(metadata, Mapping):  # otherwise the schema pass already said metadata is wrong
+        errors.extend(_scope_errors(kind, metadata.get("namespace")))
     return errors
 
 

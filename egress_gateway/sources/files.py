@@ -49,6 +49,7 @@ class LoadResult:
     objects: list[Versioned] = field(default_factory=list)
     errors: list[LoadError] = field(default_factory=list)
     documents: list[int] = field(default_factory=list)  # document index of each of `objects`, in order
+    api_versions: list[str] = field(default_factory=list)  # apiVersion each of `objects` was written in
 
     @property
     def ok(self) -> bool:
@@ -108,6 +109,7 @@ def load_text(text: str, source: str) -> LoadResult:
         seen[key] = index
         result.objects.append(Versioned(policy, content_version(data)))
         result.documents.append(index)
+        result.api_versions.append(str(data.get("apiVersion")))
     return result
 
 
