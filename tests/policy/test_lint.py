@@ -106,6 +106,22 @@ def test_allow_shadowed_by_a_broader_deny_in_the_same_selection(tmp_path: Path) 
         assert clean["warnings"] == [], variant
 
 
+def test_allow_shadowed_by_a_cluster_deny_that_selects_its_namespace(tmp_path: Path) -> None:
+    cluster = (
+        "apiVersion: egressgateway.io/v1alpha1\nkind: ClusterEgressPolicy\nmetadata: {name: no-paste}\nspec:\n"
+        "  namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: shop}}\n  rules:\n"
+        "    - {name: stripe, hosts: [api.stripe.com], ports: [443]}\n"
+        '    - {name: no-paste, action: Deny, hosts: ["*.pastebin.com"]}\n'
+    )
+    allow = policy(STRIPE, "{name: paste, hosts: [www.pastebin.com]}")
+    _, payload = lint_json(str(write(tmp_path, allow + "---\n" + cluster)))
+    assert codes(payload) == ["shadowed_rule"]
+    assert "Deny rule `no-paste` of ClusterEgressPolicy no-paste" in payload["warnings"][0]["message"]  # type: ignore[index]
+    elsewhere = cluster.replace("metadata.name: shop", "metadata.name: other")
+    _, clean = lint_json(str(write(tmp_path, allow + "---\n" + elsewhere, "elsewhere.yaml")))
+    assert clean["warnings"] == []
+
+
 def test_namespaced_policy_without_allow_rules_allowlists_nothing(tmp_path: Path) -> None:
     code, payload = lint_json(str(write(tmp_path, policy("{name: no-paste, action: Deny, hosts: [pastebin.com]}"))))
     assert code == 0 and codes(payload) == ["allows_nothing"]
