@@ -30,9 +30,9 @@ from egress_gateway.audit.trail import FlowRecord
 from egress_gateway.policy.decision import Reason
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.errors import InvalidName, InvalidTarget
-from egress_gateway.policy.near_miss import rule_matches_host
 from egress_gateway.policy.hostnames import parse_host_pattern
 from egress_gateway.policy.model import GROUP_VERSION, Action
+from egress_gateway.policy.near_miss import rule_matches_host
 from egress_gateway.policy.targets import normalize_host
 from egress_gateway.policy.validation import validate_object
 
