@@ -191,3 +191,26 @@ def test_json_output_lists_policies_with_versions(tmp_path: Path) -> None:
         0,
     )
     assert entry["version"].startswith("sha256:")
+
+
+def test_v1alpha2_tiers_decide_what_shadows_and_what_is_a_trap(tmp_path: Path) -> None:
+    """An Admin Deny shadows a namespaced Allow; a Baseline Deny does not (the namespace decides first); an Admin
+    Allow at an earlier priority is not shadowed by a later Admin Deny; a deny-only Admin policy is no trap."""
+    v2 = "apiVersion: egressgateway.io/v1alpha2\n"
+    text = (
+        v2 + "kind: ClusterEgressPolicy\nmetadata: {name: no-paste}\nspec:\n  tier: Admin\n  priority: 10\n"
+        "  rules:\n    - {name: no-paste, action: Deny, hosts: [pastebin.com, paste.example.org]}\n---\n"
+        + v2
+        + "kind: ClusterEgressPolicy\nmetadata: {name: early}\nspec:\n  tier: Admin\n  priority: 5\n"
+        "  rules:\n    - {name: vendor-paste, hosts: [paste.example.org]}\n---\n"
+        + v2
+        + "kind: ClusterEgressPolicy\nmetadata: {name: base}\nspec:\n  tier: Baseline\n"
+        "  rules:\n    - {name: no-cdn, action: Deny, hosts: [cdn.example.com]}\n---\n"
+        + v2
+        + "kind: EgressPolicy\nmetadata: {name: web, namespace: shop}\nspec:\n"
+        "  rules:\n    - {name: paste, hosts: [pastebin.com]}\n    - {name: cdn, hosts: [cdn.example.com]}\n"
+    )
+    code, payload = lint_json(str(write(tmp_path, text)))
+    assert code == 0, payload
+    warnings = [(w["code"], w["policy"], w["field"]) for w in payload["warnings"]]  # type: ignore[attr-defined]
+    assert warnings == [("shadowed_rule", "EgressPolicy shop/web", "spec.rules[0]")]
