@@ -28,7 +28,7 @@ from egress_gateway.audit import fields
 from egress_gateway.audit.replay import facts_from_record
 from egress_gateway.audit.trail import FlowRecord
 from egress_gateway.policy.decision import Reason
-from egress_gateway.policy.engine import Engine
+from egress_gateway.policy.engine import Engine, PolicySet
 from egress_gateway.policy.errors import InvalidName, InvalidTarget
 from egress_gateway.policy.hostnames import parse_host_pattern
 from egress_gateway.policy.model import GROUP_VERSION, Action
@@ -157,6 +157,13 @@ class _Screen:
     def __init__(self, namespace: str, engine: Engine | None) -> None:
         self.namespace = namespace
         self.engine = engine
+        # The same policies without the namespace's own: what the cluster tiers (Admin, Baseline) decide when the
+        # namespace's policies have no say. A suggestion must not override a Baseline Deny either.
+        self.cluster_only = (
+            Engine(engine.config, PolicySet.build(p for p in engine.policies.policies if p.namespace != namespace))
+            if engine is not None
+            else None
+        )
         self.unreachable: dict[str, str] = {}  # name -> the recorded reason it was refused
         self._verdicts: dict[tuple[object, ...], str | None] = {}
 
@@ -178,12 +185,16 @@ class _Screen:
         facts = facts_from_record(record)
         key = (tuple(sorted(record.pod_labels.items())), facts.target, facts.port, facts.destination_ip, facts.sni)
         if key not in self._verdicts:
-            decision = self.engine.decide(facts)
             why = None
-            if not decision.allowed and decision.reason in _REFUSED:
-                why = decision.message
-            elif decision.would_deny and decision.audit_reason is Reason.DENIED_BY_RULE:
-                why = f"an Audit-mode policy would deny it: rule {decision.audit_rule!r} of {decision.audit_policy}"
+            for engine in (self.engine, self.cluster_only):
+                assert engine is not None
+                decision = engine.decide(facts)
+                if not decision.allowed and decision.reason in _REFUSED:
+                    why = decision.message
+                elif decision.would_deny and decision.audit_reason is Reason.DENIED_BY_RULE:
+                    why = f"an Audit-mode policy would deny it: rule {decision.audit_rule!r} of {decision.audit_policy}"
+                if why is not None:
+                    break
             self._verdicts[key] = why
         return self._verdicts[key]
 

@@ -147,3 +147,24 @@ def test_collapse_warns_what_the_wildcard_newly_admits(trail: Path, capsys: pyte
     )
     assert f"audit: warning: {warning}" in err
     assert f"# WARNING: {warning}" in out
+
+
+BASELINE_DENY = """\
+apiVersion: egressgateway.io/v1alpha2
+kind: ClusterEgressPolicy
+metadata: {name: baseline}
+spec:
+  tier: Baseline
+  rules:
+    - {name: no-warehouse, action: Deny, hosts: [warehouse.example.com]}
+"""
+
+
+def test_never_suggests_what_a_baseline_tier_denies(trail: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The namespace's own policy selects the pod (so the engine stops at the namespace tier with no_matching_rule);
+    a suggestion would override the Baseline Deny, so it is left out."""
+    policies = write_policies(trail.parent / "baseline", BASELINE_DENY, WAREHOUSE)
+    code, out, _ = suggest(capsys, trail, "--policies", str(policies))
+    assert code == 0
+    assert "warehouse.example.com" not in hosts(out)
+    assert "# not included: warehouse.example.com:5432: " in out and "rule 'no-warehouse'" in out
