@@ -2,10 +2,13 @@
 
 Lists connections matching the filters, or with --summary counts them by namespace, destination and decision;
 --suggest-policy NAMESPACE prints the EgressPolicy that would allow exactly what the namespace was seen using;
---replay POLICIES_DIR re-decides every recorded connection under candidate policies and reports what would flip.
+--replay POLICIES_DIR re-decides every recorded connection under candidate policies and reports what would flip,
+in both directions (allow -> deny closes access, deny -> allow opens it), and the candidate rules no recorded
+connection exercises ("untested by the trail"). --expect FILE lists intended changes, so a CI gate fails only on
+unintended ones; --fail-on opened|closed|any says which direction fails (default any).
 
-Exit codes: 0 done; 1 --replay found allowed connections the candidate would deny (a CI gate), or
---suggest-policy found nothing to suggest; 2 usage error, unreadable trail, invalid policies or config.
+Exit codes: 0 done; 1 --replay found unexpected changes in a --fail-on direction (a CI gate), or
+--suggest-policy found nothing to suggest; 2 usage error, unreadable trail, invalid policies, config or gate file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from egress_gateway.audit import fields
 from egress_gateway.trail.read import FlowFilter, FlowRecord, ReadStats, parse_time, read_records, summarize
@@ -69,6 +72,9 @@ SUMMARY_COLUMNS = (
     ("last_seen", "LAST SEEN"),
 )
 
+if TYPE_CHECKING:
+    from egress_gateway.policy.engine import Engine
+
 
 def _label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
@@ -115,11 +121,37 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.add_argument(
         "--pod-label", type=_label, action="append", default=[], metavar="K=V", help="--suggest-policy: pod selector"
     )
-    parser.add_argument("--collapse", action="store_true", help="--suggest-policy: siblings become '*.parent'")
+    parser.add_argument(
+        "--collapse",
+        action="store_true",
+        help="--suggest-policy: siblings become '*.parent' (prints a warning naming what each wildcard newly admits)",
+    )
+    parser.add_argument(
+        "--policies",
+        type=Path,
+        metavar="DIR",
+        help="--suggest-policy: the policies in force; what their Deny rules (any tier) or address safety refuse is "
+        "never suggested, and their rule names are kept where a suggestion extends a rule",
+    )
     parser.add_argument("--name", help="--suggest-policy: metadata.name (default NAMESPACE-observed)")
     parser.add_argument("--mode", choices=("Enforce", "Audit"), default="Enforce", help="--suggest-policy: spec.mode")
-    parser.add_argument("--config", type=Path, help="--replay: gateway config (default_action, allowed_ranges, ...)")
+    parser.add_argument(
+        "--config", type=Path, help="--replay, --suggest-policy: gateway config (default_action, allowed_ranges, ...)"
+    )
     parser.add_argument("--default-action", choices=("Allow", "Deny"), help="--replay: override the config")
+    parser.add_argument(
+        "--expect",
+        type=Path,
+        metavar="FILE",
+        help="--replay: YAML list of intended changes (change: opened|closed, "
+        "namespace, pod, destination globs, why); they do not fail the gate",
+    )
+    parser.add_argument(
+        "--fail-on",
+        choices=("opened", "closed", "any"),
+        default="any",
+        help="--replay: which unexpected changes exit 1: opened (deny -> allow), closed (allow -> deny), any (default)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -197,9 +229,41 @@ def _summary(records: Iterator[FlowRecord], output: str, top: int) -> int:
     return write_table(rows, SUMMARY_COLUMNS, sys.stdout)
 
 
+def _engine(policies: Path, args: argparse.Namespace, flag: str) -> Engine | None:
+    """The real engine over the policy files at `policies` and the gateway config; None (reported) when invalid."""
+    from egress_gateway.engine_config import engine_config
+    from egress_gateway.policy.engine import Engine
+    from egress_gateway.policy.store import PolicyStore
+    from egress_gateway.settings import load_settings
+    from egress_gateway.sources.files import load_into_store
+
+    if not policies.exists():
+        _fail(f"{flag} {policies}: no such file or directory")
+        return None
+    try:
+        settings = load_settings(args.config) if args.config else None
+    except Exception as exc:
+        _fail(f"invalid config: {exc}")
+        return None
+    store = PolicyStore()
+    errors = load_into_store([policies], store)
+    if errors:
+        for err in errors:
+            print(f"audit: invalid policy: {err}", file=sys.stderr)
+        return None
+    config = engine_config(settings, default_action=args.default_action)
+    return Engine(config, store.current)
+
+
 def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
+    from egress_gateway.cli.lint import is_public_suffix
     from egress_gateway.trail.suggest import suggest_policy
 
+    engine = None
+    if args.policies is not None:
+        engine = _engine(args.policies, args, "--policies")
+        if engine is None:
+            return 2
     suggestion = suggest_policy(
         records,
         args.suggest_policy,
@@ -207,7 +271,11 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
         collapse=args.collapse,
         name=args.name,
         mode=args.mode,
+        engine=engine,
+        is_public_suffix=is_public_suffix,
     )
+    for warning in suggestion.warnings:
+        print(f"audit: warning: {warning}", file=sys.stderr)
     if suggestion.flows == 0:
         selector = "".join(f", pod label {k}={v}" for k, v in args.pod_label)
         print(
@@ -220,76 +288,102 @@ def _suggest(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     return 0
 
 
+REPLAY_COLUMNS = (
+    ("count", "COUNT"),
+    ("namespace", "NAMESPACE"),
+    ("pod", "POD"),
+    ("destination", "DESTINATION"),
+    ("before", "BEFORE"),
+    ("after", "AFTER"),
+    ("expected", "EXPECTED"),
+)
+REPLAY_SECTIONS = (
+    ("allow -> deny", "allow -> deny: access the candidate closes"),
+    ("deny -> allow", "deny -> allow: access the candidate opens"),
+    ("allow -> would deny (Audit mode)", "allow -> would deny: an Audit-mode candidate policy would deny"),
+)
+
+
+def _load_expectations(path: Path) -> list[Any]:
+    import yaml
+
+    from egress_gateway.trail.replay import parse_expectations
+
+    return parse_expectations(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
 def _replay(records: Iterator[FlowRecord], args: argparse.Namespace) -> int:
     import json
 
-    from egress_gateway.engine_config import engine_config
-    from egress_gateway.policy.engine import Engine
-    from egress_gateway.policy.store import PolicyStore
-    from egress_gateway.settings import load_settings
-    from egress_gateway.sources.files import load_into_store
-    from egress_gateway.trail.replay import ALLOW_TO_DENY, DENY_TO_ALLOW, NEWLY_WOULD_DENY, replay
+    import yaml
 
-    if not args.replay.exists():
-        return _fail(f"--replay {args.replay}: no such file or directory")
-    try:
-        settings = load_settings(args.config) if args.config else None
-    except Exception as exc:
-        return _fail(f"invalid config: {exc}")
-    store = PolicyStore()
-    errors = load_into_store([args.replay], store)
-    if errors:
-        for err in errors:
-            print(f"audit: invalid policy: {err}", file=sys.stderr)
+    from egress_gateway.trail.replay import (
+        ALLOW_TO_DENY,
+        CLOSED,
+        DENY_TO_ALLOW,
+        NEWLY_WOULD_DENY,
+        OPENED,
+        InvalidExpectation,
+        replay,
+    )
+
+    expectations = []
+    if args.expect is not None:
+        try:
+            expectations = _load_expectations(args.expect)
+        except (OSError, yaml.YAMLError, InvalidExpectation) as exc:
+            return _fail(f"--expect {args.expect}: {exc}")
+    engine = _engine(args.replay, args, "--replay")
+    if engine is None:
         return 2
-    config = engine_config(settings, default_action=args.default_action)
-    report = replay(records, Engine(config, store.current))
+    report = replay(records, engine, expectations=expectations)
+    payload = report.as_dict(args.fail_on)
     if args.output == "json":
-        print(json.dumps(report.as_dict(), indent=2))
+        print(json.dumps(payload, indent=2))
     elif args.output == "csv":
         write_csv(
-            report.as_dict()["flips"], ("change", "count", "namespace", "destination", "before", "after"), sys.stdout
+            payload["flips"],
+            ("change", "count", "namespace", "pod", "destination", "before", "after", "expected"),
+            sys.stdout,
         )
     else:
         out = sys.stdout
-        policies = len(store.current)
+        policies = len(engine.policies)
         out.write(
             f"replayed {report.replayed} connection(s) under {policies} candidate policy object(s) from {args.replay}\n"
         )
+        closed, opened = report.count(ALLOW_TO_DENY), report.count(DENY_TO_ALLOW)
         out.write(
-            f"  allow -> deny: {report.count(ALLOW_TO_DENY)}   deny -> allow: {report.count(DENY_TO_ALLOW)}   "
+            f"  allow -> deny: {closed} ({closed - report.unexpected(CLOSED)} expected)   "
+            f"deny -> allow: {opened} ({opened - report.unexpected(OPENED)} expected)   "
             f"allow -> would deny: {report.count(NEWLY_WOULD_DENY)}   unchanged: {report.unchanged}\n"
         )
         if report.not_replayable:
             skipped = ", ".join(f"{reason}={n}" for reason, n in report.not_replayable.most_common())
             out.write(f"  not replayable (decided outside the policy engine): {skipped}\n")
-        if report.flips:
-            out.write("\n")
+        for change, title in REPLAY_SECTIONS:
             rows = [
-                {
-                    "change": key.change,
-                    "count": count,
-                    "namespace": key.namespace,
-                    "destination": key.destination,
-                    "before": key.before,
-                    "after": key.after,
-                }
-                for key, count in report.groups()
+                {**vars_of(key), "count": count, "expected": report.expected(key)}
+                for key, count in report.groups(change)
             ]
-            write_table(
-                rows,
-                (
-                    ("change", "CHANGE"),
-                    ("count", "COUNT"),
-                    ("namespace", "NAMESPACE"),
-                    ("destination", "DESTINATION"),
-                    ("before", "BEFORE"),
-                    ("after", "AFTER"),
-                ),
-                out,
-                max_cell=None,
-            )
-    return 1 if report.blocks_allowed_traffic else 0
+            if rows:
+                out.write(f"\n{title}\n")
+                write_table(rows, REPLAY_COLUMNS, out, max_cell=None)
+        if report.unmet():
+            out.write("\nexpected changes that did not happen (check the candidate or the --expect file):\n")
+            out.writelines(f"  - {e.describe()}\n" for e in report.unmet())
+        if report.untested:
+            out.write("\nuntested by the trail (no recorded connection of a selected client matches these rules):\n")
+            out.writelines(f"  - {u.describe()}\n" for u in report.untested)
+        unexpected = {CLOSED: report.unexpected(CLOSED), OPENED: report.unexpected(OPENED)}
+        counted = ", ".join(f"{k} {v}" for k, v in unexpected.items())
+        verdict = "FAIL" if report.fails(args.fail_on) else "pass"
+        out.write(f"\nresult: {verdict} (--fail-on {args.fail_on}; unexpected changes: {counted})\n")
+    return 1 if report.fails(args.fail_on) else 0
+
+
+def vars_of(key: Any) -> dict[str, Any]:
+    return {name: getattr(key, name) for name in key.__slots__}
 
 
 def run(args: argparse.Namespace) -> int:

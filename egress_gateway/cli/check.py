@@ -11,17 +11,19 @@ import ipaddress
 import json
 import socket
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from egress_gateway.engine_config import engine_config
-from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.errors import InvalidTarget
 from egress_gateway.policy.explain import explain, render
 from egress_gateway.policy.model import NAMESPACE_NAME_LABEL
+from egress_gateway.policy.near_miss import NearMiss, near_misses
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.targets import normalize_host, parse_authority
 from egress_gateway.settings import DefaultAction, load_settings
@@ -79,7 +81,7 @@ def _resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def _print_text(decision: Decision, ip: str | None) -> None:
+def _print_text(decision: Decision, ip: str | None, misses: list[NearMiss]) -> None:
     print(f"decision: {decision.verdict}")
     print(f"reason:   {decision.reason}")
     if ip:
@@ -101,6 +103,10 @@ def _print_text(decision: Decision, ip: str | None) -> None:
         for decider in decision.audit_deciders:
             print(f"would_deny decider: {decider}")
     print(decision.message)
+    if misses:
+        print("near misses:")
+        for miss in misses:
+            print(f"  - {miss.sentence}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,6 +157,15 @@ def run(args: argparse.Namespace) -> int:
         for ip in candidates
     ]
     ip, decision = next(((i, d) for i, d in decisions if d.allowed), decisions[0])
+    # Near misses explain rule outcomes; a deny decided before the rules (address safety, SNI, unknown client) has none.
+    by_rules = decision.reason in (
+        Reason.NO_MATCHING_RULE,
+        Reason.NO_POLICY,
+        Reason.DENIED_BY_RULE,
+        Reason.ALLOWED_BY_RULE,
+    )
+    decided = Facts(identity, host, port, sni=args.sni, host_header=header, destination_ip=ip)
+    misses = near_misses(store.current, decided, time.time()) if by_rules else []
     walk = None
     if args.explain:
         facts = Facts(identity, host, port, sni=args.sni, host_header=header, destination_ip=ip)
@@ -167,11 +182,14 @@ def run(args: argparse.Namespace) -> int:
             payload[key] = asdict(ref) if ref else None
         for key in ("deciders", "audit_deciders"):
             payload[key] = [asdict(d) for d in getattr(decision, key)]
+        payload["near_misses"] = [
+            {"policy": asdict(miss.policy), "rule": miss.rule, "sentence": miss.sentence} for miss in misses
+        ]
         if args.explain:
             payload["walk"] = [asdict(tier) for tier in walk.tiers] if walk else []
         print(json.dumps(payload, indent=2, default=str))
     else:
-        _print_text(decision, str(ip) if ip else None)
+        _print_text(decision, str(ip) if ip else None, misses)
         if walk is not None:
             print("tier walk:")
             for line in render(walk):

@@ -38,7 +38,7 @@ import structlog
 from kubernetes.aio.client import ApiClient, AuthenticationV1Api, V1TokenReview, V1TokenReviewSpec
 from kubernetes.aio.client.exceptions import ApiException
 
-from egress_gateway.audit import metrics
+from egress_gateway import metrics
 from egress_gateway.identity.base import AuthenticationFailed, TooManyReviews
 from egress_gateway.identity.jwt import MalformedToken, ParsedToken, parse_token
 from egress_gateway.identity.review_limits import AddressRateLimiter

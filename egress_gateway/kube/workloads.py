@@ -365,6 +365,11 @@ class WorkloadIndex:
                 self._log.exception("identity_change_subscriber_failed")
 
     # ---------------------------------------------------------------- lookups (data path: dict reads only)
+    def owner_of(self, ip: str) -> PodRecord | None:
+        canonical = canonical_ip(ip)
+        key = self._owner.get(canonical) if canonical else None
+        return self._pods.get(key) if key else None
+
     def pod(self, namespace: str, name: str) -> PodRecord | None:
         return self._pods.get((namespace, name))
 

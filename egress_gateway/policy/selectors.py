@@ -45,6 +45,13 @@ class Selector:
                 return False
         return all(req.matches(labels) for req in self.requirements)
 
+    def describe(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.labels]
+        for req in self.requirements:
+            values = ",".join(sorted(req.values))
+            parts.append(f"{req.key} {req.operator} ({values})" if values else f"{req.key} {req.operator}")
+        return ", ".join(parts) or "(all)"
+
 
 SELECT_ALL = Selector()
 

@@ -1,17 +1,21 @@
 """Validation of one policy object: schema (pydantic) plus the checks that span fields.
 
 Owns: `validate_object(data) -> PolicyObject`, the one validator shared by the file source, the Kubernetes
-watcher and `lint`. Every problem comes back as a `FieldError` with a path like `spec.rules[2].hosts[0]`.
-Pure: no I/O.
+watcher and `lint`. Every problem comes back as a `FieldError` with a path like `spec.rules[2].hosts[0]`, all in
+one pass (the cross-field checks also run on the parts that passed the schema), and an unknown field names the
+closest allowed one. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from egress_gateway.policy.errors import FieldError, PolicyValidationError
 from egress_gateway.policy.model import (
@@ -49,14 +53,62 @@ def field_path(loc: Sequence[str | int]) -> str:
     return out
 
 
-def _from_pydantic(exc: ValidationError) -> list[FieldError]:
+def _from_pydantic(exc: ValidationError, model: type[BaseModel]) -> list[FieldError]:
     errors: list[FieldError] = []
     for err in exc.errors(include_url=False):
         # Skip the union/annotated wrapper segments pydantic inserts (e.g. 'int', 'str', 'function-before[...]').
         loc = [p for p in err["loc"] if isinstance(p, int) or not _is_wrapper(p)]
+        if err["type"] == "extra_forbidden" and loc and isinstance(loc[-1], str):
+            errors.append(_unknown_field(model, loc))
+            continue
         message = err["msg"].removeprefix("Value error, ")
         errors.append(FieldError(field_path(loc), message, _HINTS.get(err["type"], "")))
     return _dedupe(errors)
+
+
+def _unknown_field(model: type[BaseModel], loc: Sequence[str | int]) -> FieldError:
+    """An unknown key, with the closest field name the model has at that place (difflib), if any is close."""
+    unknown = str(loc[-1])
+    known = _field_names(_model_at(model, loc[:-1]))
+    close = difflib.get_close_matches(unknown, known, n=1, cutoff=0.6)
+    where = field_path(loc[:-1]) or "the top level"
+    if close:
+        hint = f"did you mean `{close[0]}`?"
+    elif known:
+        hint = f"fields allowed in {where}: {', '.join(f'`{name}`' for name in known)}"
+    else:
+        hint = _HINTS["extra_forbidden"]
+    return FieldError(field_path(loc), f"unknown field `{unknown}`", hint)
+
+
+def _field_names(model: type[BaseModel] | None) -> list[str]:
+    if model is None:
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model that validates the object found at `loc` (list indexes are stepped over)."""
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        by_alias = {info.alias or name: info for name, info in current.model_fields.items()}
+        info = by_alias.get(part) or current.model_fields.get(part)
+        current = _model_in(info.annotation) if info is not None else None
+    return current
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside an annotation such as `list[Rule] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
 
 
 def _is_wrapper(part: str) -> bool:
@@ -156,26 +208,68 @@ def _semantic_errors(policy: PolicyObject) -> list[FieldError]:
     rules: list[Rule] = list(policy.spec.rules)
     for i, rule in enumerate(rules):
         if rule.name in seen:
-            errors.append(
-                FieldError(
-                    f"spec.rules[{i}].name",
-                    f"duplicate rule name {rule.name!r} (also spec.rules[{seen[rule.name]}])",
-                    "rule names must be unique within a policy",
-                )
-            )
+            errors.append(_duplicate_rule(i, rule.name, seen[rule.name]))
         seen.setdefault(rule.name, i)
         errors.extend(_rule_errors(i, rule))
-    if policy.kind == "EgressPolicy" and not policy.metadata.namespace:
-        errors.append(FieldError("metadata.namespace", "an EgressPolicy needs a namespace", "set metadata.namespace"))
-    if policy.kind == "ClusterEgressPolicy" and policy.metadata.namespace:
-        errors.append(
+    errors.extend(_scope_errors(policy.kind, policy.metadata.namespace))
+    return errors
+
+
+def _partial_semantic_errors(data: Mapping[str, Any], kind: str, model: type[BaseModel]) -> list[FieldError]:
+    """The cross-field checks that can still run on the parts of an object that failed schema validation, so that
+    one pass reports every problem (not the schema errors now and the rest after they are fixed)."""
+    spec = data.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    errors: list[FieldError] = []
+    selectors = [("spec.podSelector", "podSelector")]
+    if kind == "ClusterEgressPolicy":
+        selectors.append(("spec.namespaceSelector", "namespaceSelector"))
+    for path, key in selectors:
+        try:
+            selector = LabelSelector.model_validate(spec.get(key)) if spec.get(key) is not None else None
+        except ValidationError:
+            continue  # already reported by the schema pass
+        errors.extend(_selector_errors(path, selector))
+    raw_rules = spec.get("rules")
+    rule_model = _model_at(model, ("spec", "rules")) or Rule
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+        name = raw.get("name") if isinstance(raw, Mapping) else None
+        if isinstance(name, str):
+            if name in seen:
+                errors.append(_duplicate_rule(i, name, seen[name]))
+            seen.setdefault(name, i)
+        try:
+            rule = rule_model.model_validate(raw)
+        except ValidationError:
+            continue
+        errors.extend(_rule_errors(i, rule))  # type: ignore[arg-type]
+    metadata = data.get("metadata")
+    if isinstance(metadata, Mapping):  # otherwise the schema pass already said metadata is wrong
+        errors.extend(_scope_errors(kind, metadata.get("namespace")))
+    return errors
+
+
+def _duplicate_rule(index: int, name: str, first: int) -> FieldError:
+    return FieldError(
+        f"spec.rules[{index}].name",
+        f"duplicate rule name {name!r} (also spec.rules[{first}])",
+        "rule names must be unique within a policy",
+    )
+
+
+def _scope_errors(kind: str, namespace: str | None) -> list[FieldError]:
+    if kind == "EgressPolicy" and not namespace:
+        return [FieldError("metadata.namespace", "an EgressPolicy needs a namespace", "set metadata.namespace")]
+    if kind == "ClusterEgressPolicy" and namespace:
+        return [
             FieldError(
                 "metadata.namespace",
                 "a ClusterEgressPolicy is cluster-scoped and takes no namespace",
                 "remove metadata.namespace, or use kind EgressPolicy",
             )
-        )
-    return errors
+        ]
+    return []
 
 
 def validate_object(data: Any) -> PolicyObject:
@@ -187,25 +281,30 @@ def validate_object(data: Any) -> PolicyObject:
         raise PolicyValidationError([FieldError("", f"expected a mapping (object), got {type(data).__name__}")])
     api_version = data.get("apiVersion")
     kind = data.get("kind")
+    errors: list[FieldError] = []
     if api_version not in GROUP_VERSIONS:
-        raise PolicyValidationError(
-            [
-                FieldError(
-                    "apiVersion",
-                    f"expected one of {', '.join(GROUP_VERSIONS)}, got {api_version!r}",
-                    f"set apiVersion: {GROUP_VERSION}",
-                )
-            ]
+        errors.append(
+            FieldError(
+                "apiVersion",
+                f"expected one of {', '.join(GROUP_VERSIONS)}, got {api_version!r}",
+                f"set apiVersion: {GROUP_VERSION}",
+            )
         )
     if not isinstance(kind, str) or kind not in KINDS:
-        raise PolicyValidationError(
-            [FieldError("kind", f"expected one of {sorted(KINDS)}, got {kind!r}", "set kind: EgressPolicy")]
+        errors.append(
+            FieldError("kind", f"expected one of {', '.join(sorted(KINDS))}, got {kind!r}", "set kind: EgressPolicy")
         )
+        raise PolicyValidationError(errors)
+    # An unknown apiVersion is reported above; the rest is still checked, against the storage version.
+    version = str(api_version) if api_version in GROUP_VERSIONS else GROUP_VERSION
+    model = MODELS[(version, kind)]
     try:
-        policy = to_storage_version(MODELS[(str(api_version), kind)].model_validate(data))
+        policy = to_storage_version(model.model_validate({**data, "apiVersion": version}))
     except ValidationError as exc:
-        raise PolicyValidationError(_from_pydantic(exc)) from None
-    errors = _semantic_errors(policy)
+        errors.extend(_from_pydantic(exc, model))
+        errors.extend(_partial_semantic_errors(data, kind, model))
+        raise PolicyValidationError(_dedupe(errors)) from None
+    errors.extend(_semantic_errors(policy))
     if errors:
         raise PolicyValidationError(errors)
     return policy

@@ -48,6 +48,8 @@ class LoadError:
 class LoadResult:
     objects: list[Versioned] = field(default_factory=list)
     errors: list[LoadError] = field(default_factory=list)
+    documents: list[int] = field(default_factory=list)  # document index of each of `objects`, in order
+    api_versions: list[str] = field(default_factory=list)  # apiVersion each of `objects` was written in
 
     @property
     def ok(self) -> bool:
@@ -61,6 +63,12 @@ def content_version(data: Any) -> str:
         return str(metadata["generation"])
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
     return f"sha256:{digest[:12]}"
+
+
+def describe_key(key: ObjectKey) -> str:
+    """("EgressPolicy", "shop", "payments") -> "EgressPolicy shop/payments", for messages people read."""
+    kind, namespace, name = key
+    return f"{kind} {namespace}/{name}" if namespace else f"{kind} {name}"
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> FieldError:
@@ -94,12 +102,14 @@ def load_text(text: str, source: str) -> LoadResult:
                 LoadError(
                     source,
                     index,
-                    FieldError("metadata.name", f"{key[0]} {key[2]!r} is defined twice (also document {seen[key]})"),
+                    FieldError("metadata.name", f"{describe_key(key)} is defined twice (also document {seen[key]})"),
                 )
             )
             continue
         seen[key] = index
         result.objects.append(Versioned(policy, content_version(data)))
+        result.documents.append(index)
+        result.api_versions.append(str(data.get("apiVersion")))
     return result
 
 
@@ -142,7 +152,11 @@ def load_paths(paths: Iterable[Path]) -> dict[Path, LoadResult]:
                         LoadError(
                             str(path),
                             None,
-                            FieldError("metadata.name", f"{key} is also defined in {owners[key]}"),
+                            FieldError(
+                                "metadata.name",
+                                f"{describe_key(key)} is also defined in {owners[key]}",
+                                "each object may be defined in one file only; rename or remove one of them",
+                            ),
                         )
                     )
                 owners.setdefault(key, path)

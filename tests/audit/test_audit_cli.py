@@ -141,17 +141,20 @@ def test_suggest_policy_allows_exactly_what_was_seen_and_passes_lint(
 ) -> None:
     code, out, _ = run(capsys, str(trail), "--suggest-policy", "analytics")
     assert code == 0
-    policy = yaml.safe_load(out)
-    validate_object(policy)
-    assert policy["metadata"] == {"name": "analytics-observed", "namespace": "analytics"}
-    rules = {r["name"]: r for r in policy["spec"]["rules"]}
-    assert rules["seen-443"]["hosts"] == [
-        "bigquery.googleapis.com",
-        "files.pythonhosted.org",
-        "pypi.org",
-        "storage.googleapis.com",
+    policies = [p for p in yaml.safe_load_all(out) if p]
+    for policy in policies:
+        validate_object(policy)
+    # one policy per workload selector (the pods' `app` label)
+    by_name = {p["metadata"]["name"]: p for p in policies}
+    assert set(by_name) == {"analytics-observed-etl", "analytics-observed-notebook"}
+    etl, notebook = by_name["analytics-observed-etl"], by_name["analytics-observed-notebook"]
+    assert etl["metadata"]["namespace"] == "analytics"
+    assert etl["spec"]["podSelector"] == {"matchLabels": {"app": "etl"}}
+    assert notebook["spec"]["rules"] == [
+        {"name": "seen-443", "hosts": ["bigquery.googleapis.com", "pypi.org", "storage.googleapis.com"], "ports": [443]}
     ]
-    assert rules["seen-443"]["ports"] == [443]
+    rules = {r["name"]: r for r in etl["spec"]["rules"]}
+    assert rules["seen-443"]["hosts"] == ["files.pythonhosted.org"]
     assert rules["seen-ips-8443"] == {"name": "seen-ips-8443", "cidrs": ["93.184.216.44/32"], "ports": [8443]}
     suggested = tmp_path / "suggested.yaml"
     suggested.write_text(out)

@@ -251,7 +251,9 @@ def test_suggest_then_replay_then_gate(recorded: dict[str, Any], tmp_path: Path)
     done = _audit(trail, "--replay", str(strict), "--config", config)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "allow -> deny: 1" in done.stdout
-    assert re.search(r"allow -> deny\s+1\s+analytics\s+pypi\.test:\d+", done.stdout), done.stdout
+    assert re.search(
+        r"allow -> deny: access the candidate closes\n.*\n1\s+analytics\s+reports-1\s+pypi\.test:\d+", done.stdout
+    ), done.stdout
 
 
 def test_metrics_scraped_after_traffic_show_the_expected_counters(recorded: dict[str, Any]) -> None:

@@ -81,4 +81,6 @@ def test_suggest_includes_destinations_the_policy_allowed_but_the_upstream_refus
     suggestion = suggest_policy(read_records([str(trail)]), "shop")
     assert suggestion.flows == 2
     policy = yaml.safe_load(suggestion.to_yaml())
-    assert policy["spec"]["rules"] == [{"name": "seen-443", "hosts": ["api.stripe.com"], "ports": [443]}]
+    # the rule that allowed it keeps its name; the policy selects the workload it was seen for
+    assert policy["spec"]["rules"] == [{"name": "stripe-api", "hosts": ["api.stripe.com"], "ports": [443]}]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"app": "payments"}}

@@ -89,7 +89,9 @@ def test_rule_without_hosts_or_cidrs_matches_nothing() -> None:
 
 
 def test_unknown_fields_and_enums_are_rejected() -> None:
-    assert_error(policy({"name": "r", "hosts": ["a.example.com"], "hostz": []}), "spec.rules[0].hostz", "Extra inputs")
+    assert_error(
+        policy({"name": "r", "hosts": ["a.example.com"], "hostz": []}), "spec.rules[0].hostz", "unknown field `hostz`"
+    )
     assert_error(policy({"name": "r", "hosts": ["a.example.com"], "action": "Permit"}), "spec.rules[0].action", "Allow")
     assert_error(policy(mode="Dry"), "spec.mode", "Enforce")
 
