@@ -6,9 +6,10 @@ audit to a JSON-lines file), optionally N independent gateway processes on separ
 replicas: the gateway has no worker mode), and the direct path. Measures, interleaved over repetitions:
 new connections/s at several concurrencies, p50/p99 latency at c=1, proxy CPU seconds per 1000 connections (from
 /proc), bulk MB/s, peak RSS, RSS with idle tunnels; then the gateway's policy reload costs and the engine
-decision benchmark (bench/decision.py). Prints the tables and writes them between markers in docs/benchmarks.md.
+decision benchmark (bench/decision.py). Prints the tables; `--markdown FILE` also writes them between the markers
+of FILE (a run without it leaves the checkout clean).
 
-    .venv/bin/python bench/run.py            # full run (~5 minutes), writes docs/benchmarks.md
+    .venv/bin/python bench/run.py --markdown docs/benchmarks.md   # full run (~7 minutes), rewrites that section
     .venv/bin/python bench/run.py --quick    # < 2 minutes, prints only (add --markdown FILE to write)
 
 Needs root (nginx binds port 443: hey puts host:port into the SNI when the URL has a port), nginx, squid-openssl,
@@ -595,8 +596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--markdown",
         type=Path,
-        help="write the tables into this file (default for a full run: "
-        "docs/benchmarks.md; --quick writes nothing unless given)",
+        help="write the tables between the markers of this file (e.g. docs/benchmarks.md); default: print only",
     )
     parser.add_argument(
         "--profile", type=float, help="seconds of py-spy profile of the gateway under load (default 20; quick 0 = skip)"
@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         python = python.relative_to(REPO)
     arguments = argv if argv is not None else sys.argv[1:]
     command = " ".join([str(python), "bench/run.py", *arguments])
-    markdown = args.markdown or (None if args.quick else REPO / "docs" / "benchmarks.md")
+    markdown = args.markdown  # only where asked: a run leaves the checkout as it was
     started_at = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     root.chmod(0o755)
