@@ -309,3 +309,20 @@ def _walk_reference(
         if any(action == "Pass" for action, _, _ in matched):
             return None
     return None
+
+
+# Rule `protocols` (issue 12, class 3) in every tier: a matching Allow that does not list the tunnel's protocol
+# decides `protocol_not_allowed` in its tier, naming the rule; one that lists it allows, and says what it allows.
+def test_7_protocols_are_honoured_in_every_tier() -> None:
+    admin = cluster("db-admin", "[{name: db, hosts: [db.example.com], protocols: [TCP]}]", priority=10)
+    baseline = cluster("mirror", "[{name: mirror, hosts: [mirror.example.com]}]", tier="Baseline")
+    engine = engine_for(admin, baseline, STRIPE)
+    tcp = decide(engine, "db.example.com", protocol="TCP")
+    assert (tcp.allowed, tcp.tier, tcp.protocols) == (True, "Admin", frozenset({"TCP"}))
+    tls = decide(engine, "db.example.com", protocol="TLS")
+    assert (tls.allowed, tls.reason, tls.rule, tls.tier) == (False, Reason.PROTOCOL_NOT_ALLOWED, "db", "Admin")
+    opaque = decide(engine, "api.stripe.com", protocol="TCP")
+    assert (opaque.allowed, opaque.reason, opaque.tier) == (False, Reason.PROTOCOL_NOT_ALLOWED, "Namespace")
+    assert decide(engine, "api.stripe.com", protocol="TLS").allowed
+    # Baseline is reached only when the namespace tier selects nobody: the shop's policy allowlists, so it denies.
+    assert decide(engine, "mirror.example.com", protocol="HTTP").reason is Reason.NO_MATCHING_RULE
