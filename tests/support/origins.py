@@ -18,9 +18,23 @@ class _Handler(BaseHTTPRequestHandler):
     server: OriginServer
     protocol_version = "HTTP/1.1"
 
+    def _read_chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return bytes(body)
+            body += self.rfile.read(size)
+            self.rfile.readline()  # the CRLF after the chunk
+
     def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            body = self._read_chunked()  # a keep-alive origin must consume the body to find the next request
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
         sni = getattr(self.connection, "egress_test_sni", None)
         seen = {
             "method": self.command,
