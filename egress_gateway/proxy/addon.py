@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from mitmproxy import connection, http, tcp
+from mitmproxy import http, tcp
 from mitmproxy.net.http import http1, url
 from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import events, layer, server_hooks
+from mitmproxy.proxy.layers import HttpLayer
+from mitmproxy.proxy.layers.http import HTTPMode
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.identity.base import AuthenticationFailed, IdentityUnavailable, TooManyReviews
@@ -32,7 +34,7 @@ from egress_gateway.proxy import responses
 from egress_gateway.proxy.clienthello import starts_like_tls
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
 from egress_gateway.proxy.inspection import Seen, TunnelInspector
-from egress_gateway.proxy.layers import CloseClientLayer, HeadLimitedHttpLayer, PassthroughLayer
+from egress_gateway.proxy.layers import CloseClientLayer, PassthroughLayer
 from egress_gateway.proxy.limits import (
     FRAMING_HEADERS,
     ConnectionLimit,
@@ -123,14 +125,12 @@ class GatewayAddon:
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self.close_client = close_client
         self.log = log or structlog.get_logger("egress_gateway.proxy")
-        self.clients: dict[str, ClientState] = {}
+        self.clients: dict[str, ClientState] = {}  # session id -> state
+        self.engine_ids: dict[str, str] = {}  # mitmproxy's id of a session's client connection -> session id
         self._connect_timers: dict[str, asyncio.TimerHandle] = {}
         self._timed_out: set[str] = set()
 
     # ---- connection lifecycle ------------------------------------------------------------------------------
-    def client_connected(self, client: connection.Client) -> None:
-        self.open_client(client.id, client.peername[0], client.peername[1])
-
     def open_client(self, client_id: str, host: str, port: int) -> ClientState:
         """A new client connection (from mitmproxy's hook or from the tunnel listener): admission and request timer."""
         state = ClientState(client_id, host, port)
@@ -149,9 +149,6 @@ class GatewayAddon:
         )
         self.clients[client_id] = state
         return state
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.client_gone(client.id)
 
     def client_gone(self, client_id: str) -> None:
         """The client connection closed: release its slot, stop its timers, close its tunnel's record."""
@@ -182,10 +179,10 @@ class GatewayAddon:
             # First bytes of a client connection: an HTTP proxy request. TLS to the proxy itself is not offered.
             if starts_like_tls(data):
                 nextlayer.layer = CloseClientLayer(context)
-            else:
-                nextlayer.layer = HeadLimitedHttpLayer(context, self._check_head, self.upstream_error_response)
+            else:  # its request heads were checked by the session's inspector (`plain_http_refusal`)
+                nextlayer.layer = HttpLayer(context, HTTPMode.regular)
             return
-        state = self.clients.get(context.client.id)
+        state = self._state(context.client.id)
         tunnel = state.tunnel if state is not None else None
         if tunnel is None:
             nextlayer.layer = CloseClientLayer(context)
@@ -301,11 +298,19 @@ class GatewayAddon:
                 break
         return verdict
 
-    def _check_head(self, client_id: str, head: bytes) -> bytes | None:
-        """The response for a request head over `limits.max_*` (414/431) or with ambiguous framing (400), recorded
-        like any denial; None while the head is acceptable (mitmproxy then parses it as usual)."""
-        checked = self.read_head(client_id, head)
-        return checked if isinstance(checked, bytes) else None
+    def plain_http_refusal(self, client_id: str, seen: Seen) -> bytes | None:
+        """One request head of a plain-HTTP connection, as the session's inspector reported it: the refusal to send
+        before closing (414/431/400, recorded like any denial), or None: mitmproxy may parse and serve it."""
+        if seen.problem is not None:
+            head = seen.head or b""
+            checked = self.read_head(client_id, head) if head else None
+            if isinstance(checked, bytes):
+                return checked
+            return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, seen.problem))
+        if seen.request is not None and (problem := _request_form_problem(seen.request)) is not None:
+            decision = adapter_denial(Reason.BAD_REQUEST, f"malformed request: {problem}")
+            return self._refuse_head(client_id, seen.request.method.encode("ascii", "replace"), decision)
+        return None
 
     def read_head(self, client_id: str, head: bytes) -> bytes | http.Request | None:
         """Check a request head as received so far. bytes: the refusal to send before closing (recorded like any
@@ -335,7 +340,7 @@ class GatewayAddon:
         return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, f"malformed request: {malformed}"))
 
     def _refuse_head(self, client_id: str, head: bytes, decision: Decision) -> bytes:
-        state = self.clients.get(client_id)
+        state = self._state(client_id)
         if state is not None:
             state.request_seen = True
             _cancel(state.request_timer)
@@ -362,7 +367,7 @@ class GatewayAddon:
     # ---- CONNECT --------------------------------------------------------------------------------------------
     def _request_arrived(self, flow: http.HTTPFlow) -> ClientState | None:
         """The client of a request that reached our hooks; its request timer stops here. None: not ours, killed."""
-        state = self.clients.get(flow.client_conn.id)
+        state = self._state(flow.client_conn.id)
         if state is None:
             flow.kill()
             return None
@@ -439,7 +444,7 @@ class GatewayAddon:
             flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        state = self.clients.get(flow.client_conn.id)
+        state = self._state(flow.client_conn.id)
         if state is not None and state.tunnel is None and self._upgraded(state, flow):
             return
         if state is not None and state.tunnel is None:
@@ -484,7 +489,7 @@ class GatewayAddon:
 
     def error(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.pop(_RECORD_KEY, None)
-        state = self.clients.get(flow.client_conn.id)
+        state = self._state(flow.client_conn.id)
         failure = state.upstream_failure if state is not None else None
         facts = flow.metadata.get(_FACTS_KEY)
         if record is not None and failure is not None and facts is not None:
@@ -514,7 +519,7 @@ class GatewayAddon:
             )
 
     def _pinned_address(self, data: server_hooks.ServerConnectionHookData) -> tuple[str, int] | None:
-        state = self.clients.get(data.client.id)
+        state = self._state(data.client.id)
         address = data.server.address
         if state is None or address is None:
             return None
@@ -547,7 +552,7 @@ class GatewayAddon:
         host, port = data.server.address[0], data.server.address[1]
         decision = self._upstream_failure(host, port, timed_out, data.server.error)
         if tunnel is None:  # plain HTTP: recorded by `error`, answered by `upstream_error_response`
-            state = self.clients.get(data.client.id)
+            state = self._state(data.client.id)
             if state is not None:
                 state.upstream_failure = decision
             return
@@ -575,14 +580,25 @@ class GatewayAddon:
 
     def upstream_error_response(self, client_id: str) -> bytes | None:
         """For plain HTTP: our answer (502/504 with Proxy-Status) to a failed upstream connect, else None."""
-        state = self.clients.get(client_id)
+        state = self._state(client_id)
         if state is None or state.upstream_failure is None:
             return None
         failure, state.upstream_failure = state.upstream_failure, None
         return http1.assemble_response(responses.denial(failure))
 
-    def _tunnel_of(self, client_id: str) -> Tunnel | None:
+    def session_id(self, client_id: str) -> str:
+        """The session id of a client id (a session's own, or the one mitmproxy's HTTP engine gave it)."""
+        return self.engine_ids.get(client_id, client_id)
+
+    def _state(self, client_id: str) -> ClientState | None:
+        """By session id, or by the id mitmproxy's HTTP engine gave the session's connection (hooks carry that)."""
         state = self.clients.get(client_id)
+        if state is None and (session_id := self.engine_ids.get(client_id)) is not None:
+            state = self.clients.get(session_id)
+        return state
+
+    def _tunnel_of(self, client_id: str) -> Tunnel | None:
+        state = self._state(client_id)
         return state.tunnel if state is not None else None
 
     # ---- hot reload -----------------------------------------------------------------------------------------
@@ -713,7 +729,7 @@ class GatewayAddon:
         )
 
     def _deny(self, flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
-        state = self.clients.get(flow.client_conn.id)
+        state = self._state(flow.client_conn.id)
         flow.response = self._refusal(state, record, decision)
         flow.metadata.pop(_RECORD_KEY, None)
 
@@ -753,13 +769,3 @@ def _strip_hop_by_hop(headers: http.Headers) -> None:
     for name in (*_HOP_BY_HOP, *named):
         if name in headers:
             del headers[name]
-
-
-class NextLayer:
-    """Replaces mitmproxy's `nextlayer` addon (same name, so the proxy server finds it): HTTP proxy, then tunnels."""
-
-    def __init__(self, gateway: GatewayAddon) -> None:
-        self.gateway = gateway
-
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        self.gateway.choose_layer(nextlayer)

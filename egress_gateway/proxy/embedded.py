@@ -1,33 +1,38 @@
-"""The embedded mitmproxy: a `Master` with only the proxy server and our addon, no console, no CA, no flows kept.
+"""The proxy as a whole: the listening socket, the session listener, mitmproxy as the plain-HTTP engine, graceful stop.
 
-Owns binding the listening socket, starting the listener (`TunnelListener`: CONNECT tunnels are served there, every
-other connection is handed to mitmproxy's regular-mode connection handler), closing one client connection by id,
-and the graceful stop (stop accepting, let open connections drain up to a grace period, close the rest, shut the
-master down). Must run inside a running event loop. Imports mitmproxy, the addon and the listener; knows nothing
-about policies.
+Every client connection is accepted by the listener and owned by its session (`session.py`) from accept to close;
+the listener's registry is the only one (`open_connections`, `close_client`, `drain`). A session that is not a
+CONNECT tunnel lets mitmproxy's HTTP/1 layers serve the bytes (`HttpEngineConnection`), through mitmproxy's public
+embedding surface: a `LiveConnectionHandler` subclass whose `handle_hook` calls our hooks directly. There is no
+`Master`, no addon manager, no CA, no flow storage, nothing of mitmproxy is patched.
+
+Facts about mitmproxy 12 this relies on (pinned `>=12.1,<13` in pyproject): `LiveConnectionHandler(reader, writer,
+options, mode)` and its abstract `handle_hook`; the options the HTTP layers read (declared here with `add_option`,
+as mitmproxy's `Proxyserver` addon would); hooks carry mitmproxy's `Client`, whose `id` maps to the
+session (`GatewayAddon.engine_ids`).
+Must run inside a running event loop. Imports mitmproxy, the addon and the listener; knows nothing about policies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import inspect
 import socket
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
-from mitmproxy import options
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.master import Master
-from mitmproxy.proxy import server_hooks
-from mitmproxy.proxy.mode_servers import ServerInstance
+import structlog
+from mitmproxy import http, options
+from mitmproxy.proxy import commands, mode_specs, server_hooks
+from mitmproxy.proxy.server import LiveConnectionHandler
 
-from egress_gateway.proxy.addon import GatewayAddon, NextLayer
-from egress_gateway.proxy.dispatch import PrecomputedDispatch
-from egress_gateway.proxy.listener import TunnelListener, dials_itself
+from egress_gateway.proxy.addon import GatewayAddon
+from egress_gateway.proxy.listener import Listener, dials_itself
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("egress_gateway.proxy")
+
+_REGULAR = mode_specs.ProxyMode.parse("regular")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -38,22 +43,103 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _SelfConnectGuard:
-    """mitmproxy's own self-connect check knows only the listeners it started; it starts none (the socket is ours),
-    so this addon refuses upstream connections to the proxy's own port."""
+def engine_options(idle_timeout_s: float, data_dir: Path | None) -> options.Options:
+    """The options mitmproxy's HTTP/TCP layers read. Those that belong to its `Proxyserver` addon (not loaded) are
+    declared here with the same types."""
+    opts = options.Options()
+    opts.add_option("connection_strategy", str, "lazy", "Never dial before our checks (the upstream opens lazily).")
+    opts.add_option("store_streamed_bodies", bool, False, "Streamed bodies are never kept.")
+    opts.add_option("stream_large_bodies", str | None, None, "Unused: every body is streamed (requestheaders).")
+    opts.add_option("body_size_limit", str | None, None, "No body size limit.")
+    opts.add_option("keep_host_header", bool, False, "mitmproxy's default.")
+    opts.add_option("normalize_outbound_headers", bool, True, "mitmproxy's default.")
+    opts.add_option("validate_inbound_headers", bool, True, "mitmproxy's default.")
+    updates: dict[str, object] = {
+        "tcp_timeout": max(1, round(idle_timeout_s)),
+        "http2": False,
+        # An upgraded connection (101) is relayed as raw TCP, counted and revocable like a tunnel (addon).
+        "websocket": False,
+        "rawtcp": True,
+    }
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        updates["confdir"] = str(data_dir)
+    opts.update(**updates)
+    return opts
 
-    def __init__(self, sock: socket.socket, addon: GatewayAddon) -> None:
-        host, port = sock.getsockname()[:2]
-        self.own_address = (str(host), int(port))
-        self.addon = addon
 
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        address = data.server.address
-        if address is None:
+Hook = Callable[..., object]
+
+
+class HttpEngineConnection(LiveConnectionHandler):
+    """mitmproxy's connection handler for one session's plain-HTTP bytes; its hooks are ours, called in place."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        opts: options.Options,
+        session_id: str,
+        hooks: Mapping[str, Hook],
+        engine_ids: dict[str, str],
+    ) -> None:
+        super().__init__(reader, writer, opts, _REGULAR)
+        self.session_id = session_id
+        self.hooks = hooks
+        self.engine_ids = engine_ids
+
+    async def serve(self) -> None:
+        """Serve until the client leaves; meanwhile hooks carrying this client find its session."""
+        self.engine_ids[self.client.id] = self.session_id
+        try:
+            await self.handle_client()
+        finally:
+            self.engine_ids.pop(self.client.id, None)
+
+    async def handle_hook(self, hook: commands.StartHook) -> None:
+        handler = self.hooks.get(hook.name)
+        if handler is None:
             return
-        host, port = str(address[0]), int(address[1])
-        if dials_itself((host, port), self.own_address) or self.addon.gate.dials_itself(host, port) is not None:
-            data.server.error = "egress-gateway: refusing to connect to itself"
+        try:
+            result = handler(*hook.args())
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # a bug costs this request, and is visible; mitmproxy's layers go on
+            log.exception("hook_failed", hook=hook.name)
+
+
+def gateway_hooks(
+    addon: GatewayAddon, own_address: tuple[str, int], answer: Callable[[str, bytes], None]
+) -> dict[str, Hook]:
+    """mitmproxy hook name -> our handler. Client connect/disconnect are not hooks here: the session admits the
+    client at accept and releases it at close."""
+
+    def server_connect(data: server_hooks.ServerConnectionHookData) -> None:
+        addon.server_connect(data)  # pins the checked IP (or refuses)
+        address = data.server.address
+        if data.server.error is None and address is not None:
+            host, port = str(address[0]), int(address[1])
+            if dials_itself((host, port), own_address) or addon.gate.dials_itself(host, port) is not None:
+                data.server.error = "egress-gateway: refusing to connect to itself"
+
+    def error(flow: http.HTTPFlow) -> None:
+        addon.error(flow)  # records the failure
+        reply = addon.upstream_error_response(flow.client_conn.id)
+        if reply is not None:  # our 502/504 with Proxy-Status, sent and closed before mitmproxy's own error page
+            answer(flow.client_conn.id, reply)
+
+    return {
+        "next_layer": addon.choose_layer,
+        "http_connect": addon.http_connect,
+        "requestheaders": addon.requestheaders,
+        "responseheaders": addon.responseheaders,
+        "response": addon.response,
+        "error": error,
+        "tcp_message": addon.tcp_message,
+        "server_connect": server_connect,
+        "server_connected": addon.server_connected,
+        "server_connect_error": addon.server_connect_error,
+    }
 
 
 class EmbeddedProxy:
@@ -73,19 +159,10 @@ class EmbeddedProxy:
         self.idle_timeout_s = idle_timeout_s
         self.data_dir = data_dir
         self.listen_socket = listen_socket
-        self.master: Master | None = None
-        self.proxyserver = Proxyserver()
-        self._run_task: asyncio.Task[None] | None = None
-        self.listener: TunnelListener | None = None
+        self.listener: Listener | None = None
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
-        opts = options.Options()
-        master = Master(opts, event_loop=asyncio.get_running_loop())
-        # mitmproxy's deprecated `add_log` bridge fires a hook per log record; we log through structlog instead.
-        master._legacy_log_events.uninstall()
-        # Our addon first: its `server_connect` pins the checked IP before the proxy server's self-connect check.
-        master.addons.add(addon, NextLayer(addon), self.proxyserver)
         sock = self.listen_socket
         if sock is None:
             try:
@@ -93,67 +170,41 @@ class EmbeddedProxy:
             except OSError as exc:
                 raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
             self.listen_socket = sock
-        master.addons.add(_SelfConnectGuard(sock, addon))
-        PrecomputedDispatch(master.addons).install()
-        updates: dict[str, object] = {
-            "mode": [],  # mitmproxy binds nothing: the listener below accepts and hands it what it serves
-            "listen_host": self.host,
-            "listen_port": self.port,
-            # Never dial before our checks: the upstream opens only when our `next_layer` hands over the tunnel.
-            "connection_strategy": "lazy",
-            "tcp_timeout": max(1, round(self.idle_timeout_s)),
-            "http2": False,
-            # An upgraded connection (101) is relayed as raw TCP, counted and revocable like a tunnel (addon).
-            "websocket": False,
-            "rawtcp": True,
-        }
-        if self.data_dir is not None:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            updates["confdir"] = str(self.data_dir)
-        opts.update(**updates)
-        self.master = master
-        # The same connection handling as mitmproxy's own regular-mode listener, for what the listener hands over.
-        instance: ServerInstance[Any] = ServerInstance.make("regular", self.proxyserver)
         address = sock.getsockname()
-        self.listener = TunnelListener(addon, instance.handle_stream, self.idle_timeout_s, (address[0], address[1]))
+        own_address = (str(address[0]), int(address[1]))
+        opts = engine_options(self.idle_timeout_s, self.data_dir)
+
+        def answer(client_id: str, reply: bytes) -> None:
+            if self.listener is not None:
+                self.listener.answer_and_close(addon.session_id(client_id), reply)
+
+        hooks = gateway_hooks(addon, own_address, answer)
+
+        def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: str) -> Awaitable[None]:
+            return HttpEngineConnection(reader, writer, opts, session_id, hooks, addon.engine_ids).serve()
+
+        self.listener = Listener(addon, serve_http, self.idle_timeout_s, own_address)
         await self.listener.start(sock)
-        self._run_task = asyncio.create_task(master.run(), name="mitmproxy-master")
-        return [(str(address[0]), int(address[1]))]
+        return [own_address]
 
     @property
     def open_connections(self) -> int:
-        tunnels = len(self.listener.connections) if self.listener is not None else 0
-        return len(self.proxyserver.connections) + tunnels
+        return len(self.listener.connections) if self.listener is not None else 0
 
     def close_client(self, client_id: str) -> bool:
         """Close one client connection (and with it its upstream). False if it is already gone."""
-        if self.listener is not None and self.listener.close_client(client_id):
-            return True
-        handler = self.proxyserver.connections.get(client_id)
-        if handler is None:
-            return False
-        io = handler.transports.get(handler.client)
-        if io is None:
-            return False
-        if io.handler is not None:
-            io.handler.cancel("closed by egress-gateway")
-        elif io.writer is not None:
-            io.writer.close()
-        return True
+        return self.listener is not None and self.listener.close_client(client_id)
 
     async def stop_accepting(self) -> None:
         if self.listener is not None:
             self.listener.stop_accepting()
-        await self.proxyserver.servers.update([])
 
     async def drain(self, grace_s: float) -> int:
         """Wait for open connections to finish, up to `grace_s`; close what is left. Returns how many were closed."""
         deadline = time.monotonic() + grace_s
         while self.open_connections and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        leftover = [str(client_id) for client_id in self.proxyserver.connections]
-        if self.listener is not None:
-            leftover += list(self.listener.connections)
+        leftover = list(self.listener.connections) if self.listener is not None else []
         for client_id in leftover:
             self.close_client(client_id)
         close_deadline = time.monotonic() + 2.0
@@ -162,10 +213,5 @@ class EmbeddedProxy:
         return len(leftover)
 
     async def shutdown(self) -> None:
-        if self.master is None:
-            return
-        self.master.shutdown()
-        if self._run_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run_task
-        self.master = None
+        if self.listener is not None:
+            await self.listener.wait_closed(timeout_s=2.0)

@@ -72,6 +72,7 @@ class Seen:
     hello: ClientHello | None = None
     request: http.Request | None = None
     problem: str | None = None  # malformed or over-limit input: deny as a bad request
+    head: bytes | None = None  # with a request-head problem: the head's bytes so far
 
 
 @dataclass(slots=True)
@@ -97,10 +98,11 @@ class _Body(Enum):
 
 
 class TunnelInspector:
-    def __init__(self, head_limits: HeadLimits) -> None:
+    def __init__(self, head_limits: HeadLimits, *, http: bool = False) -> None:
+        """`http`: the stream is known to be HTTP/1 requests (a plain-HTTP proxy connection), no sniffing."""
         self.head_limits = head_limits
-        self.protocol: Protocol | None = None
-        self._mode = _Mode.SNIFF
+        self.protocol: Protocol | None = Protocol.HTTP if http else None
+        self._mode = _Mode.HTTP if http else _Mode.SNIFF
         self._pending = bytearray()  # client bytes not released yet
         self._scan = 0  # offset in `_pending` up to which the bytes were examined
         # TLS, client side
@@ -156,8 +158,8 @@ class TunnelInspector:
             del self._pending[:end]
             self._scan -= end
 
-    def _problem(self, out: Inspection, protocol: Protocol, message: str) -> None:
-        out.seen.append(Seen(protocol, problem=message))
+    def _problem(self, out: Inspection, protocol: Protocol, message: str, head: bytes | None = None) -> None:
+        out.seen.append(Seen(protocol, problem=message, head=head))
         self._mode = _Mode.DONE  # the addon closes the tunnel; nothing after this is read
 
     def _sniff(self, out: Inspection) -> None:
@@ -321,7 +323,7 @@ class TunnelInspector:
             return False
         problem = check_request_head(data, self.head_limits)
         if problem is not None:
-            self._problem(out, Protocol.HTTP, f"malformed HTTP request in the tunnel: {problem.message}")
+            self._problem(out, Protocol.HTTP, f"malformed HTTP request in the tunnel: {problem.message}", data)
             return False
         malformed = request_line_problem(data)
         lines = complete_head_lines(data)
@@ -338,7 +340,7 @@ class TunnelInspector:
             except ValueError as exc:
                 malformed = str(exc)
         if malformed is not None or request is None:
-            self._problem(out, Protocol.HTTP, f"malformed HTTP request in the tunnel: {malformed}")
+            self._problem(out, Protocol.HTTP, f"malformed HTTP request in the tunnel: {malformed}", data)
             return False
         self._scan += head_length(data) or len(data)
         if (

@@ -1,5 +1,5 @@
-"""mitmproxy protocol layers for tunnels: a byte-counting TLS/TCP passthrough and a layer that closes the client;
-and the proxy's HTTP/1 layer with a bound on the request head (`HeadLimitedHttpLayer`).
+"""mitmproxy protocol layers for a CONNECT that arrives after plain HTTP on one connection: a byte-counting TLS/TCP
+passthrough and a layer that closes the client. Built on mitmproxy's public `Layer`/`TCPLayer` classes.
 
 All are sans-I/O like mitmproxy's own layers (events in, commands out). Imports mitmproxy only.
 """
@@ -9,20 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from mitmproxy.connection import ConnectionState
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers import HttpLayer
-from mitmproxy.proxy.layers.http import Http1Server, HTTPMode, ResponseProtocolError
-from mitmproxy.proxy.layers.http._events import HttpEvent
 from mitmproxy.proxy.layers.tcp import TCPLayer
-
-# Called with the client id and the unparsed request-head bytes; returns the response to send before closing, or
-# None while the head is within the limits.
-HeadCheck = Callable[[str, bytes], bytes | None]
-# Called with the client id when the request cannot be forwarded (e.g. the upstream connect failed); returns the
-# response to send instead of mitmproxy's HTML error page, or None to keep mitmproxy's.
-ErrorAnswer = Callable[[str], bytes | None]
 
 
 class ByteCounter(Protocol):
@@ -115,53 +104,3 @@ class CloseClientLayer(layer.Layer):
         if not self._closed:
             self._closed = True
             yield commands.CloseConnection(self.context.client)
-
-
-class _HeadLimitedHttp1Server(Http1Server):
-    """mitmproxy's HTTP/1 server buffers a request head without bound ("FIXME: protect against header size DoS").
-
-    This one checks the buffered head on every chunk, so an oversized or endless head is answered and closed as
-    soon as it crosses a limit, before it is parsed.
-    """
-
-    def __init__(self, context: Context, check: HeadCheck, error_answer: ErrorAnswer) -> None:
-        super().__init__(context)
-        self._check = check
-        self._error_answer = error_answer
-
-    def send(self, event: HttpEvent) -> layer.CommandGenerator[None]:
-        if (
-            isinstance(event, ResponseProtocolError)
-            and self.response is None
-            and self.conn.state & ConnectionState.CAN_WRITE
-            and (answer := self._error_answer(self.conn.id)) is not None
-        ):
-            yield commands.SendData(self.conn, answer)
-            yield commands.CloseConnection(self.conn)
-            return
-        yield from super().send(event)
-
-    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.DataReceived):
-            refusal = self._check(self.conn.id, bytes(self.buf))
-            if refusal is not None:
-                yield commands.SendData(self.conn, refusal)
-                yield commands.CloseConnection(self.conn)
-                self.state = self.done
-                return
-        yield from super().read_headers(event)
-
-
-class HeadLimitedHttpLayer(HttpLayer):
-    """`HttpLayer` whose client side is `_HeadLimitedHttp1Server` (the proxy never offers HTTP/2 or HTTP/3)."""
-
-    def __init__(self, context: Context, check: HeadCheck, error_answer: ErrorAnswer) -> None:
-        super().__init__(context, HTTPMode.regular)
-        self._check = check
-        self._error_answer = error_answer
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start):
-            server = _HeadLimitedHttp1Server(self.context.fork(), self._check, self._error_answer)
-            self.connections.setdefault(self.context.client, server)
-        yield from super()._handle_event(event)

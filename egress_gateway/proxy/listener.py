@@ -1,15 +1,8 @@
-"""The proxy's listener: accepts client connections, serves CONNECT tunnels itself, hands everything else to mitmproxy.
+"""The proxy's one listener: accepts every client connection and keeps the registry of live sessions.
 
-Why not let mitmproxy serve tunnels: its per-connection machinery (the HTTP layer and its flow objects, one task per
-hook, stream readers and writers, a layer call per relayed chunk) cost most of the gateway's CPU per tunnel
-(docs/benchmarks.md), and a tunnel needs none of it. A connection whose first bytes are `CONNECT ` is served here with
-asyncio protocols: callbacks instead of a task per hook, and the relay writes each chunk straight to the other
-transport with the transports' own flow control. Every check is the addon's (`read_head`, `open_tunnel`,
-`start_tunnel`), so both paths enforce the same limits, decisions and records, and the upstream is dialed only at
-the address the gate pinned. Any other connection (plain-HTTP proxy requests, TLS sent to the proxy itself, garbage)
-is handed to mitmproxy unchanged, with the bytes read so far.
-
-Imports asyncio and the addon; knows nothing about policies.
+Each accepted connection gets a `Session` (`session.py`), which owns it from accept to close. The registry
+(`sessions`) is the one that revocation (`close_client`), the connection count (`open_connections` of
+`embedded.py`) and the shutdown drain use. Knows nothing about policies.
 """
 
 from __future__ import annotations
@@ -19,20 +12,13 @@ import ipaddress
 import itertools
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
-import structlog
-from mitmproxy import http
-from mitmproxy.net.http import http1
+from egress_gateway.proxy.addon import GatewayAddon
+from egress_gateway.proxy.session import Session
 
-from egress_gateway.proxy.addon import ClientState, GatewayAddon, Tunnel
-from egress_gateway.proxy.limits import head_length
-
-CONNECT_PREFIX = b"CONNECT "
-
-HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-log = structlog.get_logger("egress_gateway.proxy")
+# Serves a non-CONNECT connection (mitmproxy's HTTP engine): reader, writer, the session's id.
+HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
 
 
 def dials_itself(address: tuple[str, int], own_address: tuple[str, int]) -> bool:
@@ -50,8 +36,8 @@ def dials_itself(address: tuple[str, int], own_address: tuple[str, int]) -> bool
     return ip.is_loopback or ip.is_unspecified
 
 
-class TunnelListener:
-    """Accepts on one listening socket; owns the tunnels it serves (`connections`, `close_client`)."""
+class Listener:
+    """Accepts on one listening socket; the registry of its live sessions (`connections`, `close_client`)."""
 
     def __init__(
         self, addon: GatewayAddon, hand_over: HandOver, idle_timeout_s: float, own_address: tuple[str, int]
@@ -61,14 +47,14 @@ class TunnelListener:
         self.idle_timeout_s = idle_timeout_s
         self.own_port = own_address[1]
         self.own_host = str(own_address[0])
-        self.connections: dict[str, ClientConnection] = {}
+        self.connections: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+        self._server = await loop.create_server(lambda: Session(self), sock=sock)
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -82,322 +68,28 @@ class TunnelListener:
         connection.abort()
         return True
 
+    def answer_and_close(self, client_id: str, answer: bytes) -> None:
+        connection = self.connections.get(client_id)
+        if connection is not None:
+            connection.answer_and_close(answer)
+
+    async def wait_closed(self, timeout_s: float) -> None:
+        """Let the tasks of closed connections (a pending decision, mitmproxy's teardown) finish, up to `timeout_s`."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+
     def next_id(self) -> str:
-        return f"tunnel-{next(self._ids)}"
+        return f"conn-{next(self._ids)}"
 
     def is_self(self, address: tuple[str, int]) -> bool:
         return dials_itself(address, (self.own_host, self.own_port)) or (
             self.addon.gate.dials_itself(address[0], address[1]) is not None
         )
 
-    def spawn(self, coroutine: Awaitable[Any], connection: ClientConnection | None = None) -> asyncio.Task[Any]:
+    def spawn(self, coroutine: Awaitable[Any], connection: Session | None = None) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if connection is not None:
             task.add_done_callback(connection.task_done)
         return task
-
-
-class ClientConnection(asyncio.Protocol):
-    """One client connection, through its stages: sniff, request head, decision, first tunnel bytes, connect, relay.
-
-    `_on_data` is the current stage's handler for client bytes; `buffer` holds bytes not consumed yet.
-    """
-
-    def __init__(self, listener: TunnelListener) -> None:
-        self.listener = listener
-        self.addon = listener.addon
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.upstream: asyncio.Transport | None = None
-        self.id = listener.next_id()
-        self.state: ClientState | None = None
-        self.tunnel: Tunnel | None = None
-        self.buffer = bytearray()
-        self.task: asyncio.Task[Any] | None = None
-        self.closed = False
-        self.client_eof = False
-        self.upstream_eof = False
-        self.last_activity = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self._on_data: Callable[[bytes], None] = self._sniff
-
-    # ---- asyncio.Protocol -----------------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A TCP listener's transport (uvloop's does not subclass asyncio.Transport, hence no isinstance check).
-        self.transport = cast(asyncio.Transport, transport)
-        peer = self.transport.get_extra_info("peername") or ("", 0)
-        self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]))
-        self.listener.connections[self.id] = self
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self._on_data(data)
-        except Exception:  # a bug must cost this connection only, and be visible
-            log.exception("tunnel_failed", client=self.state.address if self.state else "")
-            self.abort()
-
-    def task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error(
-                "tunnel_failed",
-                client=self.state.address if self.state else "",
-                exc_info=(type(exc), exc, exc.__traceback__),
-            )
-            self.abort()
-
-    def eof_received(self) -> bool:
-        self.client_eof = True
-        if self.upstream is None:
-            return False  # nothing to relay the half-close to: close
-        if self.upstream.can_write_eof():
-            self.upstream.write_eof()
-        if self.upstream_eof:
-            self.upstream.close()
-            return False
-        return True  # keep sending what the destination still says
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.listener.connections.pop(self.id, None)
-        if self.task is not None and self.tunnel is not None and not self.task.done():
-            self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        if self.upstream is not None:
-            self.upstream.close()
-        self.addon.client_gone(self.id)
-
-    def pause_writing(self) -> None:  # the client reads slower than the destination sends
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.resume_reading()
-
-    # ---- stages ---------------------------------------------------------------------------------------------
-    def _sniff(self, data: bytes) -> None:
-        self.buffer += data
-        if self.buffer.startswith(CONNECT_PREFIX):
-            self._on_data = self._read_head
-            self._read_head(b"")
-        elif not CONNECT_PREFIX.startswith(self.buffer):
-            self._hand_over()
-
-    def _read_head(self, data: bytes) -> None:
-        self.buffer += data
-        checked = self.addon.read_head(self.id, bytes(self.buffer))
-        if checked is None:
-            return
-        if isinstance(checked, bytes):
-            self._answer_and_close(checked)
-            return
-        del self.buffer[: head_length(self.buffer) or len(self.buffer)]
-        self._hold()
-        self.task = self.listener.spawn(self._decide(checked), self)
-
-    async def _decide(self, request: http.Request) -> None:
-        state = self.state
-        if state is None or self.transport is None:
-            return
-        refusal = await self.addon.open_tunnel(state, request)
-        if self.closed:
-            return
-        if refusal is not None:
-            self._answer_and_close(http1.assemble_response(refusal))
-            return
-        self.tunnel = state.tunnel
-        self.transport.write(b"%s 200 Connection established\r\n\r\n" % request.data.http_version)
-        self._on_data = self._read_first_bytes
-        self.transport.resume_reading()
-        if self.buffer:
-            early = bytes(self.buffer)
-            self.buffer.clear()
-            self._read_first_bytes(early)
-
-    def _read_first_bytes(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is None:
-            self.abort()
-            return
-        opened = self.addon.start_tunnel(tunnel, data)
-        if opened is None:
-            return  # the ClientHello is not complete yet; its timer runs
-        if not opened or tunnel.verdict.address is None:
-            self.abort()
-            return
-        self._hold()
-        self.task = self.listener.spawn(self._connect(tunnel), self)
-
-    async def _connect(self, tunnel: Tunnel) -> None:
-        address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
-        error: str | None = None
-        timed_out = False
-        upstream: asyncio.BaseTransport | None = None
-        if self.listener.is_self(address):
-            error = "egress-gateway: refusing to connect to itself"
-        else:
-            try:
-                async with asyncio.timeout(self.addon.timeouts.connect_s):
-                    upstream, _ = await self.loop.create_connection(lambda: UpstreamConnection(self), *address)
-            except TimeoutError:
-                timed_out = True
-                error = "timeout"
-            except OSError as exc:
-                error = str(exc) or type(exc).__name__
-        if self.closed:
-            if upstream is not None:
-                upstream.close()
-            return
-        if upstream is None:
-            self.addon.tunnel_connect_failed(tunnel, timed_out, error or "no transport")
-            self.abort()
-            return
-        if self.transport is None:
-            upstream.close()
-            return
-        self.upstream = cast(asyncio.Transport, upstream)
-        tunnel.record.event("upstream_connected")
-        if tunnel.ready:  # the checked first bytes
-            tunnel.bytes_sent += len(tunnel.ready)
-            self.upstream.write(bytes(tunnel.ready))
-            tunnel.ready.clear()
-        self._on_data = self._relay
-        if self.buffer:  # arrived during the dial: not inspected yet
-            held = bytes(self.buffer)
-            self.buffer.clear()
-            self._relay(held)
-            if self.closed or tunnel.closed_reason is not None:
-                return
-        self._touch()
-        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
-        self.transport.resume_reading()
-
-    def _relay(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is None:
-            return
-        if not tunnel.inspector.done:  # a later ClientHello (after a HelloRetryRequest) or HTTP request head
-            released = self.addon.tunnel_bytes(tunnel, data)
-            if released is None:
-                self.abort()
-                return
-            data = released
-        tunnel.bytes_sent += len(data)
-        if self.upstream is not None and data:
-            self.upstream.write(data)
-        self.last_activity = self.loop.time()
-
-    def _hold(self, data: bytes = b"") -> None:
-        """Stop reading from the client while a decision or a connect is pending; keep what already arrived."""
-        self.buffer += data
-        self._on_data = self._hold
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    # ---- hand-over to mitmproxy -----------------------------------------------------------------------------
-    def _hand_over(self) -> None:
-        """Not a CONNECT: give the connection, and the bytes read so far, to mitmproxy's connection handler (whose
-        own hooks then admit and time the client again)."""
-        transport = self.transport
-        if transport is None:
-            return
-        self.listener.connections.pop(self.id, None)
-        self.addon.client_gone(self.id)
-        self.closed = True
-        reader = asyncio.StreamReader(loop=self.loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        reader.feed_data(bytes(self.buffer))
-        self.buffer.clear()
-        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
-        self.listener.spawn(self.listener.hand_over(reader, writer))
-
-    # ---- closing --------------------------------------------------------------------------------------------
-    def _answer_and_close(self, answer: bytes) -> None:
-        self._on_data = _discard
-        if self.transport is not None:
-            self.transport.write(answer)
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Close now (revocation, timeouts, a tunnel that must not open): buffered data is dropped."""
-        self._on_data = _discard
-        if self.upstream is not None:
-            self.upstream.abort()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _touch(self) -> None:
-        self.last_activity = self.loop.time()
-
-    def _check_idle(self) -> None:
-        idle = self.loop.time() - self.last_activity
-        if idle >= self.listener.idle_timeout_s:
-            log.info("tunnel_idle_timeout", client=self.state.address if self.state else "", idle_s=round(idle, 1))
-            self.abort()
-            return
-        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s - idle, self._check_idle)
-
-    # ---- called by the upstream side ------------------------------------------------------------------------
-    def upstream_data(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.bytes_received += len(data)
-            if not tunnel.inspector.done:
-                tunnel.inspector.server_data(data)
-        if self.transport is not None:
-            self.transport.write(data)
-        self.last_activity = self.loop.time()
-
-    def upstream_eof_received(self) -> bool:
-        self.upstream_eof = True
-        transport = self.transport
-        if transport is None or self.client_eof:
-            if transport is not None:
-                transport.close()
-            return False
-        if transport.can_write_eof():
-            transport.write_eof()
-        return True
-
-    def upstream_lost(self) -> None:
-        if self.transport is not None:
-            self.transport.close()  # after what is buffered for the client has been sent
-
-    def upstream_pause(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def upstream_resume(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """The destination side of a tunnel: everything it sends goes to the client, with the client's flow control."""
-
-    def __init__(self, client: ClientConnection) -> None:
-        self.client = client
-
-    def data_received(self, data: bytes) -> None:
-        self.client.upstream_data(data)
-
-    def eof_received(self) -> bool:
-        return self.client.upstream_eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.client.upstream_lost()
-
-    def pause_writing(self) -> None:  # the destination reads slower than the client sends
-        self.client.upstream_pause()
-
-    def resume_writing(self) -> None:
-        self.client.upstream_resume()
-
-
-def _discard(data: bytes) -> None:
-    pass

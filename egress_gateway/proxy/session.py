@@ -1,0 +1,386 @@
+"""One client connection, one owner: the `Session` holds the accepted socket from accept to close.
+
+Through its stages: sniff, request head, admission and decision (the addon and the gate), first tunnel bytes
+(the tunnel's inspector), dial of the pinned address, relay (one relay: each chunk written straight to the other
+transport, the transports' flow control, half-closes passed on, one idle timer); or, for a connection that is not a
+CONNECT, plain HTTP: its client bytes still arrive here first and every request head is checked
+(`plain_bytes`) before mitmproxy's HTTP engine (`embedded.py`) reads them. Revocation, timers and drain close a
+session by `abort`, whichever stage it is in.
+
+Why tunnels do not go through mitmproxy: its per-connection machinery (the HTTP layer and its flow objects, one task
+per hook, stream readers and writers, a layer call per relayed chunk) cost most of the gateway's CPU per tunnel
+(docs/benchmarks.md), and a tunnel needs none of it.
+Imports asyncio, the addon and the inspector; knows nothing about policies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+from mitmproxy import http
+from mitmproxy.net.http import http1
+
+from egress_gateway.proxy.addon import ClientState, Tunnel
+from egress_gateway.proxy.clienthello import starts_like_tls
+from egress_gateway.proxy.inspection import TunnelInspector
+from egress_gateway.proxy.limits import head_length
+
+if TYPE_CHECKING:
+    from egress_gateway.proxy.listener import Listener
+
+CONNECT_PREFIX = b"CONNECT "
+
+log = structlog.get_logger("egress_gateway.proxy")
+
+
+class Session(asyncio.Protocol):
+    """One client connection, through its stages: sniff, request head, decision, first tunnel bytes, connect, relay.
+
+    `_on_data` is the current stage's handler for client bytes; `buffer` holds bytes not consumed yet.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.addon = listener.addon
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.id = listener.next_id()
+        self.state: ClientState | None = None
+        self.tunnel: Tunnel | None = None
+        self.buffer = bytearray()
+        self.task: asyncio.Task[Any] | None = None
+        self.closed = False
+        self.client_eof = False
+        self.upstream_eof = False
+        self.last_activity = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self._on_data: Callable[[bytes], None] = self._sniff
+        self.plain: TunnelInspector | None = None  # plain HTTP: the request-head checks before mitmproxy reads
+
+    # ---- asyncio.Protocol -----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A TCP listener's transport (uvloop's does not subclass asyncio.Transport, hence no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]))
+        self.listener.connections[self.id] = self
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._on_data(data)
+        except Exception:  # a bug must cost this connection only, and be visible
+            log.exception("tunnel_failed", client=self.state.address if self.state else "")
+            self.abort()
+
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error(
+                "tunnel_failed",
+                client=self.state.address if self.state else "",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+            self.abort()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.upstream is None:
+            return False  # nothing to relay the half-close to: close
+        if self.upstream.can_write_eof():
+            self.upstream.write_eof()
+        if self.upstream_eof:
+            self.upstream.close()
+            return False
+        return True  # keep sending what the destination still says
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.pop(self.id, None)
+        if self.task is not None and self.tunnel is not None and not self.task.done():
+            self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.addon.client_gone(self.id)
+
+    def pause_writing(self) -> None:  # the client reads slower than the destination sends
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def _sniff(self, data: bytes) -> None:
+        self.buffer += data
+        if self.buffer.startswith(CONNECT_PREFIX):
+            self._on_data = self._read_head
+            self._read_head(b"")
+        elif not CONNECT_PREFIX.startswith(self.buffer):
+            self._hand_over()
+
+    def _read_head(self, data: bytes) -> None:
+        self.buffer += data
+        checked = self.addon.read_head(self.id, bytes(self.buffer))
+        if checked is None:
+            return
+        if isinstance(checked, bytes):
+            self.answer_and_close(checked)
+            return
+        del self.buffer[: head_length(self.buffer) or len(self.buffer)]
+        self._hold()
+        self.task = self.listener.spawn(self._decide(checked), self)
+
+    async def _decide(self, request: http.Request) -> None:
+        state = self.state
+        if state is None or self.transport is None:
+            return
+        refusal = await self.addon.open_tunnel(state, request)
+        if self.closed:
+            return
+        if refusal is not None:
+            self.answer_and_close(http1.assemble_response(refusal))
+            return
+        self.tunnel = state.tunnel
+        self.transport.write(b"%s 200 Connection established\r\n\r\n" % request.data.http_version)
+        self._on_data = self._read_first_bytes
+        self.transport.resume_reading()
+        if self.buffer:
+            early = bytes(self.buffer)
+            self.buffer.clear()
+            self._read_first_bytes(early)
+
+    def _read_first_bytes(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            self.abort()
+            return
+        opened = self.addon.start_tunnel(tunnel, data)
+        if opened is None:
+            return  # the ClientHello is not complete yet; its timer runs
+        if not opened or tunnel.verdict.address is None:
+            self.abort()
+            return
+        self._hold()
+        self.task = self.listener.spawn(self._connect(tunnel), self)
+
+    async def _connect(self, tunnel: Tunnel) -> None:
+        address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
+        error: str | None = None
+        timed_out = False
+        upstream: asyncio.BaseTransport | None = None
+        if self.listener.is_self(address):
+            error = "egress-gateway: refusing to connect to itself"
+        else:
+            try:
+                async with asyncio.timeout(self.addon.timeouts.connect_s):
+                    upstream, _ = await self.loop.create_connection(lambda: UpstreamConnection(self), *address)
+            except TimeoutError:
+                timed_out = True
+                error = "timeout"
+            except OSError as exc:
+                error = str(exc) or type(exc).__name__
+        if self.closed:
+            if upstream is not None:
+                upstream.close()
+            return
+        if upstream is None:
+            self.addon.tunnel_connect_failed(tunnel, timed_out, error or "no transport")
+            self.abort()
+            return
+        if self.transport is None:
+            upstream.close()
+            return
+        self.upstream = cast(asyncio.Transport, upstream)
+        tunnel.record.event("upstream_connected")
+        if tunnel.ready:  # the checked first bytes
+            tunnel.bytes_sent += len(tunnel.ready)
+            self.upstream.write(bytes(tunnel.ready))
+            tunnel.ready.clear()
+        self._on_data = self._relay
+        if self.buffer:  # arrived during the dial: not inspected yet
+            held = bytes(self.buffer)
+            self.buffer.clear()
+            self._relay(held)
+            if self.closed or tunnel.closed_reason is not None:
+                return
+        self._touch()
+        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
+        self.transport.resume_reading()
+
+    def _relay(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        if not tunnel.inspector.done:  # a later ClientHello (after a HelloRetryRequest) or HTTP request head
+            released = self.addon.tunnel_bytes(tunnel, data)
+            if released is None:
+                self.abort()
+                return
+            data = released
+        tunnel.bytes_sent += len(data)
+        if self.upstream is not None and data:
+            self.upstream.write(data)
+        self.last_activity = self.loop.time()
+
+    def _hold(self, data: bytes = b"") -> None:
+        """Stop reading from the client while a decision or a connect is pending; keep what already arrived."""
+        self.buffer += data
+        self._on_data = self._hold
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    # ---- hand-over to mitmproxy -----------------------------------------------------------------------------
+    def _hand_over(self) -> None:
+        """Not a CONNECT: mitmproxy's HTTP engine serves the requests. The connection stays this object's:
+        registered, admitted and timed as before, closed by `abort` like any other; its client bytes still arrive
+        here first (`plain_bytes`), so every request head is checked before mitmproxy parses it."""
+        transport = self.transport
+        if transport is None:
+            return
+        if starts_like_tls(bytes(self.buffer)):  # TLS to the proxy itself is not offered
+            self.abort()
+            return
+        self.closed = True  # no more protocol callbacks here: the stream protocol below gets them
+        self.plain = TunnelInspector(self.addon.head_limits, http=True)
+        reader = asyncio.StreamReader(loop=self.loop)
+        protocol = _PlainHttpStream(self, reader, self.loop)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        early = bytes(self.buffer)
+        self.buffer.clear()
+        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        self.listener.spawn(self._serve_http(reader, writer))
+        protocol.data_received(early)
+
+    def plain_bytes(self, data: bytes) -> bytes | None:
+        """Plain-HTTP client bytes through the session's inspector: what mitmproxy may read now, or None: a request
+        head was refused (answered, recorded, closing)."""
+        inspector = self.plain
+        if inspector is None or inspector.done:  # after an upgrade or a CONNECT: the tunnel's own checks apply
+            return data
+        inspection = inspector.client_data(data)
+        for seen in inspection.seen:
+            refusal = self.addon.plain_http_refusal(self.id, seen)
+            if refusal is not None:
+                self.answer_and_close(refusal)
+                return None
+        return inspection.release
+
+    async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self.listener.hand_over(reader, writer, self.id)
+        finally:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+            self.listener.connections.pop(self.id, None)
+            self.addon.client_gone(self.id)
+
+    # ---- closing --------------------------------------------------------------------------------------------
+    def answer_and_close(self, answer: bytes) -> None:
+        self._on_data = _discard
+        if self.transport is not None:
+            self.transport.write(answer)
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close now (revocation, timeouts, a tunnel that must not open): buffered data is dropped."""
+        self._on_data = _discard
+        if self.upstream is not None:
+            self.upstream.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _touch(self) -> None:
+        self.last_activity = self.loop.time()
+
+    def _check_idle(self) -> None:
+        idle = self.loop.time() - self.last_activity
+        if idle >= self.listener.idle_timeout_s:
+            log.info("tunnel_idle_timeout", client=self.state.address if self.state else "", idle_s=round(idle, 1))
+            self.abort()
+            return
+        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s - idle, self._check_idle)
+
+    # ---- called by the upstream side ------------------------------------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.bytes_received += len(data)
+            if not tunnel.inspector.done:
+                tunnel.inspector.server_data(data)
+        if self.transport is not None:
+            self.transport.write(data)
+        self.last_activity = self.loop.time()
+
+    def upstream_eof_received(self) -> bool:
+        self.upstream_eof = True
+        transport = self.transport
+        if transport is None or self.client_eof:
+            if transport is not None:
+                transport.close()
+            return False
+        if transport.can_write_eof():
+            transport.write_eof()
+        return True
+
+    def upstream_lost(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what is buffered for the client has been sent
+
+    def upstream_pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def upstream_resume(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+
+class _PlainHttpStream(asyncio.StreamReaderProtocol):
+    """The stream mitmproxy reads a plain-HTTP connection from: only the bytes the session released."""
+
+    def __init__(self, session: Session, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(reader, loop=loop)
+        self.session = session
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            released = self.session.plain_bytes(data)
+        except Exception:  # a bug must cost this connection only, and be visible
+            log.exception("plain_http_failed", client=self.session.state.address if self.session.state else "")
+            self.session.abort()
+            return
+        if released:
+            super().data_received(released)
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The destination side of a tunnel: everything it sends goes to the client, with the client's flow control."""
+
+    def __init__(self, client: Session) -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.client.upstream_data(data)
+
+    def eof_received(self) -> bool:
+        return self.client.upstream_eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.upstream_lost()
+
+    def pause_writing(self) -> None:  # the destination reads slower than the client sends
+        self.client.upstream_pause()
+
+    def resume_writing(self) -> None:
+        self.client.upstream_resume()
+
+
+def _discard(data: bytes) -> None:
+    pass
