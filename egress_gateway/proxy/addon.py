@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from mitmproxy import http, tcp
@@ -31,10 +31,9 @@ from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.identity.base import AuthenticationFailed, IdentityUnavailable, TooManyReviews
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
 from egress_gateway.proxy import responses
-from egress_gateway.proxy.clienthello import starts_like_tls
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
 from egress_gateway.proxy.inspection import Seen, TunnelInspector
-from egress_gateway.proxy.layers import CloseClientLayer, PassthroughLayer
+from egress_gateway.proxy.layers import PassthroughLayer
 from egress_gateway.proxy.limits import (
     FRAMING_HEADERS,
     ConnectionLimit,
@@ -82,11 +81,23 @@ class Tunnel:
     hello_timer: asyncio.TimerHandle | None = None
 
 
+class Owner(Protocol):
+    """The session that owns a client connection (`session.py`): what the checks may do to the connection."""
+
+    def abort(self) -> None: ...
+
+    def answer_and_close(self, answer: bytes) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class ClientState:
+    """A session's admission and decision state; `GatewayAddon.clients` (id -> state) is the one registry of live
+    sessions: revocation, limits, timers and the shutdown drain find a connection there."""
+
     client_id: str
     address: str
     port: int
+    owner: Owner
     tunnel: Tunnel | None = None
     request_seen: bool = False
     request_timer: asyncio.TimerHandle | None = None
@@ -131,9 +142,9 @@ class GatewayAddon:
         self._timed_out: set[str] = set()
 
     # ---- connection lifecycle ------------------------------------------------------------------------------
-    def open_client(self, client_id: str, host: str, port: int) -> ClientState:
-        """A new client connection (from mitmproxy's hook or from the tunnel listener): admission and request timer."""
-        state = ClientState(client_id, host, port)
+    def open_client(self, client_id: str, host: str, port: int, owner: Owner) -> ClientState:
+        """A new client connection (its session, at accept): registration, admission and request timer."""
+        state = ClientState(client_id, host, port, owner)
         namespace = self.gate.namespace_of_address(host)
         if namespace is not None and not self.namespace_connections.admit(client_id, namespace):
             # Counted from accept: a namespace's silent or undecided sockets use up its share, not everyone's slots.
@@ -175,17 +186,16 @@ class GatewayAddon:
             return
         context = nextlayer.context
         if len(context.layers) <= 1:
-            data = nextlayer.data_client()
-            # First bytes of a client connection: an HTTP proxy request. TLS to the proxy itself is not offered.
-            if starts_like_tls(data):
-                nextlayer.layer = CloseClientLayer(context)
-            else:  # its request heads were checked by the session's inspector (`plain_http_refusal`)
-                nextlayer.layer = HttpLayer(context, HTTPMode.regular)
+            # A plain-HTTP session (TLS to the proxy itself was closed by the session): its request heads are checked
+            # by the session's inspector (`plain_http_refusal`) before mitmproxy reads them.
+            nextlayer.layer = HttpLayer(context, HTTPMode.regular)
             return
         state = self._state(context.client.id)
-        tunnel = state.tunnel if state is not None else None
+        if state is None:
+            return  # the session is gone
+        tunnel = state.tunnel
         if tunnel is None:
-            nextlayer.layer = CloseClientLayer(context)
+            state.owner.abort()
             return
         # Only the events since the last call: `data_client()` joins them all each time (quadratic for a dribbler).
         fresh = nextlayer.events[tunnel.fed_events :]
@@ -196,7 +206,7 @@ class GatewayAddon:
         if opened is None:
             return  # wait for the rest of the ClientHello
         if not opened or tunnel.verdict.address is None:
-            nextlayer.layer = CloseClientLayer(context)
+            state.owner.abort()  # the session closes its connection; nothing was sent upstream
             return
         context.server.address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
         ready = bytes(tunnel.ready)

@@ -1,10 +1,10 @@
 """The proxy as a whole: the listening socket, the session listener, mitmproxy as the plain-HTTP engine, graceful stop.
 
 Every client connection is accepted by the listener and owned by its session (`session.py`) from accept to close;
-the listener's registry is the only one (`open_connections`, `close_client`, `drain`). A session that is not a
-CONNECT tunnel lets mitmproxy's HTTP/1 layers serve the bytes (`HttpEngineConnection`), through mitmproxy's public
-embedding surface: a `LiveConnectionHandler` subclass whose `handle_hook` calls our hooks directly. There is no
-`Master`, no addon manager, no CA, no flow storage, nothing of mitmproxy is patched.
+the one registry of live sessions is `GatewayAddon.clients` (`open_connections`, `close_client`, `drain`). A
+session that is not a CONNECT tunnel lets mitmproxy's HTTP/1 layers serve the bytes (`HttpEngineConnection`),
+through mitmproxy's public embedding surface: a `LiveConnectionHandler` subclass whose `handle_hook` calls our
+hooks directly. There is no `Master`, no addon manager, no CA, no flow storage; nothing of mitmproxy is patched.
 
 Facts about mitmproxy 12 this relies on (pinned `>=12.1,<13` in pyproject): `LiveConnectionHandler(reader, writer,
 options, mode)` and its abstract `handle_hook`; the options the HTTP layers read (declared here with `add_option`,
@@ -189,7 +189,7 @@ class EmbeddedProxy:
 
     @property
     def open_connections(self) -> int:
-        return len(self.listener.connections) if self.listener is not None else 0
+        return self.listener.sessions if self.listener is not None else 0
 
     def close_client(self, client_id: str) -> bool:
         """Close one client connection (and with it its upstream). False if it is already gone."""
@@ -204,7 +204,7 @@ class EmbeddedProxy:
         deadline = time.monotonic() + grace_s
         while self.open_connections and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        leftover = list(self.listener.connections) if self.listener is not None else []
+        leftover = self.listener.session_ids() if self.listener is not None else []
         for client_id in leftover:
             self.close_client(client_id)
         close_deadline = time.monotonic() + 2.0

@@ -1,7 +1,7 @@
-"""mitmproxy protocol layers for a CONNECT that arrives after plain HTTP on one connection: a byte-counting TLS/TCP
-passthrough and a layer that closes the client. Built on mitmproxy's public `Layer`/`TCPLayer` classes.
+"""The mitmproxy layer for a CONNECT that arrives after plain HTTP on one connection: a byte-counting TLS/TCP
+passthrough on mitmproxy's public `TCPLayer` (a denied tunnel is closed by its session instead).
 
-All are sans-I/O like mitmproxy's own layers (events in, commands out). Imports mitmproxy only.
+Sans-I/O like mitmproxy's own layers (events in, commands out). Imports mitmproxy only.
 """
 
 from __future__ import annotations
@@ -53,8 +53,11 @@ class PassthroughLayer(TCPLayer):
         self._skip = already_read
         self._ready = ready
         self._closing = False
+        self._ended = False  # both connections were closed: ignore what follows
 
     def relay_messages(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if self._ended:
+            return
         if not isinstance(event, events.DataReceived):
             yield from super().relay_messages(event)
             return
@@ -77,7 +80,7 @@ class PassthroughLayer(TCPLayer):
         if self._closing:
             yield commands.CloseConnection(self.context.server)
             yield commands.CloseConnection(self.context.client)
-            self._handle_event = self.done
+            self._ended = True
             return
         if data:
             self.counter.bytes_sent += len(data)
@@ -91,16 +94,3 @@ class PassthroughLayer(TCPLayer):
             self._closing = True
             return b""
         return released
-
-
-class CloseClientLayer(layer.Layer):
-    """Ends a tunnel that must not reach its destination: close the client, ignore everything after."""
-
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        self._closed = False
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if not self._closed:
-            self._closed = True
-            yield commands.CloseConnection(self.context.client)

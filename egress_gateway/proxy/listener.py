@@ -1,8 +1,6 @@
-"""The proxy's one listener: accepts every client connection and keeps the registry of live sessions.
-
-Each accepted connection gets a `Session` (`session.py`), which owns it from accept to close. The registry
-(`sessions`) is the one that revocation (`close_client`), the connection count (`open_connections` of
-`embedded.py`) and the shutdown drain use. Knows nothing about policies.
+"""The proxy's one listener: accepts every client connection and gives it a `Session` (`session.py`), which owns
+it from accept to close. Sessions are found by id in the one registry of live sessions, `GatewayAddon.clients`
+(revocation, limits, timers, `close_client`, the shutdown drain). Knows nothing about policies.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ def dials_itself(address: tuple[str, int], own_address: tuple[str, int]) -> bool
 
 
 class Listener:
-    """Accepts on one listening socket; the registry of its live sessions (`connections`, `close_client`)."""
+    """Accepts on one listening socket; closes or answers a live session by id."""
 
     def __init__(
         self, addon: GatewayAddon, hand_over: HandOver, idle_timeout_s: float, own_address: tuple[str, int]
@@ -47,7 +45,6 @@ class Listener:
         self.idle_timeout_s = idle_timeout_s
         self.own_port = own_address[1]
         self.own_host = str(own_address[0])
-        self.connections: dict[str, Session] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -61,17 +58,24 @@ class Listener:
             self._server.close()  # open connections stay; other workers may still accept on their copy
             self._server = None
 
+    @property
+    def sessions(self) -> int:
+        return len(self.addon.clients)
+
+    def session_ids(self) -> list[str]:
+        return list(self.addon.clients)
+
     def close_client(self, client_id: str) -> bool:
-        connection = self.connections.get(client_id)
-        if connection is None:
+        state = self.addon.clients.get(client_id)
+        if state is None:
             return False
-        connection.abort()
+        state.owner.abort()
         return True
 
     def answer_and_close(self, client_id: str, answer: bytes) -> None:
-        connection = self.connections.get(client_id)
-        if connection is not None:
-            connection.answer_and_close(answer)
+        state = self.addon.clients.get(client_id)
+        if state is not None:
+            state.owner.answer_and_close(answer)
 
     async def wait_closed(self, timeout_s: float) -> None:
         """Let the tasks of closed connections (a pending decision, mitmproxy's teardown) finish, up to `timeout_s`."""

@@ -66,8 +66,7 @@ class Session(asyncio.Protocol):
         # A TCP listener's transport (uvloop's does not subclass asyncio.Transport, hence no isinstance check).
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername") or ("", 0)
-        self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]))
-        self.listener.connections[self.id] = self
+        self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]), self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -98,7 +97,6 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.listener.connections.pop(self.id, None)
         if self.task is not None and self.tunnel is not None and not self.task.done():
             self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
         if self.idle_timer is not None:
@@ -278,7 +276,6 @@ class Session(asyncio.Protocol):
         finally:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
-            self.listener.connections.pop(self.id, None)
             self.addon.client_gone(self.id)
 
     # ---- closing --------------------------------------------------------------------------------------------

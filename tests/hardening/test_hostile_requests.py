@@ -187,6 +187,41 @@ def test_endless_header_is_refused_while_it_is_still_arriving(env: Env) -> None:
     env.assert_still_serves()
 
 
+def test_endless_header_of_a_kept_alive_request_after_a_chunked_body_is_refused_while_it_is_still_arriving(
+    env: Env,
+) -> None:
+    """Every request head of a plain-HTTP connection is bounded, not only the first: the session reads the request
+    stream (Content-Length and chunked framing) and checks each head before mitmproxy buffers it."""
+    source = env.fresh_source()
+    port = env.plain.port
+    first = (
+        f"POST http://plain.test:{port}/one HTTP/1.1\r\nHost: plain.test:{port}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    answer = raw_request(env.gateway.proxy_port, first.encode(), source)
+    assert answer.status == 200
+    sock = answer.sock
+    sock.sendall(f"GET http://plain.test:{port}/two HTTP/1.1\r\nHost: plain.test:{port}\r\n".encode())
+    refused = b""
+    try:
+        for _ in range(64):  # at most 32 KB, well past the 8 KB limit; never a blank line
+            sock.sendall(b"X-Trickle: " + b"a" * 500 + b"\r\n")
+            time.sleep(0.005)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    sock.settimeout(10)
+    try:
+        while chunk := sock.recv(65536):
+            refused += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sock.close()
+    assert refused.startswith(b"HTTP/1.1 431"), refused[:200]
+    env.decision(source, "headers_too_large")
+    assert "/two" not in [r["path"] for r in env.plain.requests]
+    env.assert_still_serves()
+
+
 def test_tls_sent_to_the_proxy_port_itself_is_closed(env: Env) -> None:
     source = env.fresh_source()
     sock = socket.create_connection(("127.0.0.1", env.gateway.proxy_port), timeout=10, source_address=(source, 0))

@@ -178,3 +178,22 @@ def test_a_chunk_size_line_without_end_is_a_problem() -> None:
     tunnel = inspector()
     step = tunnel.client_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 5000)
     assert step.seen[-1].problem is not None
+
+
+@pytest.mark.parametrize("size", [1, 13, 100000])
+def test_a_plain_http_stream_reports_every_head_and_the_bytes_of_an_oversized_one(size: int) -> None:
+    """`http=True` (a plain-HTTP proxy connection): no sniffing; a kept-alive head after a chunked body is checked
+    like the first, and a head over the limits comes with its bytes so far (the session answers 431 from them)."""
+    first = b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    second = b"GET http://a.test/two HTTP/1.1\r\nHost: a.test\r\n" + b"X-Big: " + b"a" * 40000 + b"\r\n"
+    plain = TunnelInspector(HeadLimits(), http=True)
+    seen = feed(plain, first + second, size).seen
+    assert [s.request.path for s in seen if s.request is not None] == ["/"]
+    problems = [s for s in seen if s.problem is not None]
+    assert len(problems) == 1 and problems[0].head is not None
+    assert problems[0].head.startswith(b"GET http://a.test/two HTTP/1.1\r\n")
+
+
+def test_a_plain_http_stream_of_garbage_is_a_problem_not_opaque_tcp() -> None:
+    seen = TunnelInspector(HeadLimits(), http=True).client_data(b"\x00\x01garbage\r\n\r\n").seen
+    assert [s.protocol for s in seen] == [Protocol.HTTP] and seen[0].problem is not None
