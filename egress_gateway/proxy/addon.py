@@ -13,7 +13,6 @@ policy sources.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,17 +27,15 @@ from mitmproxy.proxy.layers import HttpLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
-from egress_gateway.identity.base import AuthenticationFailed, IdentityUnavailable, TooManyReviews
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
 from egress_gateway.proxy import responses
+from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
 from egress_gateway.proxy.inspection import Seen, TunnelInspector
 from egress_gateway.proxy.layers import PassthroughLayer
 from egress_gateway.proxy.limits import (
     FRAMING_HEADERS,
-    ConnectionLimit,
     HeadLimits,
-    NamespaceConnections,
     NamespaceRateLimiter,
     check_request_head,
     complete_head_lines,
@@ -128,11 +125,7 @@ class GatewayAddon:
         self.gate = gate
         self.recorder = recorder
         self.timeouts = timeouts
-        self.max_connections = max_connections
-        self.connection_limit = ConnectionLimit(max_connections)
-        # `limits.namespace_connections`; None: a quarter of max_connections.
-        self.namespace_connections = NamespaceConnections(namespace_connections or max(1, max_connections // 4))
-        self.rate = rate if rate is not None else NamespaceRateLimiter(0.0, 1)
+        self.admission = Admission(gate, max_connections, namespace_connections, rate)
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self.close_client = close_client
         self.log = log or structlog.get_logger("egress_gateway.proxy")
@@ -145,16 +138,9 @@ class GatewayAddon:
     def open_client(self, client_id: str, host: str, port: int, owner: Owner) -> ClientState:
         """A new client connection (its session, at accept): registration, admission and request timer."""
         state = ClientState(client_id, host, port, owner)
-        namespace = self.gate.namespace_of_address(host)
-        if namespace is not None and not self.namespace_connections.admit(client_id, namespace):
-            # Counted from accept: a namespace's silent or undecided sockets use up its share, not everyone's slots.
-            state.refused = self._namespace_share_denial(namespace)
-        elif not self.connection_limit.admit(client_id):
-            # Read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels already open
-            # are untouched. The request timer below bounds how long such a connection may stay.
-            state.refused = adapter_denial(
-                Reason.CONNECTION_LIMIT, f"the gateway already serves {self.max_connections} connections"
-            )
+        # Over a limit: read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels
+        # already open are untouched. The request timer below bounds how long such a connection may stay.
+        state.refused = self.admission.at_accept(client_id, host)
         state.request_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_request_s, self._request_timeout, state
         )
@@ -164,8 +150,7 @@ class GatewayAddon:
     def client_gone(self, client_id: str) -> None:
         """The client connection closed: release its slot, stop its timers, close its tunnel's record."""
         state = self.clients.pop(client_id, None)
-        self.connection_limit.release(client_id)
-        self.namespace_connections.release(client_id)
+        self.admission.release(client_id)
         if state is None:
             return
         _cancel(state.request_timer)
@@ -683,60 +668,17 @@ class GatewayAddon:
         host, port = request.host, request.port
         record.set(server_address=host, server_port=port)
         facts = Facts(identity=None, target=host, port=port, host_header=host_header)
-        not_ready = self.gate.not_ready()
-        if state.refused is not None:
-            verdict = Verdict(facts, state.refused)
-        elif not_ready is not None:
-            verdict = Verdict(facts, not_ready)
-        else:
-            try:
-                identity = await self.gate.identify(state.address, request.headers.get("Proxy-Authorization"))
-            except TooManyReviews as exc:
-                state.retry_after = str(max(1, math.ceil(exc.retry_after_s)))
-                verdict = Verdict(facts, adapter_denial(Reason.RATE_LIMITED, exc.reason))
-            except AuthenticationFailed as exc:
-                verdict = Verdict(facts, adapter_denial(Reason.AUTH_REQUIRED, exc.reason))
-            except IdentityUnavailable as exc:
-                verdict = Verdict(facts, adapter_denial(Reason.UNKNOWN_CLIENT, exc.reason))
-            else:
-                limited = self._over_namespace_share(state, identity) or self._rate_limited(state, identity)
-                if limited is not None:
-                    verdict = Verdict(replace(facts, identity=identity), limited)
-                else:
-                    verdict = await self.gate.decide_target(identity, host, port, host_header)
+        admitted = await self.admission.admit(
+            state.client_id, state.address, state.refused, facts, request.headers.get("Proxy-Authorization")
+        )
+        verdict = admitted.verdict
+        if admitted.retry_after is not None:
+            state.retry_after = admitted.retry_after
         if verdict.address is not None:
             record.set(network_peer_address=str(verdict.address))
         record.event("decided", duration_s=time.perf_counter() - started)
         record.decided(verdict.facts, verdict.decision)
         return verdict
-
-    def _namespace_share_denial(self, namespace: str) -> Decision:
-        return adapter_denial(
-            Reason.CONNECTION_LIMIT,
-            f"namespace {namespace} already holds its share of {self.namespace_connections.share} connections"
-            " (limits.namespace_connections)",
-        )
-
-    def _over_namespace_share(self, state: ClientState, identity: Identity | None) -> Decision | None:
-        """A client whose namespace was not known at accept (e.g. token identity) is counted when identified."""
-        if identity is None or self.namespace_connections.counted(state.client_id):
-            return None
-        if self.namespace_connections.admit(state.client_id, identity.namespace):
-            return None
-        return self._namespace_share_denial(identity.namespace)
-
-    def _rate_limited(self, state: ClientState, identity: Identity | None) -> Decision | None:
-        """`limits.namespace_rate`: one token per new tunnel or plain-HTTP request, checked before any DNS query."""
-        if identity is None or not self.rate.enabled:
-            return None
-        outcome = self.rate.acquire(identity.namespace)
-        if outcome.allowed:
-            return None
-        state.retry_after = outcome.retry_after_header
-        return adapter_denial(
-            Reason.RATE_LIMITED,
-            f"namespace {identity.namespace} exceeds {self.rate.describe()}; retry in {state.retry_after} s",
-        )
 
     def _deny(self, flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
         state = self._state(flow.client_conn.id)
