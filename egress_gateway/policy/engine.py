@@ -576,6 +576,18 @@ class Engine:
             protocols=None if denied else rule.protocols,
         )
 
+    @classmethod
+    def _group_decision(
+        cls, found: Matches, where: str, protocol: str | None, passes: tuple[Decider, ...]
+    ) -> Decision | None:
+        """Step 7 for one group: its deciding rule, else an Allow/Log that did not list the protocol; else None."""
+        chosen = found.deciding
+        if chosen is not None:
+            return cls._rule_decision(chosen, where, passes)
+        if found.protocol_refused is not None:
+            return cls._protocol_refusal(found.protocol_refused, where, protocol, passes)
+        return None
+
     @staticmethod
     def _protocol_refusal(
         refused: tuple[CompiledRule, str], where: str, protocol: str | None, passes: tuple[Decider, ...]
@@ -627,11 +639,9 @@ class Engine:
             found = match_first_priority(
                 tier.view_all if audit else tier.view_enforce, name, sni, address, port, now, protocol
             )
-            chosen = found.deny or found.log or found.allow
-            if chosen is not None:
-                return self._rule_decision(chosen, where, passes)
-            if found.protocol_refused is not None:
-                return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+            decided = self._group_decision(found, where, protocol, passes)
+            if decided is not None:
+                return decided
             if found.pass_ is not None:
                 passes = (found.pass_[0].decider,)
         # 7b. Namespace tier: a matching rule decides; else selecting the client allowlists it
@@ -639,11 +649,9 @@ class Engine:
         found = match_rules(
             namespace.view_all if audit else namespace.view_enforce, name, sni, address, port, now, protocol
         )
-        chosen = found.deny or found.log or found.allow
-        if chosen is not None:
-            return self._rule_decision(chosen, where, passes)
-        if found.protocol_refused is not None:
-            return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+        decided = self._group_decision(found, where, protocol, passes)
+        if decided is not None:
+            return decided
         selected = namespace.policies if audit else namespace.enforce
         if selected:
             no_match = namespace.no_match_all if audit else namespace.no_match_enforce
@@ -663,11 +671,9 @@ class Engine:
             found = match_first_priority(
                 tier.view_all if audit else tier.view_enforce, name, sni, address, port, now, protocol
             )
-            chosen = found.deny or found.log or found.allow
-            if chosen is not None:
-                return self._rule_decision(chosen, where, passes)
-            if found.protocol_refused is not None:
-                return self._protocol_refusal(found.protocol_refused, where, protocol, passes)
+            decided = self._group_decision(found, where, protocol, passes)
+            if decided is not None:
+                return decided
             if found.pass_ is not None:
                 passes = (*passes, found.pass_[0].decider)
         # 7d. default_action
