@@ -144,6 +144,8 @@ class AuditSettings(_Section):
     otlp_headers: dict[str, str] = Field(default_factory=dict)
     console: bool = False
     max_queue_size: int = Field(default=8192, ge=1)
+    hmac_key_file: Path | None = None  # seal the trail's chain with HMAC-SHA256 under this key (docs/audit.md)
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
 
 
 class LogSettings(_Section):

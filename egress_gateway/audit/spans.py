@@ -513,8 +513,22 @@ def build_recorder(settings: AuditSettings) -> SpanRecorder:
     trail = None
     if settings.file is not None:
         envelope = {"resource": otlp_json.resource(resource), "scope": otlp_json.scope(TRACER_NAME, __version__)}
+        key = None
+        if settings.hmac_key_file is not None:
+            try:
+                key = settings.hmac_key_file.read_bytes().strip()
+            except OSError as exc:
+                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} cannot be read: {exc}") from exc
+            if not key:
+                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} is empty")
         try:
-            trail = TrailWriter(settings.file, max_queue_size=settings.max_queue_size, envelope=envelope)
+            trail = TrailWriter(
+                settings.file,
+                max_queue_size=settings.max_queue_size,
+                envelope=envelope,
+                hmac_key=key,
+                checkpoint_interval_s=settings.checkpoint_interval_s,
+            )
         except OSError as exc:
             raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc
     exporters = build_exporters(settings)

@@ -302,6 +302,8 @@ def read_records(sources: Sequence[str], stats: ReadStats | None = None) -> Iter
                 stats.lines += 1
                 try:
                     obj = json.loads(line)
+                    if isinstance(obj, dict) and "recordType" in obj:  # checkpoint, policy, ...: not a connection
+                        continue
                     if not isinstance(obj, dict) or "traceId" not in obj:
                         raise ValueError("not an OTLP span object (no traceId)")
                     record = FlowRecord.from_json(obj)

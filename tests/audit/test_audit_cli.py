@@ -15,7 +15,14 @@ import yaml
 
 from egress_gateway.cli import main
 from egress_gateway.policy.validation import validate_object
-from tests.audit.conftest import ANALYTICS_AUDIT_POLICY, FLOWS, SHOP_PAYMENTS_POLICY, record_flows, write_policies
+from tests.audit.conftest import (
+    ANALYTICS_AUDIT_POLICY,
+    FLOWS,
+    SHOP_PAYMENTS_POLICY,
+    record_flows,
+    span_lines,
+    write_policies,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +100,7 @@ def test_csv_output_has_a_header_and_one_row_per_connection(trail: Path, capsys:
 def test_reads_rotated_gzip_files_and_directories_oldest_first(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lines = trail.read_text().splitlines(keepends=True)
+    lines = [line + "\n" for line in span_lines(trail.read_text())]
     rotated = tmp_path / "rotated"
     rotated.mkdir()
     (rotated / "audit.jsonl.2.gz").write_bytes(gzip.compress("".join(lines[:3]).encode()))

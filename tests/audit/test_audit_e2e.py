@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.audit.conftest import span_lines
 from tests.proxy.conftest import ANALYTICS_POD, PAYMENTS_POD, UNKNOWN_POD, curl
 from tests.support.gateway import REPO, GatewayProcess
 from tests.support.origins import OriginServer
@@ -164,7 +165,7 @@ def test_traffic_went_as_the_policies_say(recorded: dict[str, Any]) -> None:
 
 def test_trail_file_has_one_span_per_connection_and_matches_the_log_lines(recorded: dict[str, Any]) -> None:
     text = recorded["trail"].read_text()
-    lines = [json.loads(line) for line in text.splitlines()]
+    lines = [json.loads(line) for line in span_lines(text)]
     assert len(lines) == 9
     assert {s["name"] for s in lines} == {"egress CONNECT"}
     denied = [s for s in lines if s.get("status", {}).get("code") == 2]
@@ -205,6 +206,18 @@ def test_audit_lists_and_filters_the_real_trail(recorded: dict[str, Any]) -> Non
 
     done = _audit(trail, "--reason", "unknown_client")
     assert len(done.stdout.splitlines()) == 2
+
+
+def test_the_real_gateways_trail_verifies_and_an_edit_is_found(recorded: dict[str, Any], tmp_path: Path) -> None:
+    done = _audit("verify", str(recorded["trail"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "intact" in done.stdout and "final checkpoint" not in done.stdout  # the gateway stopped cleanly
+    lines = recorded["trail"].read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b'"deny"', b'"allow"', 1) if b'"deny"' in lines[3] else lines[3].replace(b"4", b"5", 1)
+    edited = tmp_path / "audit.jsonl"
+    edited.write_bytes(b"".join(lines))
+    done = _audit("verify", str(edited))
+    assert done.returncode == 1 and f"{edited}:4: " in done.stdout and "edited" in done.stdout
 
 
 def test_audit_summary_of_the_real_trail(recorded: dict[str, Any]) -> None:
@@ -430,7 +443,7 @@ def test_unreachable_otlp_endpoint_does_not_slow_or_break_proxying(
             "a counted OTLP export failure",
         )
         # The trail file has its own queue: it is complete while OTLP keeps failing.
-        _poll(lambda: len(trail.read_text().splitlines()) == 15, 10, "15 spans in the trail file")
+        _poll(lambda: len(span_lines(trail.read_text())) == 15, 10, "15 spans in the trail file")
     finally:
         stopped = time.monotonic()
         assert gateway.stop() == 0

@@ -20,7 +20,7 @@ from egress_gateway.audit import build_recorder, spans
 from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import SpanRecorder, build_tracer_provider, otlp_http_traces_url
 from egress_gateway.settings import AuditSettings, Settings
-from tests.audit.conftest import allow, deny, facts, metric
+from tests.audit.conftest import allow, deny, facts, metric, span_lines
 
 
 def _file_recorder(path: Path) -> SpanRecorder:
@@ -47,7 +47,7 @@ def test_trail_file_has_one_otlp_json_span_per_line(tmp_path: Path) -> None:
     trace_ids = {ok.trace_id, bad.trace_id}  # type: ignore[attr-defined]
     recorder.shutdown()
 
-    lines = trail.read_text().splitlines()
+    lines = span_lines(trail.read_text())
     assert len(lines) == 2
     spans = [json.loads(line) for line in lines]
     assert {s["traceId"] for s in spans} == trace_ids
@@ -80,7 +80,7 @@ def test_trail_file_follows_external_rotation(tmp_path: Path) -> None:
     recorder.open("CONNECT", "127.0.0.2", 2).close()
     recorder.shutdown()
     assert len((tmp_path / "audit.jsonl.1").read_text().splitlines()) == 1
-    assert len(trail.read_text().splitlines()) == 1
+    assert len(span_lines(trail.read_text())) == 1
 
 
 def test_bad_trail_path_fails_at_startup_with_a_clear_error(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_a_full_trail_queue_drops_new_records_counts_them_and_never_blocks(tmp_p
         recorder.open("CONNECT", "127.0.0.2", port).close()
     dropped = metric("egress_gateway_span_export_dropped_total", exporter="file", reason="queue_full") - before
     recorder.shutdown()
-    written = len(trail.read_text().splitlines())
+    written = len(span_lines(trail.read_text()))
     assert dropped >= 1 and written >= 8 and written + dropped == 50
 
 
@@ -195,9 +195,9 @@ def test_unreachable_otlp_endpoint_does_not_slow_recording(
     assert elapsed < 2.0, f"300 records took {elapsed:.2f}s with an unreachable OTLP endpoint"
     # The trail file is fed by its own processor and completes despite the dead OTLP endpoint.
     deadline = time.monotonic() + 10
-    while len(trail.read_text().splitlines()) < 300 and time.monotonic() < deadline:
+    while len(span_lines(trail.read_text())) < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(trail.read_text().splitlines()) == 300
+    assert len(span_lines(trail.read_text())) == 300
     started = time.monotonic()
     recorder.shutdown()
     assert time.monotonic() - started < 10
