@@ -146,6 +146,7 @@ class AuditSettings(_Section):
     max_queue_size: int = Field(default=8192, ge=1)
     hmac_key_file: Path | None = None  # seal the trail's chain with HMAC-SHA256 under this key (docs/audit.md)
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)  # bound on an `open` record's delay to the file
 
 
 class LogSettings(_Section):

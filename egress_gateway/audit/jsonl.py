@@ -34,7 +34,7 @@ import structlog
 from egress_gateway import metrics
 from egress_gateway.audit.chain import GENESIS, Chain, last_hash
 from egress_gateway.audit.logs import RateLimitedWarning
-from egress_gateway.audit.otlp_json import FinishedRecord, record_object
+from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord, open_object, record_object
 
 log = structlog.get_logger("egress_gateway.audit")
 
@@ -58,15 +58,17 @@ class TrailWriter:
         mode: int = 0o640,
         hmac_key: bytes | None = None,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
     ) -> None:
         self.path = Path(path)
         self._mode = mode
         self._envelope = envelope  # {"resource": ..., "scope": ...}, the same for every line
         self._max_queue_size = max_queue_size
         self._checkpoint_interval_s = checkpoint_interval_s
+        self._flush_interval_s = flush_interval_s
         self._next_checkpoint = time.monotonic() + checkpoint_interval_s
-        # A span record, or a prepared non-span record (a dict with its `recordType`).
-        self._queue: collections.deque[FinishedRecord | Mapping[str, Any]] = collections.deque()
+        # A span (the close record), an open record, or a prepared record (a dict with its `recordType`).
+        self._queue: collections.deque[FinishedRecord | OpenedRecord | Mapping[str, Any]] = collections.deque()
         self._file: IO[bytes] | None = None
         self._write_lock = threading.Lock()  # one batch at a time, in queue order
         self._wake = threading.Event()
@@ -79,7 +81,7 @@ class TrailWriter:
         self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
         self._thread.start()
 
-    def submit(self, record: FinishedRecord | Mapping[str, Any]) -> None:
+    def submit(self, record: FinishedRecord | OpenedRecord | Mapping[str, Any]) -> None:
         """Called on the event loop: never blocks, never raises."""
         queue = self._queue
         if len(queue) >= self._max_queue_size or self._stopping:
@@ -112,7 +114,7 @@ class TrailWriter:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.wait(self._flush_interval_s)
             self._wake.clear()
             self._drain()
             if time.monotonic() >= self._next_checkpoint:
@@ -135,7 +137,7 @@ class TrailWriter:
                 batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
                 self._write(batch)
 
-    def _write(self, batch: list[FinishedRecord | Mapping[str, Any]]) -> None:
+    def _write(self, batch: list[FinishedRecord | OpenedRecord | Mapping[str, Any]]) -> None:
         lines: list[bytes] = []
         envelope = self._envelope
         seal = self.chain.seal
@@ -146,6 +148,8 @@ class TrailWriter:
                 if isinstance(record, FinishedRecord):
                     body = orjson.dumps(record_object(record, envelope))
                     spans += 1
+                elif isinstance(record, OpenedRecord):
+                    body = orjson.dumps(open_object(record))
                 else:
                     body = orjson.dumps(record)
                     if record.get("recordType") == CHECKPOINT:

@@ -32,7 +32,7 @@ from egress_gateway import __version__, metrics
 from egress_gateway.audit import fields, otlp_json
 from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
-from egress_gateway.audit.otlp_json import FinishedRecord
+from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.policy.decision import Decision, Facts, Identity
 from egress_gateway.settings import AuditSettings
@@ -375,6 +375,8 @@ class SpanRecord:
         else:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
         line = {**self._attributes, **attributes}
+        if self._decisions == 1 and (trail := self._recorder.trail) is not None:
+            trail.submit(OpenedRecord(self._ids[0], self._ids[1], f"egress {self._kind}", time.time_ns(), line))
         if self._kind == "CONNECT" and self._decisions == 1 and decision.allowed:
             self._pending_line = line
         else:
@@ -528,6 +530,7 @@ def build_recorder(settings: AuditSettings) -> SpanRecorder:
                 envelope=envelope,
                 hmac_key=key,
                 checkpoint_interval_s=settings.checkpoint_interval_s,
+                flush_interval_s=settings.flush_interval_s,
             )
         except OSError as exc:
             raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc

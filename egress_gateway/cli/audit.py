@@ -111,6 +111,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     filters.add_argument("--until", help="end bound: a duration ago or ISO 8601")
     filters.add_argument("--policy", help="deciding policy: Kind/namespace/name, namespace/name or name")
     filters.add_argument("--rule", help="deciding (or would-deny) rule name")
+    filters.add_argument(
+        "--open", action="store_true", help="only connections opened and never closed (still open, or the gateway died)"
+    )
     parser.add_argument("--output", choices=("table", "json", "csv"), default="table")
 
     modes = parser.add_mutually_exclusive_group()
@@ -176,7 +179,7 @@ def _flow_row(record: FlowRecord) -> dict[str, Any]:
         "port": record.port,
         "sni": record.sni,
         "peer": record.peer_address,
-        "decision": record.decision,
+        "decision": record.decision if record.closed else f"{record.decision} (open)",
         "reason": record.reason,
         "policy": record.policy,
         "policy_version": record.policy_version,
@@ -203,6 +206,7 @@ def _build_filter(args: argparse.Namespace) -> FlowFilter:
         until=parse_time(args.until) if args.until else None,
         policy=args.policy,
         rule=args.rule,
+        never_closed=args.open,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -250,3 +251,26 @@ def test_bad_input_is_a_clear_usage_error(
 def test_missing_trail_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "/nonexistent/audit.jsonl")
     assert code == 2 and "no such file" in err
+
+
+def test_open_records_join_their_close_and_unclosed_ones_are_listed(
+    trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spans = [json.loads(line) for line in span_lines(trail.read_text())]
+
+    def opened(span: dict[str, Any]) -> str:
+        fields = {"recordType": "open", "traceId": span["traceId"], "spanId": span["spanId"], "name": span["name"]}
+        return json.dumps({**fields, "timeUnixNano": span["startTimeUnixNano"], "attributes": span["attributes"]})
+
+    # Every connection's open record, then the close records of all but the last two (the gateway died).
+    lines = [opened(span) for span in spans] + [json.dumps(span) for span in spans[:-2]]
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("\n".join(lines) + "\n")
+    code, out, _ = run(capsys, str(killed), "--output", "json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["trace_id"] for r in rows] == [s["traceId"] for s in spans]  # each connection once
+    assert [r.get("never_closed", False) for r in rows] == [False] * (len(spans) - 2) + [True, True]
+    code, out, _ = run(capsys, str(killed), "--open")
+    assert code == 0 and len(out.splitlines()) == 3  # header + the two
+    assert "(open)" in out

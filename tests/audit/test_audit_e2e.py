@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -451,3 +452,37 @@ def test_unreachable_otlp_endpoint_does_not_slow_or_break_proxying(
     durations.sort()
     assert durations[-2] < 2.0, f"slowest requests: {durations[-3:]}"
     assert stop_s < 25, f"shutdown took {stop_s:.1f}s with an unreachable OTLP endpoint"
+
+
+def test_sigkill_during_an_open_tunnel_leaves_its_open_record(tmp_path: Path, ca: TestCA, origin: OriginServer) -> None:
+    """The `open` record is written within audit.flush_interval_s of the decision, whatever happens to the process
+    afterwards; `audit --open` lists the connection that never closed, and the chain up to the kill verifies."""
+    from tests.proxy.conftest import connect, tls_through
+
+    trail = tmp_path / "audit.jsonl"
+    gateway = GatewayProcess(tmp_path / "gw", _config(file=str(trail), flush_interval_s=0.2), _policies(origin.port))
+    gateway.start()
+    try:
+        assert curl(gateway, f"https://{STRIPE}:{origin.port}/", ca=ca).status == 200  # one closed connection
+        answer = connect(gateway.proxy_port, f"{STRIPE}:{origin.port}")
+        assert answer.status == 200
+        tunnel = tls_through(answer, ca, STRIPE)
+        body = b"x" * 100_000
+        tunnel.sendall(
+            f"POST /upload HTTP/1.1\r\nHost: {STRIPE}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        assert tunnel.recv(65536).startswith(b"HTTP/1.1 ")  # 100 kB went through the open tunnel
+        _poll(lambda: trail.read_text().count('"recordType":"open"') == 2, 5, "the tunnel's open record")
+    finally:
+        gateway.stop(signal.SIGKILL)
+
+    done = _audit(str(trail), "--open", "--output", "json")
+    assert done.returncode == 0, done.stderr
+    (row,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert row["never_closed"] is True
+    assert (row["server.address"], row["egress.decision"], row["egress.rule"]) == (STRIPE, "allow", "stripe-api")
+    assert row["k8s.namespace.name"] == "shop" and row["k8s.pod.name"] == "payments-1"
+    assert len(_audit(str(trail), "--output", "json").stdout.splitlines()) == 2  # the closed one and the open one
+    done = _audit("verify", str(trail))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ends without a final checkpoint" in done.stdout

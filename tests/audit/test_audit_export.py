@@ -216,3 +216,26 @@ def test_console_exporter_prints_spans_on_stderr_and_keeps_stdout_empty(capsys: 
     out, err = capsys.readouterr()
     assert out == ""
     assert '"name": "egress CONNECT"' in err and '"egress.rule": "stripe"' in err
+
+
+def test_each_connection_has_an_open_record_at_its_first_decision_joined_by_its_ids(tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail, flush_interval_s=0.05)))
+    tunnel = recorder.open("CONNECT", "127.0.0.2", 41000)
+    tunnel.set(server_address="api.stripe.com", server_port=443)
+    tunnel.decided(facts(), allow())
+    tunnel.decided(facts(sni="api.stripe.com"), allow())  # the SNI re-decision: no second open record
+    deadline = time.monotonic() + 10
+    while '"recordType":"open"' not in trail.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (opened,) = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert opened["recordType"] == "open" and opened["name"] == "egress CONNECT"
+    assert (opened["traceId"], opened["spanId"]) == (tunnel.trace_id, tunnel.span_id)  # type: ignore[attr-defined]
+    attributes = {a["key"]: a["value"] for a in opened["attributes"]}
+    assert attributes["egress.decision"] == {"stringValue": "allow"}
+    assert attributes["server.address"] == {"stringValue": "api.stripe.com"}
+    tunnel.close(bytes_sent=5, bytes_received=7)
+    recorder.shutdown()
+    (closed,) = [json.loads(line) for line in span_lines(trail.read_text())]
+    assert (closed["traceId"], closed["spanId"]) == (opened["traceId"], opened["spanId"])
+    assert int(closed["startTimeUnixNano"]) <= int(opened["timeUnixNano"]) <= int(closed["endTimeUnixNano"])
