@@ -163,6 +163,7 @@ class Gateway:
         return True, f"ready ({len(self.store.current)} policies)"
 
     def _policies_changed(self, policies: PolicySet) -> None:
+        self.recorder.policies_in_force(policies)  # recorded before anything is decided under it
         self.engine.policies = policies
         if self.settings.revoke_open_tunnels:
             revoked = self.addon.revoke()
@@ -193,6 +194,8 @@ class Gateway:
         for _, port in self.listen_addresses:
             self.own.add_port(port, "its proxy port")
         await self.source.start()
+        if self.store.current is not self.engine.policies:
+            self.recorder.policies_in_force(self.store.current)
         self.engine.policies = self.store.current
         log.info(
             "gateway_listening",

@@ -34,7 +34,9 @@ from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
+from egress_gateway.audit.snapshot import policy_record
 from egress_gateway.policy.decision import Decision, Facts, Identity
+from egress_gateway.policy.engine import PolicySet
 from egress_gateway.settings import AuditSettings
 
 log = structlog.get_logger("egress_gateway.audit")
@@ -356,6 +358,7 @@ class SpanRecord:
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
+            self._recorder.in_force(decision, self._decision)
             would_deny = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
             self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
@@ -461,6 +464,52 @@ class SpanRecorder:
         self.ids = ids
         self.log = decision_logger()
         self._shut = False
+        self.config: dict[str, Any] = {}  # decision_config(settings), for the `policy` records
+        self.annotation_keys: tuple[str, ...] = ()
+        self._snapshot: str | None = None
+        self._in_force: tuple[Any, ...] = (None,)  # the compiled policies of the last snapshot (never equal at first)
+        self._annotations: dict[str, dict[str, str]] = {}  # "Kind/ns/name" -> {egress.policy.annotation.<k>: v}
+
+    def policies_in_force(self, policies: PolicySet) -> None:
+        """A `policy` record to the trail and a `policies_in_force` log line when what is in force changed (the
+        store also publishes unchanged sets, e.g. while a list is loading); later decisions link to it."""
+        current = policies.policies
+        if len(current) == len(self._in_force) and all(a is b for a, b in zip(current, self._in_force, strict=True)):
+            return  # the same compiled policies: the same snapshot
+        self._in_force = current
+        try:
+            record = policy_record(policies, self.config, self.annotation_keys)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="policies_in_force")
+            return
+        if record["snapshot"] == self._snapshot:
+            return
+        self._snapshot = record["snapshot"]
+        self._annotations = {
+            f"{e['kind']}/{e['namespace'] + '/' if e['namespace'] else ''}{e['name']}": {
+                fields.POLICY_ANNOTATION_PREFIX + k: fields.safe_text(v) for k, v in e["annotations"].items()
+            }
+            for e in record["policies"]
+            if e.get("annotations")
+        }
+        if self.trail is not None:
+            self.trail.submit(record)
+        log.info(
+            "policies_in_force",
+            snapshot=record["snapshot"],
+            generation=record["generation"],
+            config_hash=record["config"]["hash"],
+            policies=[f"{e['kind']}/{e['namespace'] or ''}/{e['name']}@{e['version']}" for e in record["policies"]],
+        )
+
+    def in_force(self, decision: Decision, attributes: dict[str, fields.AttributeValue]) -> None:
+        """Adds the snapshot the decision was made under, and the deciding policy's recorded annotations."""
+        if self._snapshot is not None:
+            attributes[fields.POLICY_SNAPSHOT] = self._snapshot
+        if self._annotations and decision.policy is not None:
+            annotations = self._annotations.get(str(decision.policy))
+            if annotations:
+                attributes.update(annotations)
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         try:

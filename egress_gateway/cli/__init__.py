@@ -38,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from egress_gateway.cli import audit_verify
 
         return audit_verify.main(argv[2:])
+    if argv[:2] == ["audit", "show-policy"]:
+        from egress_gateway.cli import audit_show_policy
+
+        return audit_show_policy.main(argv[2:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

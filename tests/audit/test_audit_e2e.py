@@ -486,3 +486,55 @@ def test_sigkill_during_an_open_tunnel_leaves_its_open_record(tmp_path: Path, ca
     done = _audit("verify", str(trail))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ends without a final checkpoint" in done.stdout
+
+
+def test_policy_records_say_what_was_in_force_and_decisions_link_to_them(
+    tmp_path: Path, ca: TestCA, origin: OriginServer
+) -> None:
+    trail = tmp_path / "audit.jsonl"
+    config = _config(
+        file=str(trail), flush_interval_s=0.2, policy_annotations=["example.com/owner", "example.com/ticket"]
+    )
+    policies = _policies(origin.port)
+    annotated = policies["shop.yaml"].replace(
+        "metadata: {name: payments, namespace: shop}",
+        "metadata: {name: payments, namespace: shop, "
+        'annotations: {example.com/owner: team-pay, example.com/ticket: "CHG-1"}}',
+    )
+    gateway = GatewayProcess(tmp_path / "gw", config, {**policies, "shop.yaml": annotated})
+    gateway.start()
+    try:
+        assert curl(gateway, f"https://{STRIPE}:{origin.port}/", ca=ca).status == 200
+        first = gateway.wait_for("policies_in_force")
+        gateway.write_policy("shop.yaml", annotated.replace('"CHG-1"', '"CHG-2"').replace("no-dashboard", "no-dash"))
+        second = gateway.wait_for("policies_in_force", lambda e: e["snapshot"] != first["snapshot"])
+        assert curl(gateway, f"https://{STRIPE}:{origin.port}/", ca=ca).status == 200
+    finally:
+        assert gateway.stop() == 0
+
+    records = [json.loads(line) for line in trail.read_text().splitlines()]
+    snapshots = [r for r in records if r.get("recordType") == "policy"]
+    assert [s["snapshot"] for s in snapshots] == [first["snapshot"], second["snapshot"]]
+    before, after = snapshots
+    assert before["config"]["default_action"] == "Allow" and before["config"]["allowed_ranges"] == ["127.0.0.0/8"]
+    assert before["config"]["hash"] == after["config"]["hash"]
+    payments = [next(p for p in s["policies"] if p["name"] == "payments") for s in snapshots]
+    assert payments[0]["version"] != payments[1]["version"] and payments[0]["contentHash"] != payments[1]["contentHash"]
+    assert payments[0]["annotations"] == {"example.com/owner": "team-pay", "example.com/ticket": "CHG-1"}
+    assert {p["name"] for p in before["policies"]} == {"payments", "onboarding"}
+
+    # Each connection links to the snapshot in force when it was decided, and carries its policy's annotations.
+    spans = [r for r in records if "recordType" not in r]
+    attributes = [{a["key"]: a["value"].get("stringValue") for a in s["attributes"]} for s in spans]
+    assert [a["egress.policy_snapshot"] for a in attributes] == [before["snapshot"], after["snapshot"]]
+    assert [a["egress.policy.version"] for a in attributes] == [p["version"] for p in payments]
+    assert [a["egress.policy.annotation.example.com/ticket"] for a in attributes] == ["CHG-1", "CHG-2"]
+
+    done = _audit("show-policy", after["snapshot"], str(trail))
+    assert done.returncode == 0, done.stderr
+    assert f"snapshot {after['snapshot']}" in done.stdout and "EgressPolicy/shop/payments" in done.stdout
+    assert "example.com/ticket: CHG-2" in done.stdout and "CHG-1" not in done.stdout
+    done = _audit("show-policy", payments[0]["version"], str(trail), "--output", "json")
+    assert [json.loads(line)["snapshot"] for line in done.stdout.splitlines()] == [before["snapshot"]]
+    assert _audit("show-policy", "sha256:0000", str(trail)).returncode == 1
+    assert _audit("verify", str(trail)).returncode == 0
