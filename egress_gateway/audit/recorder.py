@@ -31,6 +31,10 @@ class Recorder(Protocol):
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         """`kind` is the HTTP method: 'CONNECT' for tunnels, 'GET', 'POST', ... for plain HTTP."""
 
+    def change_in_effect(self, change: str | None, policies: tuple[str, ...] = ()) -> None:
+        """The change (policy edit, identity change, rule expiry) that revocations decided from now on are due to;
+        None when it is over."""
+
     def policies_in_force(self, policies: PolicySet) -> None:
         """The policy set changed (or was first loaded): record what is in force before anything is decided by it."""
 

@@ -64,6 +64,29 @@ def policy_entry(policy: CompiledPolicy, annotation_keys: Sequence[str]) -> dict
     return entry
 
 
+def policy_changes(before: PolicySet | None, after: PolicySet) -> list[tuple[str, str | None, str | None]]:
+    """(`Kind/namespace/name`, old version, new version) of every policy added (old None), removed (new None) or
+    changed between two policy sets, sorted."""
+    old = {str(p.ref): p.ref.version for p in before.policies} if before is not None else {}
+    new = {str(p.ref): p.ref.version for p in after.policies}
+    return [
+        (ref, old.get(ref), new.get(ref)) for ref in sorted(old.keys() | new.keys()) if old.get(ref) != new.get(ref)
+    ]
+
+
+def describe_changes(changes: Sequence[tuple[str, str | None, str | None]]) -> str:
+    """`EgressPolicy/shop/payments version 3 -> 4; ClusterEgressPolicy/break-glass added (version 1)`"""
+    parts = []
+    for ref, old, new in changes:
+        if old is None:
+            parts.append(f"{ref} added (version {new})")
+        elif new is None:
+            parts.append(f"{ref} removed (version {old})")
+        else:
+            parts.append(f"{ref} version {old} -> {new}")
+    return "; ".join(parts) if parts else "the policy set was reloaded unchanged"
+
+
 def policy_record(
     policies: PolicySet, config: Mapping[str, Any], annotation_keys: Sequence[str] = ()
 ) -> dict[str, Any]:

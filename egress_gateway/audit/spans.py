@@ -35,7 +35,7 @@ from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_d
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.audit.snapshot import policy_record
-from egress_gateway.policy.decision import Decision, Facts, Identity
+from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 from egress_gateway.policy.engine import PolicySet
 from egress_gateway.settings import AuditSettings
 
@@ -468,6 +468,7 @@ class SpanRecorder:
         self.annotation_keys: tuple[str, ...] = ()
         self._snapshot: str | None = None
         self._in_force: tuple[Any, ...] = (None,)  # the compiled policies of the last snapshot (never equal at first)
+        self._change: dict[str, fields.AttributeValue] = {}
         self._annotations: dict[str, dict[str, str]] = {}  # "Kind/ns/name" -> {egress.policy.annotation.<k>: v}
 
     def policies_in_force(self, policies: PolicySet) -> None:
@@ -502,10 +503,19 @@ class SpanRecorder:
             policies=[f"{e['kind']}/{e['namespace'] or ''}/{e['name']}@{e['version']}" for e in record["policies"]],
         )
 
+    def change_in_effect(self, change: str | None, policies: tuple[str, ...] = ()) -> None:
+        if change is None:
+            self._change = {}
+        else:
+            self._change = {fields.CHANGE: fields.safe_text(change), fields.CHANGE_POLICIES: "; ".join(policies)}
+
     def in_force(self, decision: Decision, attributes: dict[str, fields.AttributeValue]) -> None:
-        """Adds the snapshot the decision was made under, and the deciding policy's recorded annotations."""
+        """Adds the snapshot the decision was made under, the deciding policy's recorded annotations, and for a
+        revocation the change that caused it."""
         if self._snapshot is not None:
             attributes[fields.POLICY_SNAPSHOT] = self._snapshot
+        if self._change and decision.reason in (Reason.REVOKED, Reason.EXPIRED):
+            attributes.update(self._change)
         if self._annotations and decision.policy is not None:
             annotations = self._annotations.get(str(decision.policy))
             if annotations:

@@ -410,13 +410,26 @@ class FlowFilter:
 
 
 def _policy_matches(wanted: str, record: FlowRecord) -> bool:
-    for ref in (record.policy, record.attributes.get(fields.WOULD_DENY_POLICY)):
-        if not ref:
-            continue
-        ref = str(ref)
-        if ref == wanted or ref.endswith("/" + wanted):
-            return True
-    return False
+    """The deciding policy, every policy that took part in the decision (`egress.deciders`, also in the connection's
+    earlier `decided` events), the Audit-mode policy that would deny it, or a policy whose change revoked it."""
+    return any(ref == wanted or ref.endswith("/" + wanted) for ref in _policies_of(record))
+
+
+def _policies_of(record: FlowRecord) -> Iterator[str]:
+    attributes = record.attributes
+    for ref in (record.policy, attributes.get(fields.WOULD_DENY_POLICY)):
+        if ref:
+            yield str(ref)
+    for source in (attributes, *(event.attributes for event in record.events if event.name == "decided")):
+        deciders = source.get(fields.DECIDERS)
+        if deciders:  # "Namespace: EgressPolicy/shop/payments (version 3) rule api -> Allow; ..."
+            for decider in str(deciders).split("; "):
+                yield decider.partition(": ")[2].partition(" (version ")[0]
+        if source.get(fields.POLICY):
+            yield str(source[fields.POLICY])
+    changed = attributes.get(fields.CHANGE_POLICIES)
+    if changed:
+        yield from str(changed).split("; ")
 
 
 # ---- summary ---------------------------------------------------------------------------------------------------

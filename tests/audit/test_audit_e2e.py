@@ -538,3 +538,49 @@ def test_policy_records_say_what_was_in_force_and_decisions_link_to_them(
     assert [json.loads(line)["snapshot"] for line in done.stdout.splitlines()] == [before["snapshot"]]
     assert _audit("show-policy", "sha256:0000", str(trail)).returncode == 1
     assert _audit("verify", str(trail)).returncode == 0
+
+
+def test_a_break_glass_tunnel_is_closed_at_expiry_and_revocations_name_their_change(
+    tmp_path: Path, ca: TestCA, origin: OriginServer
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.proxy.conftest import closed_by_peer, connect, tls_through
+
+    trail = tmp_path / "audit.jsonl"
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=8)
+    policies = _policies(origin.port)
+    shop = policies["shop.yaml"].replace(
+        "- {name: no-dashboard,",
+        f'- {{name: break-glass, hosts: ["pypi.test"], ports: [{origin.port}], expires: "{expires.isoformat()}"}}\n'
+        "    - {name: no-dashboard,",
+    )
+    gateway = GatewayProcess(
+        tmp_path / "gw", _config(file=str(trail), flush_interval_s=0.2), {**policies, "shop.yaml": shop}
+    )
+    gateway.start()
+    try:
+        glass = tls_through(connect(gateway.proxy_port, f"pypi.test:{origin.port}"), ca, "pypi.test")
+        edited = tls_through(connect(gateway.proxy_port, f"{STRIPE}:{origin.port}"), ca, STRIPE)
+        # An edit of `payments` that drops the stripe rule revokes the stripe tunnel, naming the edit.
+        gateway.write_policy("shop.yaml", shop.replace(f"hosts: [{STRIPE}]", "hosts: [other.test]"))
+        assert closed_by_peer(edited, timeout=5)
+        assert closed_by_peer(glass, timeout=(expires - datetime.now(UTC)).total_seconds() + 5)
+        late = (datetime.now(UTC) - expires).total_seconds()
+        assert -0.1 < late < 1.5, f"closed {late:.2f} s after its rule expired"
+        gateway.wait_for("rule_expired")
+    finally:
+        assert gateway.stop() == 0
+
+    done = _audit(str(trail), "--output", "json")
+    rows = {r["server.address"]: r for r in map(json.loads, done.stdout.splitlines())}
+    expired, revoked = rows["pypi.test"], rows[STRIPE]
+    assert expired["egress.reason"] == "expired"
+    assert expired["egress.change"].startswith("rule break-glass of EgressPolicy/shop/payments (version ")
+    assert expired["egress.change.policies"] == "EgressPolicy/shop/payments"
+    assert revoked["egress.reason"] == "revoked"
+    assert re.fullmatch(r"EgressPolicy/shop/payments version \S+ -> \S+", revoked["egress.change"]), revoked
+    assert "a policy change (EgressPolicy/shop/payments version" in revoked["egress.message"]
+    for wanted in ("shop/payments", "EgressPolicy/shop/payments", "payments"):
+        found = _audit(str(trail), "--policy", wanted, "--output", "json").stdout.splitlines()
+        assert {json.loads(r)["server.address"] for r in found} == {"pypi.test", STRIPE}
