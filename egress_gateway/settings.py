@@ -147,6 +147,7 @@ class AuditSettings(_Section):
     hmac_key_file: Path | None = None  # seal the trail's chain with HMAC-SHA256 under this key (docs/audit.md)
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
     flush_interval_s: float = Field(default=1.0, gt=0, le=60)  # bound on an `open` record's delay to the file
+    otlp_retry_buffer: int = Field(default=16384, ge=0)  # spans kept for retry while OTLP is down; 0: no retries
     policy_annotations: list[str] = Field(default_factory=list)  # carried into the records of that policy's decisions
 
 

@@ -34,6 +34,7 @@ from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
+from egress_gateway.audit.retry import RetryingExporter
 from egress_gateway.audit.snapshot import policy_record
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 from egress_gateway.policy.engine import PolicySet
@@ -66,6 +67,8 @@ class CountingExporter(SpanExporter):
             result = self.inner.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
+        if isinstance(self.inner, RetryingExporter):  # it counts what it delivers, retries and drops
+            return result
         if result is SpanExportResult.SUCCESS:
             metrics.spans_exported(self.name, len(spans))
         else:
@@ -201,7 +204,11 @@ class RecordIds(IdGenerator):
 
 
 def build_tracer_provider(
-    exporters: Sequence[tuple[str, SpanExporter]], *, max_queue_size: int, resource: Resource | None = None
+    exporters: Sequence[tuple[str, SpanExporter]],
+    *,
+    max_queue_size: int,
+    resource: Resource | None = None,
+    otlp_retry_buffer: int = 0,
 ) -> TracerProvider:
     # Always sample: an audit trail that samples is not an audit trail (OTEL_TRACES_SAMPLER is ignored here).
     provider = TracerProvider(
@@ -211,6 +218,8 @@ def build_tracer_provider(
         id_generator=RecordIds(),
     )
     for name, exporter in exporters:
+        if name == "otlp" and otlp_retry_buffer > 0:
+            exporter = RetryingExporter(exporter, name, max_buffered=otlp_retry_buffer)
         provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
     return provider
 
@@ -596,5 +605,10 @@ def build_recorder(settings: AuditSettings) -> SpanRecorder:
     exporters = build_exporters(settings)
     provider = None
     if exporters:
-        provider = build_tracer_provider(exporters, max_queue_size=settings.max_queue_size, resource=resource)
+        provider = build_tracer_provider(
+            exporters,
+            max_queue_size=settings.max_queue_size,
+            resource=resource,
+            otlp_retry_buffer=settings.otlp_retry_buffer,
+        )
     return SpanRecorder(provider, trail)

@@ -309,9 +309,9 @@ def _rotel_binary() -> Path:
 class Rotel:
     """rotel (a Rust OpenTelemetry collector from PyPI) as a local OTLP receiver that prints what it receives."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, http_port: int | None = None) -> None:
         self.grpc_port = _free_port()
-        self.http_port = _free_port()
+        self.http_port = http_port or _free_port()
         self.output = workdir / "rotel.out"
         env = dict(os.environ)
         # The agent links libpython; point the loader at this interpreter's library directory.
@@ -437,11 +437,11 @@ def test_unreachable_otlp_endpoint_does_not_slow_or_break_proxying(
             result = curl(gateway, f"https://{STRIPE}:{origin.port}/", ca=ca)
             durations.append(time.monotonic() - started)
             assert result.status == 200, result.stderr
-        # Export attempts to the dead endpoint have failed by now, and were counted, not raised.
+        # Export attempts to the dead endpoint have failed by now, and are being retried (counted), not raised.
         _poll(
-            lambda: _sample(_metrics(gateway), "egress_gateway_span_export_dropped_total", reason="export_failed") > 0,
+            lambda: _sample(_metrics(gateway), "egress_gateway_span_export_retries_total", exporter="otlp") > 0,
             30,
-            "a counted OTLP export failure",
+            "a counted OTLP export retry",
         )
         # The trail file has its own queue: it is complete while OTLP keeps failing.
         _poll(lambda: len(span_lines(trail.read_text())) == 15, 10, "15 spans in the trail file")
@@ -584,3 +584,42 @@ def test_a_break_glass_tunnel_is_closed_at_expiry_and_revocations_name_their_cha
     for wanted in ("shop/payments", "EgressPolicy/shop/payments", "payments"):
         found = _audit(str(trail), "--policy", wanted, "--output", "json").stdout.splitlines()
         assert {json.loads(r)["server.address"] for r in found} == {"pypi.test", STRIPE}
+
+
+def test_otlp_down_for_10_s_then_up_delivers_every_span(tmp_path: Path, ca: TestCA, origin: OriginServer) -> None:
+    """The receiver is down while connections are made; the gateway buffers and retries with backoff, and once the
+    receiver is up every span arrives, in order. The trail file is complete all along."""
+    trail = tmp_path / "audit.jsonl"
+    port = _free_port()
+    config = _config(file=str(trail), otlp_endpoint=f"http://127.0.0.1:{port}", otlp_protocol="http")
+    gateway = GatewayProcess(tmp_path / "gw", config, _policies(origin.port))
+    gateway.start(extra_env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    rotel: Rotel | None = None
+    try:
+        down_since = time.monotonic()
+        for index in range(12):
+            url = (
+                f"https://{STRIPE}:{origin.port}/{index}"
+                if index % 3
+                else f"https://dashboard.stripe.test:{origin.port}/"
+            )
+            curl(gateway, url, ca=ca)
+        _poll(lambda: len(span_lines(trail.read_text())) == 12, 10, "12 spans in the trail file")
+        _poll(
+            lambda: _sample(_metrics(gateway), "egress_gateway_span_export_retries_total", exporter="otlp") >= 2,
+            15,
+            "retries",
+        )
+        time.sleep(max(0.0, 10 - (time.monotonic() - down_since)))
+        (tmp_path / "rotel").mkdir()
+        rotel = Rotel(tmp_path / "rotel", http_port=port)
+        spans = _poll(lambda: len(rotel.spans()) >= 12 and rotel.spans(), 60, "every span at the OTLP receiver")
+        metrics = _metrics(gateway)
+    finally:
+        assert gateway.stop() == 0
+        if rotel is not None:
+            rotel.stop()
+    assert len(spans) == 12 == len(span_lines(trail.read_text()))
+    assert sorted(s["attributes"].get("egress.decision") for s in spans) == ["allow"] * 8 + ["deny"] * 4
+    assert _sample(metrics, "egress_gateway_span_export_dropped_total", exporter="otlp") == 0
+    assert _sample(metrics, "egress_gateway_spans_exported_total", exporter="otlp") == 12
