@@ -118,6 +118,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--summary", action="store_true", help="counts by namespace, destination and decision")
+    modes.add_argument("--follow", "-f", action="store_true", help="tail one live trail FILE: a line per connection")
     modes.add_argument("--suggest-policy", metavar="NAMESPACE", help="print an EgressPolicy for what NAMESPACE used")
     modes.add_argument("--replay", type=Path, metavar="POLICIES_DIR", help="re-decide under candidate policies")
     parser.add_argument("--top", type=_positive, default=20, help="--summary: rows to show (default 20)")
@@ -403,6 +404,10 @@ def run(args: argparse.Namespace) -> int:
     for path in args.files:
         if path != "-" and not Path(path).exists():
             return _fail(f"{path}: no such file or directory")
+    if args.follow:
+        from egress_gateway.trail.follow import run_follow
+
+        return run_follow(args.files, flow_filter, args.output)
     stats = ReadStats()
     records = _selected(args, flow_filter, stats)
     try:

@@ -623,3 +623,38 @@ def test_otlp_down_for_10_s_then_up_delivers_every_span(tmp_path: Path, ca: Test
     assert sorted(s["attributes"].get("egress.decision") for s in spans) == ["allow"] * 8 + ["deny"] * 4
     assert _sample(metrics, "egress_gateway_span_export_dropped_total", exporter="otlp") == 0
     assert _sample(metrics, "egress_gateway_spans_exported_total", exporter="otlp") == 12
+
+
+def test_audit_follow_shows_a_new_connection_within_a_second(tmp_path: Path, ca: TestCA, origin: OriginServer) -> None:
+    trail = tmp_path / "audit.jsonl"
+    gateway = GatewayProcess(tmp_path / "gw", _config(file=str(trail), flush_interval_s=0.5), _policies(origin.port))
+    gateway.start()
+    command = [sys.executable, "-m", "egress_gateway", "audit", "--follow", str(trail)]
+    as_json = subprocess.Popen(
+        [*command, "--namespace", "shop", "--output", "json"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    as_text = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # both followers are at the end of the file
+        curl(gateway, f"https://pypi.test:{origin.port}/", ca=ca, source=ANALYTICS_POD)  # filtered out of as_json
+        started = time.monotonic()
+        curl(gateway, f"https://dashboard.stripe.test:{origin.port}/", ca=ca)
+        assert as_json.stdout is not None and as_text.stdout is not None
+        row = json.loads(as_json.stdout.readline())
+        took = time.monotonic() - started
+        first, second = as_text.stdout.readline(), as_text.stdout.readline()
+    finally:
+        for follower in (as_json, as_text):
+            follower.terminate()
+            follower.wait(10)
+        gateway.stop()
+    assert took < 1.5, f"the connection showed {took:.2f} s after it was made"  # contract 1 s, margin for a loaded CI
+    assert (row["server.address"], row["egress.decision"], row["egress.reason"]) == (
+        "dashboard.stripe.test",
+        "deny",
+        "denied_by_rule",
+    )
+    assert row["k8s.namespace.name"] == "shop" and row["record"] == "open"
+    assert " analytics/reports-1 -> CONNECT pypi.test:" in first and "ALLOW no_policy" in first
+    assert " shop/payments-1 -> CONNECT dashboard.stripe.test:" in second
+    assert "DENY denied_by_rule by EgressPolicy/shop/payments rule no-dashboard" in second
