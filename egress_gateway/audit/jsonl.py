@@ -35,6 +35,7 @@ from egress_gateway import metrics
 from egress_gateway.audit.chain import GENESIS, Chain, last_hash
 from egress_gateway.audit.logs import RateLimitedWarning
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord, open_object, record_object
+from egress_gateway.audit.rotation import Rotation
 
 log = structlog.get_logger("egress_gateway.audit")
 
@@ -59,6 +60,7 @@ class TrailWriter:
         hmac_key: bytes | None = None,
         checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
         flush_interval_s: float = FLUSH_INTERVAL_S,
+        rotation: Rotation | None = None,
     ) -> None:
         self.path = Path(path)
         self._mode = mode
@@ -66,6 +68,8 @@ class TrailWriter:
         self._max_queue_size = max_queue_size
         self._checkpoint_interval_s = checkpoint_interval_s
         self._flush_interval_s = flush_interval_s
+        self._rotation = rotation or Rotation()
+        self._opened_at = time.monotonic()
         self._next_checkpoint = time.monotonic() + checkpoint_interval_s
         # A span (the close record), an open record, or a prepared record (a dict with its `recordType`).
         self._queue: collections.deque[FinishedRecord | OpenedRecord | Mapping[str, Any]] = collections.deque()
@@ -111,6 +115,7 @@ class TrailWriter:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+        self._rotation.wait()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -166,6 +171,10 @@ class TrailWriter:
             if self._file is not None and self._rotated():
                 self._file.close()
                 self._file = None
+            if self._file is not None and self._rotation.due(self._file.tell(), self._opened_at):
+                self._file.close()
+                self._file = None
+                self._rotation.rotate(self.path)
             if self._file is None:
                 self._open()
             assert self._file is not None
@@ -185,6 +194,7 @@ class TrailWriter:
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
         self._file = os.fdopen(fd, "ab")
+        self._opened_at = time.monotonic()
 
     def _link(self) -> str:
         """What the first record links to: the last sealed record of the trail this writer appends to. A line a

@@ -35,6 +35,7 @@ from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_d
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.audit.retry import RetryingExporter
+from egress_gateway.audit.rotation import Rotation
 from egress_gateway.audit.snapshot import policy_record
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 from egress_gateway.policy.engine import PolicySet
@@ -599,6 +600,12 @@ def build_recorder(settings: AuditSettings) -> SpanRecorder:
                 hmac_key=key,
                 checkpoint_interval_s=settings.checkpoint_interval_s,
                 flush_interval_s=settings.flush_interval_s,
+                rotation=Rotation(
+                    max_bytes=settings.rotate_bytes,
+                    max_age_s=settings.rotate_interval_s,
+                    keep=settings.keep_files,
+                    compress=settings.compress_rotated,
+                ),
             )
         except OSError as exc:
             raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc

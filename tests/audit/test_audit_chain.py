@@ -172,3 +172,47 @@ def test_hmac_sealed_trail_needs_the_key_to_verify_and_to_rewrite(
     code, out = _verify(capsys, str(wrong), "--hmac-key-file", str(key_file))
     assert code == 1 and f"{wrong}:1: " in out and "edited" in out
     assert len(lines) == 4
+
+
+def test_built_in_rotation_keeps_n_gzipped_generations_that_read_and_verify(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from egress_gateway.audit.rotation import Rotation
+
+    trail = tmp_path / "audit.jsonl"
+    writer = TrailWriter(trail, max_queue_size=1024, envelope={}, rotation=Rotation(max_bytes=1500, keep=3))
+    for n in range(40):
+        writer.submit(_record(n))
+        if n % 4 == 3:
+            writer.force_flush()  # a batch of 4 records (~1 kB): the file rotates every second batch
+    writer.shutdown()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["audit.jsonl", "audit.jsonl.1.gz", "audit.jsonl.2.gz", "audit.jsonl.3.gz"]
+    with gzip.open(tmp_path / "audit.jsonl.1.gz") as packed:
+        assert open_line(packed.readline()).seq > 0
+
+    code, out = _verify(capsys, str(tmp_path))
+    assert code == 0, out
+    assert "note: " in out and "the trail begins at instance" in out  # the oldest generations were deleted
+    assert main(["audit", "--output", "json", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    numbers = [r["n"] for r in rows]
+    assert numbers == list(range(numbers[0], 40)) and len(numbers) >= 12  # the newest, in order, none missing
+
+
+def test_rotation_by_size_with_every_generation_kept_loses_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from egress_gateway.audit.rotation import Rotation
+
+    trail = tmp_path / "audit.jsonl"
+    writer = TrailWriter(trail, max_queue_size=1024, envelope={}, rotation=Rotation(max_bytes=1500, keep=100))
+    for n in range(30):
+        writer.submit(_record(n))
+        writer.force_flush()
+    writer.shutdown()
+    assert len(list(tmp_path.glob("audit.jsonl.*.gz"))) > 5
+    code, out = _verify(capsys, str(tmp_path))
+    assert code == 0 and "the trail begins" not in out, out
+    assert main(["audit", "--output", "json", str(tmp_path)]) == 0
+    assert [json.loads(line)["n"] for line in capsys.readouterr().out.splitlines()] == list(range(30))
