@@ -396,7 +396,10 @@ class FlowFilter:
             return False
         if self.reason is not None and record.reason != self.reason:
             return False
-        if self.host is not None and not fnmatch.fnmatchcase((record.host or "").lower(), self.host.lower()):
+        if self.host is not None and not any(
+            fnmatch.fnmatchcase(str(name).lower(), self.host.lower())
+            for name in (record.host or "", record.attributes.get(fields.SERVER_ADDRESS_UNICODE) or "")
+        ):
             return False
         if self.would_deny and not record.would_deny:
             return False

@@ -274,3 +274,28 @@ def test_open_records_join_their_close_and_unclosed_ones_are_listed(
     code, out, _ = run(capsys, str(killed), "--open")
     assert code == 0 and len(out.splitlines()) == 3  # header + the two
     assert "(open)" in out
+
+
+def test_idn_names_are_recorded_as_a_labels_with_a_unicode_display_form_and_found_by_either(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from egress_gateway.audit import build_recorder
+    from egress_gateway.settings import AuditSettings, Settings
+    from tests.audit.conftest import allow, facts
+
+    trail = tmp_path / "audit.jsonl"
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail)))
+    for name in ("bücher.example", "xn--bcher-kva.example", "plain.example"):
+        record = recorder.open("CONNECT", "127.0.0.2", 40000)
+        record.decided(facts(name, sni=name), allow())
+        record.close()
+    recorder.shutdown()
+    capsys.readouterr()  # the recorder's own log lines
+    assert main(["audit", "--output", "json", str(trail)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["server.address"] for r in rows] == ["xn--bcher-kva.example", "xn--bcher-kva.example", "plain.example"]
+    assert [r.get("egress.server.address.unicode") for r in rows] == ["bücher.example", "bücher.example", None]
+    assert [r.get("egress.tls.server_name.unicode") for r in rows] == ["bücher.example", "bücher.example", None]
+    for pattern in ("xn--bcher*", "BÜCHER.*"):
+        assert main(["audit", "--output", "json", "--host", pattern, str(trail)]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 2
