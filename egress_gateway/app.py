@@ -15,7 +15,9 @@ import contextlib
 import importlib
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,10 +25,12 @@ import structlog
 from egress_gateway.admin import AdminServer
 from egress_gateway.audit import build_recorder as build_audit_recorder
 from egress_gateway.audit.recorder import Recorder
+from egress_gateway.audit.snapshot import describe_changes, policy_changes
 from egress_gateway.engine_config import engine_config
 from egress_gateway.identity.base import ChainResolver, IdentityResolver
 from egress_gateway.identity.static import StaticIdentityResolver
-from egress_gateway.policy.engine import Engine, PolicySet
+from egress_gateway.policy.decision import Reason
+from egress_gateway.policy.engine import CompiledRule, Engine, PolicySet
 from egress_gateway.policy.store import PolicyStore
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts
 from egress_gateway.proxy.embedded import EmbeddedProxy
@@ -146,6 +150,8 @@ class Gateway:
         self.admin = AdminServer(admin_host, admin_port, self.readiness)
         self.listen_addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self.store.subscribe(self._policies_changed)
         # pod-ip / service-account-token: their shared WorkloadIndex says when the clients' labels change.
         indexes = {id(i): i for r in self._identity_lifecycle if (i := getattr(r, "index", None)) is not None}
@@ -163,16 +169,59 @@ class Gateway:
         return True, f"ready ({len(self.store.current)} policies)"
 
     def _policies_changed(self, policies: PolicySet) -> None:
+        self.recorder.policies_in_force(policies)  # recorded before anything is decided under it
+        changes = policy_changes(self.engine.policies, policies)
         self.engine.policies = policies
+        self._schedule_expiry()
         if self.settings.revoke_open_tunnels:
-            revoked = self.addon.revoke()
+            change = describe_changes(changes)
+            revoked = self._revoke(
+                change, tuple(ref for ref, _, _ in changes), cause=f"a policy change ({change}) denies this open tunnel"
+            )
             if revoked:
                 log.info("tunnels_revoked", cause="policy_change", count=revoked, generation=policies.generation)
+
+    def _revoke(self, change: str, policies: tuple[str, ...], **how: Any) -> int:
+        """`addon.revoke` with the recorder told which change the revocations are due to."""
+        self.recorder.change_in_effect(change, policies)
+        try:
+            return self.addon.revoke(**how)
+        finally:
+            self.recorder.change_in_effect(None)
+
+    def _schedule_expiry(self) -> None:
+        """A timer at the next rule `expires` of the policies in force (one at a time, replaced on every change)."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self._loop is None:
+            return
+        soonest = self.engine.policies.next_expiry(time.time())
+        if soonest is not None:
+            at, rule = soonest
+            # call_later runs on the loop's monotonic clock: convert once; a little late, never early.
+            self._expiry_timer = self._loop.call_later(max(0.0, at - time.time()) + 0.01, self._rule_expired, at, rule)
+
+    def _rule_expired(self, at: float, rule: CompiledRule) -> None:
+        self._expiry_timer = None
+        when = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+        change = f"rule {rule.name} of {rule.policy.ref} (version {rule.policy.ref.version}) expired at {when}"
+        revoked = 0
+        if self.settings.revoke_open_tunnels:
+            revoked = self._revoke(
+                change, (str(rule.policy.ref),), reason=Reason.EXPIRED, cause=f"{change}, which denies this open tunnel"
+            )
+        log.info("rule_expired", policy=str(rule.policy.ref), rule=rule.name, expires=when, tunnels_closed=revoked)
+        self._schedule_expiry()
 
     def _identities_changed(self, changes: IdentityChanges) -> None:
         """`kube.workloads.IdentityChanges`: re-identify the open tunnels of changed pods and namespaces."""
         if self.settings.revoke_open_tunnels:
-            revoked = self.addon.revoke(changes.refresh)
+            pods = ", ".join(sorted(f"{ns}/{name}" for ns, name in changes.pods)[:10])
+            change = (
+                f"identity change (pods: {pods or '-'}; namespaces: {', '.join(sorted(changes.namespaces)) or '-'})"
+            )
+            revoked = self._revoke(change, (), reidentify=changes.refresh)
             if revoked:
                 log.info(
                     "tunnels_revoked",
@@ -183,6 +232,7 @@ class Gateway:
                 )
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.admin_addresses = await self.admin.start()
         for _, port in self.admin_addresses:
             self.own.add_port(port, "its admin port")
@@ -193,7 +243,10 @@ class Gateway:
         for _, port in self.listen_addresses:
             self.own.add_port(port, "its proxy port")
         await self.source.start()
+        if self.store.current is not self.engine.policies:
+            self.recorder.policies_in_force(self.store.current)
         self.engine.policies = self.store.current
+        self._schedule_expiry()
         log.info(
             "gateway_listening",
             listen=[f"{h}:{p}" for h, p in self.listen_addresses],
@@ -203,6 +256,8 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
         grace = self.settings.shutdown_grace_s
         log.info("gateway_draining", open_connections=self.proxy.open_connections, grace_s=grace)
         await self.proxy.stop_accepting()

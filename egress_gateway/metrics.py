@@ -60,9 +60,15 @@ WATCH_RESTARTS = Counter(
 )
 SPAN_EXPORT_DROPS = Counter(
     "egress_gateway_span_export_dropped",
-    "Audit spans lost before reaching an exporter (queue_full), rejected by it (export_failed), or that the trail "
-    "file could not encode (encode_failed).",
+    "Audit spans lost before reaching an exporter (queue_full), rejected by it (export_failed; with OTLP retries: "
+    "still undelivered at shutdown), pushed out of the OTLP retry buffer (buffer_full), or that the trail file "
+    "could not encode (encode_failed).",
     ["exporter", "reason"],
+)
+SPAN_EXPORT_RETRIES = Counter(
+    "egress_gateway_span_export_retries",
+    "Retries of a failed OTLP export from the retry buffer (each a try of the oldest buffered batch).",
+    ["exporter"],
 )
 SPANS_EXPORTED = Counter(
     "egress_gateway_spans_exported", "Audit spans handed to an exporter successfully.", ["exporter"]
@@ -145,6 +151,10 @@ def watch_restarted(kind: str, reason: str) -> None:
 
 def span_export_dropped(exporter: str, reason: str, count: int = 1) -> None:
     SPAN_EXPORT_DROPS.labels(exporter=exporter, reason=reason).inc(count)
+
+
+def span_export_retried(exporter: str) -> None:
+    SPAN_EXPORT_RETRIES.labels(exporter=exporter).inc()
 
 
 def spans_exported(exporter: str, count: int) -> None:

@@ -144,6 +144,15 @@ class AuditSettings(_Section):
     otlp_headers: dict[str, str] = Field(default_factory=dict)
     console: bool = False
     max_queue_size: int = Field(default=8192, ge=1)
+    hmac_key_file: Path | None = None  # seal the trail's chain with HMAC-SHA256 under this key (docs/audit.md)
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)  # bound on an `open` record's delay to the file
+    rotate_bytes: int = Field(default=100 * 1024 * 1024, ge=0)  # built-in rotation at this size; 0: none
+    rotate_interval_s: float = Field(default=0.0, ge=0)  # ... or at this age of the live file; 0: none
+    keep_files: int = Field(default=10, ge=0)  # rotated generations kept
+    compress_rotated: bool = True  # gzip rotated generations
+    otlp_retry_buffer: int = Field(default=16384, ge=0)  # spans kept for retry while OTLP is down; 0: no retries
+    policy_annotations: list[str] = Field(default_factory=list)  # carried into the records of that policy's decisions
 
 
 class LogSettings(_Section):

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 
 def build_recorder(settings: Settings) -> SpanRecorder:
+    from egress_gateway.audit.snapshot import decision_config
     from egress_gateway.audit.spans import build_recorder as build
 
-    return build(settings.audit)
+    recorder = build(settings.audit)
+    recorder.config = decision_config(settings)
+    recorder.annotation_keys = tuple(settings.audit.policy_annotations)
+    return recorder

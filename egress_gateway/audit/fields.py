@@ -13,6 +13,8 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any
 
+import idna
+
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 
 AttributeValue = str | bool | int | float
@@ -39,6 +41,12 @@ POLICY = "egress.policy"  # "EgressPolicy/namespace/name"
 POLICY_VERSION = "egress.policy.version"
 RULE = "egress.rule"
 TIER = "egress.tier"  # "Admin" | "Namespace" | "Baseline": the tier whose rule or allowlist decided
+CHANGE = "egress.change"  # revoked/expired: the change that re-decided the tunnel, in words
+CHANGE_POLICIES = "egress.change.policies"  # revoked/expired: the policies it added, removed or edited ("; ")
+SERVER_ADDRESS_UNICODE = "egress.server.address.unicode"  # the U-label form of an IDN server.address (display)
+TLS_SERVER_NAME_UNICODE = "egress.tls.server_name.unicode"  # the same for the SNI
+POLICY_SNAPSHOT = "egress.policy_snapshot"  # the `policy` record (trail) in force when it was decided
+POLICY_ANNOTATION_PREFIX = "egress.policy.annotation."  # + an annotation named in audit.policy_annotations
 DECIDERS = "egress.deciders"  # every policy that shaped the decision, per tier, with versions ("; "-separated)
 MATCHED = "egress.matched"
 LOGGED = "egress.logged"
@@ -149,13 +157,33 @@ def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
     return out
 
 
+def name_forms(name: str) -> tuple[str, str | None]:
+    """A name as recorded: its A-label (punycode) form, and its U-label form for display when the two differ (a
+    name sent in Unicode, or an `xn--` name). A name IDNA cannot convert is recorded as sent (escaped)."""
+    if name.isascii():
+        if "xn--" not in name.lower():
+            return name, None
+        try:
+            return name, safe_text(idna.decode(name))
+        except (idna.IDNAError, UnicodeError, ValueError):
+            return name, None
+    try:
+        return idna.encode(name, uts46=True).decode("ascii"), safe_text(name)
+    except (idna.IDNAError, UnicodeError, ValueError):
+        return safe_text(name), None
+
+
 def facts_attributes(facts: Facts, identity: dict[str, AttributeValue] | None = None) -> dict[str, AttributeValue]:
     """`identity`: the attributes of `facts.identity` when the caller has them already."""
     out = dict(identity) if identity is not None else identity_attributes(facts.identity)
-    out[SERVER_ADDRESS] = safe_text(facts.target)
+    out[SERVER_ADDRESS], display = name_forms(facts.target)
+    if display is not None:
+        out[SERVER_ADDRESS_UNICODE] = display
     out[SERVER_PORT] = facts.port
     if facts.sni is not None:
-        out[TLS_SERVER_NAME] = safe_text(facts.sni)
+        out[TLS_SERVER_NAME], display = name_forms(facts.sni)
+        if display is not None:
+            out[TLS_SERVER_NAME_UNICODE] = display
     if facts.host_header is not None:
         out[HOST_HEADER] = safe_text(facts.host_header)
     if facts.protocol is not None:

@@ -11,6 +11,11 @@ A full queue drops the new record, counted. Each record is encoded on its own: o
 dropped, counted and logged, and never takes the rest of its batch with it; lines are bytes (UTF-8 by orjson), so
 nothing can fail at write time. Follows external rotation: when the path no longer names the open file
 (logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
+
+Every line is sealed into the hash chain (`audit/chain.py`) as it is written, on this thread, never on the event
+loop; the chain runs on across rotation, and a writer that appends to an existing trail links its first record to
+the file's last. Every `checkpoint_interval_s` (and at shutdown, `final`) it writes a `checkpoint` record and logs
+its sequence number and hash (`audit_checkpoint`), so a copy of the chain's head lives outside the file too.
 """
 
 from __future__ import annotations
@@ -18,29 +23,56 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import structlog
 
 from egress_gateway import metrics
+from egress_gateway.audit.chain import GENESIS, Chain, last_hash
 from egress_gateway.audit.logs import RateLimitedWarning
-from egress_gateway.audit.otlp_json import FinishedRecord, record_object
+from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord, open_object, record_object
+from egress_gateway.audit.rotation import Rotation
+
+log = structlog.get_logger("egress_gateway.audit")
 
 EXPORTER_NAME = "file"
 MAX_BATCH = 512
 FLUSH_INTERVAL_S = 1.0
+CHECKPOINT_INTERVAL_S = 60.0
+_TAIL_BYTES = 1 << 16  # enough for the last complete line of an existing trail
+CHECKPOINT = "checkpoint"
 
 
 class TrailWriter:
     """Appends finished records to `path`. Opens in the constructor, so a bad path fails at startup, not later."""
 
-    def __init__(self, path: Path, *, max_queue_size: int, envelope: dict[str, Any], mode: int = 0o640) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_queue_size: int,
+        envelope: dict[str, Any],
+        mode: int = 0o640,
+        hmac_key: bytes | None = None,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+        rotation: Rotation | None = None,
+    ) -> None:
         self.path = Path(path)
         self._mode = mode
         self._envelope = envelope  # {"resource": ..., "scope": ...}, the same for every line
         self._max_queue_size = max_queue_size
-        self._queue: collections.deque[FinishedRecord] = collections.deque()
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._flush_interval_s = flush_interval_s
+        self._rotation = rotation or Rotation()
+        self._opened_at = time.monotonic()
+        self._next_checkpoint = time.monotonic() + checkpoint_interval_s
+        # A span (the close record), an open record, or a prepared record (a dict with its `recordType`).
+        self._queue: collections.deque[FinishedRecord | OpenedRecord | Mapping[str, Any]] = collections.deque()
         self._file: IO[bytes] | None = None
         self._write_lock = threading.Lock()  # one batch at a time, in queue order
         self._wake = threading.Event()
@@ -49,10 +81,11 @@ class TrailWriter:
         self._not_encodable = RateLimitedWarning("audit_record_not_encodable")
         self._write_failed = RateLimitedWarning("audit_export_failed")
         self._open()
+        self.chain = Chain(key=hmac_key, prev=self._link())
         self._thread = threading.Thread(target=self._run, name="audit-trail", daemon=True)
         self._thread.start()
 
-    def submit(self, record: FinishedRecord) -> None:
+    def submit(self, record: FinishedRecord | OpenedRecord | Mapping[str, Any]) -> None:
         """Called on the event loop: never blocks, never raises."""
         queue = self._queue
         if len(queue) >= self._max_queue_size or self._stopping:
@@ -78,15 +111,29 @@ class TrailWriter:
         self._thread.join(timeout=10)
         self._drain()
         with self._write_lock:
+            self._write([self._checkpoint(final=True)])
             if self._file is not None:
                 self._file.close()
                 self._file = None
+        self._rotation.wait()
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait(FLUSH_INTERVAL_S)
+            self._wake.wait(self._flush_interval_s)
             self._wake.clear()
             self._drain()
+            if time.monotonic() >= self._next_checkpoint:
+                with self._write_lock:
+                    self._write([self._checkpoint(final=False)])
+
+    def _checkpoint(self, *, final: bool) -> dict[str, Any]:
+        self._next_checkpoint = time.monotonic() + self._checkpoint_interval_s
+        return {
+            "recordType": CHECKPOINT,
+            "timeUnixNano": str(time.time_ns()),
+            "records": self.chain.seq,  # records this writer sealed before this one
+            "final": final,
+        }
 
     def _drain(self) -> None:
         queue = self._queue
@@ -95,15 +142,28 @@ class TrailWriter:
                 batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
                 self._write(batch)
 
-    def _write(self, batch: list[FinishedRecord]) -> None:
+    def _write(self, batch: list[FinishedRecord | OpenedRecord | Mapping[str, Any]]) -> None:
         lines: list[bytes] = []
         envelope = self._envelope
+        seal = self.chain.seal
+        checkpoint: Mapping[str, Any] | None = None
+        spans = 0
         for record in batch:
             try:
-                lines.append(orjson.dumps(record_object(record, envelope)))
+                if isinstance(record, FinishedRecord):
+                    body = orjson.dumps(record_object(record, envelope))
+                    spans += 1
+                elif isinstance(record, OpenedRecord):
+                    body = orjson.dumps(open_object(record))
+                else:
+                    body = orjson.dumps(record)
+                    if record.get("recordType") == CHECKPOINT:
+                        checkpoint = record
             except Exception as exc:  # this record only: the others of the batch are written
                 metrics.span_export_dropped(EXPORTER_NAME, "encode_failed")
                 self._not_encodable(error=repr(exc))
+                continue
+            lines.append(seal(body))
         if not lines:
             return
         lines.append(b"")
@@ -111,20 +171,46 @@ class TrailWriter:
             if self._file is not None and self._rotated():
                 self._file.close()
                 self._file = None
+            if self._file is not None and self._rotation.due(self._file.tell(), self._opened_at):
+                self._file.close()
+                self._file = None
+                self._rotation.rotate(self.path)
             if self._file is None:
                 self._open()
             assert self._file is not None
             self._file.write(b"\n".join(lines))
             self._file.flush()
         except (OSError, ValueError) as exc:
-            metrics.span_export_dropped(EXPORTER_NAME, "export_failed", len(lines) - 1)
+            metrics.span_export_dropped(EXPORTER_NAME, "export_failed", spans)
             self._write_failed(len(lines) - 1, exporter=EXPORTER_NAME, error=repr(exc))
             return
-        metrics.spans_exported(EXPORTER_NAME, len(lines) - 1)
+        metrics.spans_exported(EXPORTER_NAME, spans)
+        if checkpoint is not None:
+            chain = self.chain
+            log.info(
+                "audit_checkpoint", instance=chain.instance, seq=chain.seq - 1, hash=chain.prev, path=str(self.path)
+            )
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)
         self._file = os.fdopen(fd, "ab")
+        self._opened_at = time.monotonic()
+
+    def _link(self) -> str:
+        """What the first record links to: the last sealed record of the trail this writer appends to. A line a
+        crash cut short is ended first, so the next record starts on its own line (verify reports the cut one)."""
+        try:
+            with open(self.path, "rb") as existing:
+                size = existing.seek(0, os.SEEK_END)
+                existing.seek(max(0, size - _TAIL_BYTES))
+                tail = existing.read()
+        except OSError:
+            return GENESIS
+        if tail and not tail.endswith(b"\n"):
+            assert self._file is not None
+            self._file.write(b"\n")
+            self._file.flush()
+        return last_hash(tail) or GENESIS
 
     def _rotated(self) -> bool:
         assert self._file is not None

@@ -105,6 +105,29 @@ class FinishedRecord(NamedTuple):
     error: str | None  # the status message of a denied connection (status ERROR), None for UNSET
 
 
+class OpenedRecord(NamedTuple):
+    """A connection's first decision, written to the trail at once (`open` record); its span line closes it."""
+
+    trace_id: int
+    span_id: int
+    name: str
+    time_ns: int
+    attributes: dict[str, Any]
+
+
+def open_object(record: OpenedRecord) -> dict[str, Any]:
+    """The trail's `open` record: the ids of the span that will close it, the decision time, the attributes known
+    then (client, identity, destination, decision, policy, rule), in the span line's OTLP/JSON forms."""
+    return {
+        "recordType": "open",
+        "traceId": f"{record.trace_id:032x}",
+        "spanId": f"{record.span_id:016x}",
+        "name": record.name,
+        "timeUnixNano": str(record.time_ns),
+        "attributes": attributes(record.attributes),
+    }
+
+
 SPAN_KIND_SERVER = 2
 FLAGS = _FLAG_HAS_IS_REMOTE  # a root span: no remote parent
 

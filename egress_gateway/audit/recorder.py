@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from egress_gateway.policy.decision import Decision, Facts
+from egress_gateway.policy.engine import PolicySet
 
 
 class ConnectionRecord(Protocol):
@@ -29,6 +30,13 @@ class ConnectionRecord(Protocol):
 class Recorder(Protocol):
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         """`kind` is the HTTP method: 'CONNECT' for tunnels, 'GET', 'POST', ... for plain HTTP."""
+
+    def change_in_effect(self, change: str | None, policies: tuple[str, ...] = ()) -> None:
+        """The change (policy edit, identity change, rule expiry) that revocations decided from now on are due to;
+        None when it is over."""
+
+    def policies_in_force(self, policies: PolicySet) -> None:
+        """The policy set changed (or was first loaded): record what is in force before anything is decided by it."""
 
     def shutdown(self) -> None:
         """Flush and stop exporters."""

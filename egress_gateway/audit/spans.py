@@ -32,9 +32,13 @@ from egress_gateway import __version__, metrics
 from egress_gateway.audit import fields, otlp_json
 from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
-from egress_gateway.audit.otlp_json import FinishedRecord
+from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
-from egress_gateway.policy.decision import Decision, Facts, Identity
+from egress_gateway.audit.retry import RetryingExporter
+from egress_gateway.audit.rotation import Rotation
+from egress_gateway.audit.snapshot import policy_record
+from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
+from egress_gateway.policy.engine import PolicySet
 from egress_gateway.settings import AuditSettings
 
 log = structlog.get_logger("egress_gateway.audit")
@@ -64,6 +68,8 @@ class CountingExporter(SpanExporter):
             result = self.inner.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
+        if isinstance(self.inner, RetryingExporter):  # it counts what it delivers, retries and drops
+            return result
         if result is SpanExportResult.SUCCESS:
             metrics.spans_exported(self.name, len(spans))
         else:
@@ -199,7 +205,11 @@ class RecordIds(IdGenerator):
 
 
 def build_tracer_provider(
-    exporters: Sequence[tuple[str, SpanExporter]], *, max_queue_size: int, resource: Resource | None = None
+    exporters: Sequence[tuple[str, SpanExporter]],
+    *,
+    max_queue_size: int,
+    resource: Resource | None = None,
+    otlp_retry_buffer: int = 0,
 ) -> TracerProvider:
     # Always sample: an audit trail that samples is not an audit trail (OTEL_TRACES_SAMPLER is ignored here).
     provider = TracerProvider(
@@ -209,6 +219,8 @@ def build_tracer_provider(
         id_generator=RecordIds(),
     )
     for name, exporter in exporters:
+        if name == "otlp" and otlp_retry_buffer > 0:
+            exporter = RetryingExporter(exporter, name, max_buffered=otlp_retry_buffer)
         provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
     return provider
 
@@ -356,6 +368,7 @@ class SpanRecord:
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
+            self._recorder.in_force(decision, self._decision)
             would_deny = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
             self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
@@ -375,6 +388,8 @@ class SpanRecord:
         else:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
         line = {**self._attributes, **attributes}
+        if self._decisions == 1 and (trail := self._recorder.trail) is not None:
+            trail.submit(OpenedRecord(self._ids[0], self._ids[1], f"egress {self._kind}", time.time_ns(), line))
         if self._kind == "CONNECT" and self._decisions == 1 and decision.allowed:
             self._pending_line = line
         else:
@@ -459,6 +474,62 @@ class SpanRecorder:
         self.ids = ids
         self.log = decision_logger()
         self._shut = False
+        self.config: dict[str, Any] = {}  # decision_config(settings), for the `policy` records
+        self.annotation_keys: tuple[str, ...] = ()
+        self._snapshot: str | None = None
+        self._in_force: tuple[Any, ...] = (None,)  # the compiled policies of the last snapshot (never equal at first)
+        self._change: dict[str, fields.AttributeValue] = {}
+        self._annotations: dict[str, dict[str, str]] = {}  # "Kind/ns/name" -> {egress.policy.annotation.<k>: v}
+
+    def policies_in_force(self, policies: PolicySet) -> None:
+        """A `policy` record to the trail and a `policies_in_force` log line when what is in force changed (the
+        store also publishes unchanged sets, e.g. while a list is loading); later decisions link to it."""
+        current = policies.policies
+        if len(current) == len(self._in_force) and all(a is b for a, b in zip(current, self._in_force, strict=True)):
+            return  # the same compiled policies: the same snapshot
+        self._in_force = current
+        try:
+            record = policy_record(policies, self.config, self.annotation_keys)
+        except Exception as exc:
+            _record_failure(error=repr(exc), method="policies_in_force")
+            return
+        if record["snapshot"] == self._snapshot:
+            return
+        self._snapshot = record["snapshot"]
+        self._annotations = {
+            f"{e['kind']}/{e['namespace'] + '/' if e['namespace'] else ''}{e['name']}": {
+                fields.POLICY_ANNOTATION_PREFIX + k: fields.safe_text(v) for k, v in e["annotations"].items()
+            }
+            for e in record["policies"]
+            if e.get("annotations")
+        }
+        if self.trail is not None:
+            self.trail.submit(record)
+        log.info(
+            "policies_in_force",
+            snapshot=record["snapshot"],
+            generation=record["generation"],
+            config_hash=record["config"]["hash"],
+            policies=[f"{e['kind']}/{e['namespace'] or ''}/{e['name']}@{e['version']}" for e in record["policies"]],
+        )
+
+    def change_in_effect(self, change: str | None, policies: tuple[str, ...] = ()) -> None:
+        if change is None:
+            self._change = {}
+        else:
+            self._change = {fields.CHANGE: fields.safe_text(change), fields.CHANGE_POLICIES: "; ".join(policies)}
+
+    def in_force(self, decision: Decision, attributes: dict[str, fields.AttributeValue]) -> None:
+        """Adds the snapshot the decision was made under, the deciding policy's recorded annotations, and for a
+        revocation the change that caused it."""
+        if self._snapshot is not None:
+            attributes[fields.POLICY_SNAPSHOT] = self._snapshot
+        if self._change and decision.reason in (Reason.REVOKED, Reason.EXPIRED):
+            attributes.update(self._change)
+        if self._annotations and decision.policy is not None:
+            annotations = self._annotations.get(str(decision.policy))
+            if annotations:
+                attributes.update(annotations)
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         try:
@@ -513,12 +584,38 @@ def build_recorder(settings: AuditSettings) -> SpanRecorder:
     trail = None
     if settings.file is not None:
         envelope = {"resource": otlp_json.resource(resource), "scope": otlp_json.scope(TRACER_NAME, __version__)}
+        key = None
+        if settings.hmac_key_file is not None:
+            try:
+                key = settings.hmac_key_file.read_bytes().strip()
+            except OSError as exc:
+                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} cannot be read: {exc}") from exc
+            if not key:
+                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} is empty")
         try:
-            trail = TrailWriter(settings.file, max_queue_size=settings.max_queue_size, envelope=envelope)
+            trail = TrailWriter(
+                settings.file,
+                max_queue_size=settings.max_queue_size,
+                envelope=envelope,
+                hmac_key=key,
+                checkpoint_interval_s=settings.checkpoint_interval_s,
+                flush_interval_s=settings.flush_interval_s,
+                rotation=Rotation(
+                    max_bytes=settings.rotate_bytes,
+                    max_age_s=settings.rotate_interval_s,
+                    keep=settings.keep_files,
+                    compress=settings.compress_rotated,
+                ),
+            )
         except OSError as exc:
             raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc
     exporters = build_exporters(settings)
     provider = None
     if exporters:
-        provider = build_tracer_provider(exporters, max_queue_size=settings.max_queue_size, resource=resource)
+        provider = build_tracer_provider(
+            exporters,
+            max_queue_size=settings.max_queue_size,
+            resource=resource,
+            otlp_retry_buffer=settings.otlp_retry_buffer,
+        )
     return SpanRecorder(provider, trail)

@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["audit", "verify"]:  # its own parser: `audit` takes trail files as positionals
+        from egress_gateway.cli import audit_verify
+
+        return audit_verify.main(argv[2:])
+    if argv[:2] == ["audit", "show-policy"]:
+        from egress_gateway.cli import audit_show_policy
+
+        return audit_show_policy.main(argv[2:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

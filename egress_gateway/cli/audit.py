@@ -111,10 +111,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     filters.add_argument("--until", help="end bound: a duration ago or ISO 8601")
     filters.add_argument("--policy", help="deciding policy: Kind/namespace/name, namespace/name or name")
     filters.add_argument("--rule", help="deciding (or would-deny) rule name")
+    filters.add_argument(
+        "--open", action="store_true", help="only connections opened and never closed (still open, or the gateway died)"
+    )
     parser.add_argument("--output", choices=("table", "json", "csv"), default="table")
 
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--summary", action="store_true", help="counts by namespace, destination and decision")
+    modes.add_argument("--follow", "-f", action="store_true", help="tail one live trail FILE: a line per connection")
     modes.add_argument("--suggest-policy", metavar="NAMESPACE", help="print an EgressPolicy for what NAMESPACE used")
     modes.add_argument("--replay", type=Path, metavar="POLICIES_DIR", help="re-decide under candidate policies")
     parser.add_argument("--top", type=_positive, default=20, help="--summary: rows to show (default 20)")
@@ -176,7 +180,7 @@ def _flow_row(record: FlowRecord) -> dict[str, Any]:
         "port": record.port,
         "sni": record.sni,
         "peer": record.peer_address,
-        "decision": record.decision,
+        "decision": record.decision if record.closed else f"{record.decision} (open)",
         "reason": record.reason,
         "policy": record.policy,
         "policy_version": record.policy_version,
@@ -203,6 +207,7 @@ def _build_filter(args: argparse.Namespace) -> FlowFilter:
         until=parse_time(args.until) if args.until else None,
         policy=args.policy,
         rule=args.rule,
+        never_closed=args.open,
     )
 
 
@@ -399,6 +404,10 @@ def run(args: argparse.Namespace) -> int:
     for path in args.files:
         if path != "-" and not Path(path).exists():
             return _fail(f"{path}: no such file or directory")
+    if args.follow:
+        from egress_gateway.trail.follow import run_follow
+
+        return run_follow(args.files, flow_filter, args.output)
     stats = ReadStats()
     records = _selected(args, flow_filter, stats)
     try:

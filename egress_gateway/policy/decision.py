@@ -38,6 +38,7 @@ class Reason(StrEnum):
     CONNECTION_REFUSED = "connection_refused"
     CONNECTION_TIMEOUT = "connection_timeout"
     REVOKED = "revoked"
+    EXPIRED = "expired"  # an open tunnel re-decided when a rule's `expires` passed, and now denied
     AUTH_REQUIRED = "auth_required"
     RATE_LIMITED = "rate_limited"
     CONNECTION_LIMIT = "connection_limit"

@@ -225,6 +225,17 @@ class PolicySet:
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_namespace.values()) + len(self._cluster)
 
+    def next_expiry(self, now: float) -> tuple[float, CompiledRule] | None:
+        """The earliest rule `expires` after `now` (POSIX seconds) and its rule, None when no rule expires later:
+        when open tunnels must be re-decided next."""
+        soonest: tuple[float, CompiledRule] | None = None
+        for policy in self.policies:
+            for rule in policy.rules:
+                at = rule.expires_at
+                if at is not None and at > now and (soonest is None or at < soonest[0]):
+                    soonest = (at, rule)
+        return soonest
+
     def select(self, identity: Identity) -> Selection:
         """Step 4: the policies selecting the client, grouped into tiers (cached per identity object)."""
         cached = self._selection_cache.get(id(identity))

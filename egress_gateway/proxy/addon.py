@@ -597,7 +597,13 @@ class GatewayAddon:
         return state.tunnel if state is not None else None
 
     # ---- hot reload -----------------------------------------------------------------------------------------
-    def revoke(self, reidentify: Callable[[Identity], Identity | None] | None = None) -> int:
+    def revoke(
+        self,
+        reidentify: Callable[[Identity], Identity | None] | None = None,
+        *,
+        reason: Reason = Reason.REVOKED,
+        cause: str = "a policy change denies this open tunnel",
+    ) -> int:
         """Re-decide every open tunnel against the policies now in force; close those that became denied.
 
         With `reidentify` (the clients' workloads changed, not the policies), each tunnel's identity is first
@@ -609,26 +615,27 @@ class GatewayAddon:
             if tunnel is None or tunnel.closed_reason is not None:
                 continue
             facts = tunnel.verdict.facts
-            cause = "a policy change denies this open tunnel"
             if reidentify is not None:
                 if facts.identity is None:
                     continue
                 identity = reidentify(facts.identity)
                 if identity is facts.identity:
                     continue
-                cause = self._reidentified_cause(facts.identity, identity)
+                why = self._reidentified_cause(facts.identity, identity)
                 facts = replace(facts, identity=identity)
+            else:
+                why = cause
             decision = self.gate.redecide(facts)
             if decision.allowed:
                 tunnel.verdict = Verdict(facts, decision, tunnel.verdict.candidates)
                 continue
-            tunnel.closed_reason = Reason.REVOKED
+            tunnel.closed_reason = reason
             tunnel.record.decided(
                 tunnel.verdict.facts,  # the identity that opened it; the message says what changed
                 Decision(
                     allowed=False,
-                    reason=Reason.REVOKED,
-                    message=f"{cause} ({decision.reason.value}: {decision.message})",
+                    reason=reason,
+                    message=f"{why} ({decision.reason.value}: {decision.message})",
                     policy=decision.policy,
                     rule=decision.rule,
                     matched=decision.matched,

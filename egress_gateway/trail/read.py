@@ -103,6 +103,24 @@ class FlowRecord:
     status_message: str = ""
     events: tuple[FlowEvent, ...] = ()
     resource: Mapping[str, Any] = field(default_factory=dict)
+    closed: bool = True  # False: only its `open` record is in the trail (still open, or the gateway died)
+
+    @classmethod
+    def from_open(cls, obj: Mapping[str, Any]) -> FlowRecord:
+        """A connection known only from its `open` record (decision time); its end is unknown."""
+        attributes = decode_attributes(obj.get("attributes"))
+        at = _nanos_to_datetime(int(obj.get("timeUnixNano", 0)))
+        return cls(
+            trace_id=str(obj.get("traceId", "")),
+            span_id=str(obj.get("spanId", "")),
+            name=str(obj.get("name", "")),
+            start=at,
+            end=at,
+            attributes=attributes,
+            status_code=STATUS_ERROR if attributes.get(fields.DECISION) == "deny" else 0,
+            status_message=str(attributes.get(fields.MESSAGE, "")) if attributes.get(fields.DECISION) == "deny" else "",
+            closed=False,
+        )
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> FlowRecord:
@@ -228,6 +246,8 @@ class FlowRecord:
             "name": self.name,
             "status": {0: "unset", 1: "ok", 2: "error"}.get(self.status_code, str(self.status_code)),
         }
+        if not self.closed:
+            out["never_closed"] = True
         out.update(self.attributes)
         return out
 
@@ -289,8 +309,20 @@ class ReadStats:
 
 
 def read_records(sources: Sequence[str], stats: ReadStats | None = None) -> Iterator[FlowRecord]:
-    """Every span line of every source, in file order. Raises OSError for a file that cannot be opened."""
+    """Every connection of every source: its span line (the close record) in file order, then the connections
+    whose `open` record has no span line (opened and never closed), oldest first. Raises OSError for a file that
+    cannot be opened."""
     stats = stats if stats is not None else ReadStats()
+    opened: dict[tuple[str, str], Mapping[str, Any]] = {}  # open records not yet closed
+    yield from _read_closed(sources, stats, opened)
+    for obj in opened.values():
+        stats.records += 1
+        yield FlowRecord.from_open(obj)
+
+
+def _read_closed(
+    sources: Sequence[str], stats: ReadStats, opened: dict[tuple[str, str], Mapping[str, Any]]
+) -> Iterator[FlowRecord]:
     for source in expand_paths(sources) if sources else ["-"]:
         stats.files += 1
         with _open_binary(source) as stream:
@@ -302,9 +334,14 @@ def read_records(sources: Sequence[str], stats: ReadStats | None = None) -> Iter
                 stats.lines += 1
                 try:
                     obj = json.loads(line)
+                    if isinstance(obj, dict) and "recordType" in obj:  # open, checkpoint, ...
+                        if obj["recordType"] == "open":
+                            opened[(str(obj.get("traceId")), str(obj.get("spanId")))] = obj
+                        continue
                     if not isinstance(obj, dict) or "traceId" not in obj:
                         raise ValueError("not an OTLP span object (no traceId)")
                     record = FlowRecord.from_json(obj)
+                    opened.pop((record.trace_id, record.span_id), None)
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     stats.bad(f"{name}:{number}", str(exc)[:120])
                     continue
@@ -343,8 +380,14 @@ class FlowFilter:
     until: datetime | None = None
     policy: str | None = None  # "Kind/ns/name", "ns/name" or "name"
     rule: str | None = None
+    never_closed: bool = False
 
     def matches(self, record: FlowRecord) -> bool:
+        if self.never_closed and record.closed:
+            return False
+        return self._matches(record)
+
+    def _matches(self, record: FlowRecord) -> bool:
         if self.namespace is not None and record.namespace != self.namespace:
             return False
         if self.pod is not None and not fnmatch.fnmatchcase(record.pod or "", self.pod):
@@ -353,7 +396,10 @@ class FlowFilter:
             return False
         if self.reason is not None and record.reason != self.reason:
             return False
-        if self.host is not None and not fnmatch.fnmatchcase((record.host or "").lower(), self.host.lower()):
+        if self.host is not None and not any(
+            fnmatch.fnmatchcase(str(name).lower(), self.host.lower())
+            for name in (record.host or "", record.attributes.get(fields.SERVER_ADDRESS_UNICODE) or "")
+        ):
             return False
         if self.would_deny and not record.would_deny:
             return False
@@ -367,13 +413,26 @@ class FlowFilter:
 
 
 def _policy_matches(wanted: str, record: FlowRecord) -> bool:
-    for ref in (record.policy, record.attributes.get(fields.WOULD_DENY_POLICY)):
-        if not ref:
-            continue
-        ref = str(ref)
-        if ref == wanted or ref.endswith("/" + wanted):
-            return True
-    return False
+    """The deciding policy, every policy that took part in the decision (`egress.deciders`, also in the connection's
+    earlier `decided` events), the Audit-mode policy that would deny it, or a policy whose change revoked it."""
+    return any(ref == wanted or ref.endswith("/" + wanted) for ref in _policies_of(record))
+
+
+def _policies_of(record: FlowRecord) -> Iterator[str]:
+    attributes = record.attributes
+    for ref in (record.policy, attributes.get(fields.WOULD_DENY_POLICY)):
+        if ref:
+            yield str(ref)
+    for source in (attributes, *(event.attributes for event in record.events if event.name == "decided")):
+        deciders = source.get(fields.DECIDERS)
+        if deciders:  # "Namespace: EgressPolicy/shop/payments (version 3) rule api -> Allow; ..."
+            for decider in str(deciders).split("; "):
+                yield decider.partition(": ")[2].partition(" (version ")[0]
+        if source.get(fields.POLICY):
+            yield str(source[fields.POLICY])
+    changed = attributes.get(fields.CHANGE_POLICIES)
+    if changed:
+        yield from str(changed).split("; ")
 
 
 # ---- summary ---------------------------------------------------------------------------------------------------

@@ -44,6 +44,11 @@ def recorder() -> Iterator[MemoryRecorder]:
     rec.shutdown()
 
 
+def span_lines(text: str) -> list[str]:
+    """The trail's connection records: its lines without the checkpoint/policy records the writer adds."""
+    return [line for line in text.splitlines() if '"recordType":' not in line]
+
+
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

@@ -9,13 +9,21 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from egress_gateway.cli import main
 from egress_gateway.policy.validation import validate_object
-from tests.audit.conftest import ANALYTICS_AUDIT_POLICY, FLOWS, SHOP_PAYMENTS_POLICY, record_flows, write_policies
+from tests.audit.conftest import (
+    ANALYTICS_AUDIT_POLICY,
+    FLOWS,
+    SHOP_PAYMENTS_POLICY,
+    record_flows,
+    span_lines,
+    write_policies,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +101,7 @@ def test_csv_output_has_a_header_and_one_row_per_connection(trail: Path, capsys:
 def test_reads_rotated_gzip_files_and_directories_oldest_first(
     trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lines = trail.read_text().splitlines(keepends=True)
+    lines = [line + "\n" for line in span_lines(trail.read_text())]
     rotated = tmp_path / "rotated"
     rotated.mkdir()
     (rotated / "audit.jsonl.2.gz").write_bytes(gzip.compress("".join(lines[:3]).encode()))
@@ -243,3 +251,51 @@ def test_bad_input_is_a_clear_usage_error(
 def test_missing_trail_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "/nonexistent/audit.jsonl")
     assert code == 2 and "no such file" in err
+
+
+def test_open_records_join_their_close_and_unclosed_ones_are_listed(
+    trail: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spans = [json.loads(line) for line in span_lines(trail.read_text())]
+
+    def opened(span: dict[str, Any]) -> str:
+        fields = {"recordType": "open", "traceId": span["traceId"], "spanId": span["spanId"], "name": span["name"]}
+        return json.dumps({**fields, "timeUnixNano": span["startTimeUnixNano"], "attributes": span["attributes"]})
+
+    # Every connection's open record, then the close records of all but the last two (the gateway died).
+    lines = [opened(span) for span in spans] + [json.dumps(span) for span in spans[:-2]]
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text("\n".join(lines) + "\n")
+    code, out, _ = run(capsys, str(killed), "--output", "json")
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["trace_id"] for r in rows] == [s["traceId"] for s in spans]  # each connection once
+    assert [r.get("never_closed", False) for r in rows] == [False] * (len(spans) - 2) + [True, True]
+    code, out, _ = run(capsys, str(killed), "--open")
+    assert code == 0 and len(out.splitlines()) == 3  # header + the two
+    assert "(open)" in out
+
+
+def test_idn_names_are_recorded_as_a_labels_with_a_unicode_display_form_and_found_by_either(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from egress_gateway.audit import build_recorder
+    from egress_gateway.settings import AuditSettings, Settings
+    from tests.audit.conftest import allow, facts
+
+    trail = tmp_path / "audit.jsonl"
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail)))
+    for name in ("bücher.example", "xn--bcher-kva.example", "plain.example"):
+        record = recorder.open("CONNECT", "127.0.0.2", 40000)
+        record.decided(facts(name, sni=name), allow())
+        record.close()
+    recorder.shutdown()
+    capsys.readouterr()  # the recorder's own log lines
+    assert main(["audit", "--output", "json", str(trail)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["server.address"] for r in rows] == ["xn--bcher-kva.example", "xn--bcher-kva.example", "plain.example"]
+    assert [r.get("egress.server.address.unicode") for r in rows] == ["bücher.example", "bücher.example", None]
+    assert [r.get("egress.tls.server_name.unicode") for r in rows] == ["bücher.example", "bücher.example", None]
+    for pattern in ("xn--bcher*", "BÜCHER.*"):
+        assert main(["audit", "--output", "json", "--host", pattern, str(trail)]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 2

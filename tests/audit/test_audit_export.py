@@ -20,7 +20,7 @@ from egress_gateway.audit import build_recorder, spans
 from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import SpanRecorder, build_tracer_provider, otlp_http_traces_url
 from egress_gateway.settings import AuditSettings, Settings
-from tests.audit.conftest import allow, deny, facts, metric
+from tests.audit.conftest import allow, deny, facts, metric, span_lines
 
 
 def _file_recorder(path: Path) -> SpanRecorder:
@@ -47,7 +47,7 @@ def test_trail_file_has_one_otlp_json_span_per_line(tmp_path: Path) -> None:
     trace_ids = {ok.trace_id, bad.trace_id}  # type: ignore[attr-defined]
     recorder.shutdown()
 
-    lines = trail.read_text().splitlines()
+    lines = span_lines(trail.read_text())
     assert len(lines) == 2
     spans = [json.loads(line) for line in lines]
     assert {s["traceId"] for s in spans} == trace_ids
@@ -80,7 +80,7 @@ def test_trail_file_follows_external_rotation(tmp_path: Path) -> None:
     recorder.open("CONNECT", "127.0.0.2", 2).close()
     recorder.shutdown()
     assert len((tmp_path / "audit.jsonl.1").read_text().splitlines()) == 1
-    assert len(trail.read_text().splitlines()) == 1
+    assert len(span_lines(trail.read_text())) == 1
 
 
 def test_bad_trail_path_fails_at_startup_with_a_clear_error(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_a_full_trail_queue_drops_new_records_counts_them_and_never_blocks(tmp_p
         recorder.open("CONNECT", "127.0.0.2", port).close()
     dropped = metric("egress_gateway_span_export_dropped_total", exporter="file", reason="queue_full") - before
     recorder.shutdown()
-    written = len(trail.read_text().splitlines())
+    written = len(span_lines(trail.read_text()))
     assert dropped >= 1 and written >= 8 and written + dropped == 50
 
 
@@ -195,9 +195,9 @@ def test_unreachable_otlp_endpoint_does_not_slow_recording(
     assert elapsed < 2.0, f"300 records took {elapsed:.2f}s with an unreachable OTLP endpoint"
     # The trail file is fed by its own processor and completes despite the dead OTLP endpoint.
     deadline = time.monotonic() + 10
-    while len(trail.read_text().splitlines()) < 300 and time.monotonic() < deadline:
+    while len(span_lines(trail.read_text())) < 300 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(trail.read_text().splitlines()) == 300
+    assert len(span_lines(trail.read_text())) == 300
     started = time.monotonic()
     recorder.shutdown()
     assert time.monotonic() - started < 10
@@ -216,3 +216,26 @@ def test_console_exporter_prints_spans_on_stderr_and_keeps_stdout_empty(capsys: 
     out, err = capsys.readouterr()
     assert out == ""
     assert '"name": "egress CONNECT"' in err and '"egress.rule": "stripe"' in err
+
+
+def test_each_connection_has_an_open_record_at_its_first_decision_joined_by_its_ids(tmp_path: Path) -> None:
+    trail = tmp_path / "audit.jsonl"
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail, flush_interval_s=0.05)))
+    tunnel = recorder.open("CONNECT", "127.0.0.2", 41000)
+    tunnel.set(server_address="api.stripe.com", server_port=443)
+    tunnel.decided(facts(), allow())
+    tunnel.decided(facts(sni="api.stripe.com"), allow())  # the SNI re-decision: no second open record
+    deadline = time.monotonic() + 10
+    while '"recordType":"open"' not in trail.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (opened,) = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert opened["recordType"] == "open" and opened["name"] == "egress CONNECT"
+    assert (opened["traceId"], opened["spanId"]) == (tunnel.trace_id, tunnel.span_id)  # type: ignore[attr-defined]
+    attributes = {a["key"]: a["value"] for a in opened["attributes"]}
+    assert attributes["egress.decision"] == {"stringValue": "allow"}
+    assert attributes["server.address"] == {"stringValue": "api.stripe.com"}
+    tunnel.close(bytes_sent=5, bytes_received=7)
+    recorder.shutdown()
+    (closed,) = [json.loads(line) for line in span_lines(trail.read_text())]
+    assert (closed["traceId"], closed["spanId"]) == (opened["traceId"], opened["spanId"])
+    assert int(closed["startTimeUnixNano"]) <= int(opened["timeUnixNano"]) <= int(closed["endTimeUnixNano"])

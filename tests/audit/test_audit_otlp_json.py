@@ -46,6 +46,16 @@ def sdk_objects(spans: Sequence[ReadableSpan]) -> list[dict[str, Any]]:
     return objects
 
 
+def spans_of(trail: Path) -> list[dict[str, Any]]:
+    """The trail's span lines without their chain seal (tests/audit/test_audit_chain.py checks that)."""
+    lines = [json.loads(line) for line in trail.read_bytes().splitlines()]
+    spans = [line for line in lines if "recordType" not in line]
+    for line in spans:
+        assert list(line)[-1] == "chain"
+        del line["chain"]
+    return spans
+
+
 def _both(path: Path) -> tuple[SpanRecorder, InMemorySpanExporter]:
     resource = build_resource()
     provider = build_tracer_provider([], max_queue_size=64, resource=resource)
@@ -80,7 +90,7 @@ def test_trail_lines_are_what_the_otlp_exporters_send(tmp_path: Path) -> None:
     noisy.close()
     recorder.shutdown()
 
-    lines = [json.loads(line) for line in trail.read_bytes().splitlines()]
+    lines = spans_of(trail)
     reference = sdk_objects(memory.get_finished_spans())
     assert len(lines) == 4
     # The record keeps the newest 64 events and 64 attributes per event, as the SDK would, and hands the SDK what
@@ -102,6 +112,6 @@ def test_a_record_that_cannot_be_encoded_is_dropped_alone_and_counted(tmp_path: 
     for name, value in (("first", 1), ("huge", 2**64), ("last", 2)):  # OTLP has no integer beyond int64
         writer.submit(record(name, value))
     writer.shutdown()
-    lines = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    lines = spans_of(tmp_path / "audit.jsonl")
     assert [line["name"] for line in lines] == ["first", "last"]
     assert metric("egress_gateway_span_export_dropped_total", exporter="file", reason="encode_failed") == before + 1

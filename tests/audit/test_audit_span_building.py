@@ -10,7 +10,7 @@ from egress_gateway.audit import build_recorder
 from egress_gateway.audit.recorder import ConnectionRecord
 from egress_gateway.audit.spans import SPAN_LIMITS, SpanRecorder, build_tracer_provider
 from egress_gateway.settings import AuditSettings, Settings
-from tests.audit.conftest import allow, facts
+from tests.audit.conftest import allow, facts, span_lines
 
 
 def _trail_line(tmp_path: Path, drive: Any) -> dict[str, Any]:
@@ -20,7 +20,7 @@ def _trail_line(tmp_path: Path, drive: Any) -> dict[str, Any]:
     drive(record)
     record.close()
     recorder.shutdown()
-    (line,) = trail.read_text().splitlines()
+    (line,) = span_lines(trail.read_text())
     return dict(json.loads(line))
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.audit.conftest import span_lines
 from tests.proxy.conftest import PAYMENTS_POD, curl
 from tests.support.gateway import REPO, GatewayProcess
 from tests.support.origins import OriginServer
@@ -118,7 +119,7 @@ def test_a_host_or_sni_with_bytes_that_are_not_utf8_loses_no_record(
 
     raw = trail.read_bytes()
     raw.decode("utf-8")  # the whole trail is valid UTF-8
-    lines = [json.loads(line) for line in raw.splitlines()]
+    lines = [json.loads(line) for line in span_lines(raw.decode())]
     assert len(lines) == NORMAL_CLIENTS + 2
 
     done = _audit(str(trail), "--output", "json")

@@ -215,6 +215,7 @@ def test_container_runs_the_gateway_with_the_rendered_config(default_objects: li
     assert container["args"] == ["--config", "/etc/egress-gateway/config.yaml"]
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
     assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
@@ -286,6 +287,13 @@ def test_all_features_config_loads_into_the_settings_model(all_objects: list[dic
     assert mounts["audit"] == "/var/log/egress-gateway"
     volumes = {v["name"]: v for v in one(all_objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
     assert volumes["audit"]["persistentVolumeClaim"] == {"claimName": "egress-audit"}
+    assert settings.audit.checkpoint_interval_s == 30
+    assert str(settings.audit.hmac_key_file) == "/etc/egress-gateway/audit-key/key"
+    assert mounts["audit-key"] == "/etc/egress-gateway/audit-key"
+    assert volumes["audit-key"]["secret"] == {
+        "secretName": "egress-audit-hmac",
+        "items": [{"key": "key", "path": "key"}],
+    }
 
 
 # Settings the chart leaves at the gateway's defaults on purpose (set them with extraEnv if needed).

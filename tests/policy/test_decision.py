@@ -161,6 +161,27 @@ spec:
     assert (expired.allowed, expired.reason) == (False, Reason.NO_MATCHING_RULE)
 
 
+def test_4_the_next_expiry_is_the_earliest_expires_still_ahead() -> None:
+    doc = """
+apiVersion: egressgateway.io/v1alpha1
+kind: EgressPolicy
+metadata: {name: glass, namespace: shop}
+spec:
+  rules:
+    - {name: later, hosts: [a.example], expires: "2027-01-31T00:00:00Z"}
+    - {name: sooner, hosts: [b.example], expires: "2026-12-31T00:00:00Z"}
+    - {name: forever, hosts: [c.example]}
+"""
+    policies = engine_for(doc).policies
+    sooner = datetime(2026, 12, 31, tzinfo=UTC).timestamp()
+    later = datetime(2027, 1, 31, tzinfo=UTC).timestamp()
+    found = policies.next_expiry(sooner - 1)
+    assert found is not None and (found[0], found[1].name) == (sooner, "sooner")
+    found = policies.next_expiry(sooner)  # an expiry that has passed is not next again
+    assert found is not None and (found[0], found[1].name) == (later, "later")
+    assert policies.next_expiry(later) is None
+
+
 # 5. Rule matching
 def test_5_port_list_must_match(engine: Engine) -> None:
     assert decide(engine, "api.stripe.com", 8050).allowed
