@@ -38,6 +38,7 @@ from egress_gateway.proxy.gate import Gate
 from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
 from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import Resolver
+from egress_gateway.proxy.transparent import start_transparent
 from egress_gateway.settings import Settings, configured_own_addresses, split_hostport
 from egress_gateway.sources.base import PolicySource
 
@@ -149,6 +150,7 @@ class Gateway:
         )
         self.admin = AdminServer(admin_host, admin_port, self.readiness)
         self.listen_addresses: list[tuple[str, int]] = []
+        self.transparent_addresses: dict[str, tuple[str, int]] = {}
         self.admin_addresses: list[tuple[str, int]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -242,6 +244,7 @@ class Gateway:
         self.listen_addresses = await self.proxy.start(self.addon)
         for _, port in self.listen_addresses:
             self.own.add_port(port, "its proxy port")
+        self.transparent_addresses = await start_transparent(self.settings, self.proxy, self.addon, self.own)
         await self.source.start()
         if self.store.current is not self.engine.policies:
             self.recorder.policies_in_force(self.store.current)
@@ -250,6 +253,7 @@ class Gateway:
         log.info(
             "gateway_listening",
             listen=[f"{h}:{p}" for h, p in self.listen_addresses],
+            transparent={name: f"{h}:{p}" for name, (h, p) in self.transparent_addresses.items()},
             admin=[f"{h}:{p}" for h, p in self.admin_addresses],
             policies_loaded=self.store.loaded,
             policies=len(self.store.current),

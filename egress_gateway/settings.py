@@ -174,6 +174,17 @@ class KubernetesSettings(_Section):
     backoff_max_s: float = Field(default=30.0, gt=0)  # cap of the jittered retry backoff
 
 
+class TransparentSettings(_Section):
+    """Transparent mode (docs/install.md, "Pods that ignore the proxy"): name-routed listeners, off by default."""
+
+    tls_listen: str | None = None  # e.g. "0.0.0.0:3129": TLS to anything; the SNI names the destination
+    http_listen: str | None = None  # e.g. "0.0.0.0:3130": origin-form HTTP; the Host header names the destination
+    tls_port: int = Field(default=443, ge=1, le=65535)  # decided as a CONNECT to SNI:tls_port
+    http_port: int = Field(default=80, ge=1, le=65535)  # a Host without a port: decided as Host:http_port
+    # After a NAT redirect: the address the client connected to must be one the name resolves to.
+    check_original_destination: bool = True
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EGRESS_GATEWAY_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -203,6 +214,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    transparent: TransparentSettings = Field(default_factory=TransparentSettings)
 
     @field_validator("allowed_ranges")
     @classmethod

@@ -48,6 +48,8 @@ class Reason(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"
     SELF_CONNECT = "self_connect"
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"  # engine: the matching Allow rule does not list the protocol
+    NO_SNI = "no_sni"  # transparent mode: nothing names the destination (no SNI, no Host)
+    DESTINATION_MISMATCH = "destination_mismatch"  # transparent mode: the original destination is not the name's
 
 
 @dataclass(frozen=True, slots=True)

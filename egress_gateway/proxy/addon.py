@@ -27,11 +27,11 @@ from mitmproxy.proxy.layers import HttpLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
-from egress_gateway.policy.decision import Decision, Facts, Identity, Reason, adapter_denial
+from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason, adapter_denial
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
-from egress_gateway.proxy.inspection import Seen, TunnelInspector
+from egress_gateway.proxy.inspection import Inspection, Seen, TunnelInspector
 from egress_gateway.proxy.layers import PassthroughLayer
 from egress_gateway.proxy.limits import (
     FRAMING_HEADERS,
@@ -209,7 +209,9 @@ class GatewayAddon:
         """Check a tunnel's first client bytes (`data`: the bytes that arrived since the last call). True: the
         tunnel may dial `tunnel.verdict.address` and send `tunnel.ready` first; False: close the client (the
         decision is recorded); None: wait for more bytes."""
-        released = self.tunnel_bytes(tunnel, data)
+        return self._started(tunnel, self.tunnel_bytes(tunnel, data))
+
+    def _started(self, tunnel: Tunnel, released: bytes | None) -> bool | None:
         if released is None:
             _cancel(tunnel.hello_timer)
             return False
@@ -228,7 +230,11 @@ class GatewayAddon:
         call it for every client chunk until `tunnel.inspector.done`."""
         if tunnel.closed_reason is not None:
             return None
-        inspection = tunnel.inspector.client_data(data)
+        return self._checked_inspection(tunnel, tunnel.inspector.client_data(data))
+
+    def _checked_inspection(self, tunnel: Tunnel, inspection: Inspection) -> bytes | None:
+        if tunnel.closed_reason is not None:
+            return None
         for seen in inspection.seen:
             if not self._check_seen(tunnel, seen):
                 return None
@@ -392,16 +398,64 @@ class GatewayAddon:
             raise
         if not verdict.decision.allowed:
             return self._refusal(state, record, verdict.decision)
-        if self.clients.get(state.client_id) is not state:  # the client left while the decision was pending
+        tunnel = self._tunnel_for(state, record, verdict, TunnelInspector(self.head_limits))
+        if tunnel is not None:
+            tunnel.hello_timer = asyncio.get_running_loop().call_later(
+                self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
+            )
+        return None
+
+    def _tunnel_for(
+        self, state: ClientState, record: ConnectionRecord, verdict: Verdict, inspector: TunnelInspector
+    ) -> Tunnel | None:
+        """The allowed tunnel of a client, or None: the client left while the decision was pending (recorded)."""
+        if self.clients.get(state.client_id) is not state:
             record.event("closed")
             record.close()
             return None
-        tunnel = Tunnel(record=record, verdict=verdict, inspector=TunnelInspector(self.head_limits))
+        tunnel = Tunnel(record=record, verdict=verdict, inspector=inspector)
         state.tunnel = tunnel
-        tunnel.hello_timer = asyncio.get_running_loop().call_later(
-            self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
-        )
-        return None
+        return tunnel
+
+    # ---- transparent mode (name-routed listeners) -----------------------------------------------------------
+    async def open_transparent(
+        self,
+        state: ClientState,
+        listener: str,
+        port: int,
+        inspector: TunnelInspector,
+        inspection: Inspection,
+        original: IPAddress | None,
+    ) -> Tunnel | Decision:
+        """A connection to a name-routed listener whose first message (`inspection`) is complete: decided exactly as
+        a CONNECT to `name:port`, the name taken from the ClientHello's SNI or the request's Host. Then the first
+        message is checked as a CONNECT tunnel's first bytes would be (`start_inspected`). Returns the tunnel, or
+        the denial (recorded; the session answers or closes)."""
+        state.request_seen = True
+        _cancel(state.request_timer)
+        record = self.recorder.open("CONNECT", state.address, state.port)
+        record.set(egress_mode="transparent", egress_listener=listener)
+        target = _transparent_target(inspection.seen[0], port)
+        if isinstance(target, Decision):
+            record.decided(Facts(identity=None, target="", port=port), target)
+            record.close()
+            return target
+        host, target_port = target
+        try:
+            verdict = await self._decide_target(state, record, host, target_port, None, None, original)
+        except BaseException:
+            record.close()
+            raise
+        if not verdict.decision.allowed:
+            response = responses.denial(verdict.decision)
+            record.set(http_response_status_code=response.status_code)
+            record.close()
+            return verdict.decision
+        return self._tunnel_for(state, record, verdict, inspector) or verdict.decision
+
+    def start_inspected(self, tunnel: Tunnel, inspection: Inspection) -> bool | None:
+        """`start_tunnel` for bytes the tunnel's inspector has already read (transparent mode)."""
+        return self._started(tunnel, self._checked_inspection(tunnel, inspection))
 
     # ---- plain HTTP (absolute-form requests) ----------------------------------------------------------------
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -671,14 +725,24 @@ class GatewayAddon:
     async def _decide(
         self, state: ClientState, record: ConnectionRecord, request: http.Request, host_header: str | None
     ) -> Verdict:
+        authorization = request.headers.get("Proxy-Authorization")
+        return await self._decide_target(state, record, request.host, request.port, host_header, authorization)
+
+    async def _decide_target(
+        self,
+        state: ClientState,
+        record: ConnectionRecord,
+        host: str,
+        port: int,
+        host_header: str | None,
+        authorization: str | None,
+        original: IPAddress | None = None,
+    ) -> Verdict:
         started = time.perf_counter()
-        host, port = request.host, request.port
         record.set(server_address=host, server_port=port)
         facts = Facts(identity=None, target=host, port=port, host_header=host_header)
-        admitted = await self.admission.admit(
-            state.client_id, state.address, state.refused, facts, request.headers.get("Proxy-Authorization")
-        )
-        verdict = admitted.verdict
+        admitted = await self.admission.admit(state.client_id, state.address, state.refused, facts, authorization)
+        verdict = self.gate.check_original_destination(admitted.verdict, original)
         if admitted.retry_after is not None:
             state.retry_after = admitted.retry_after
         if verdict.address is not None:
@@ -706,6 +770,32 @@ def _same_sni(first: str | None, second: str | None) -> bool:
     if first is None or second is None:
         return first is second
     return first == second or same_host(first, second)
+
+
+def _transparent_target(first: Seen, default_port: int) -> tuple[str, int] | Decision:
+    """What a name-routed listener's first message says the destination is: the SNI (TLS) or the Host (HTTP)."""
+    if first.problem is not None:
+        return adapter_denial(Reason.BAD_REQUEST, first.problem)
+    if first.hello is not None:
+        if not first.hello.sni:
+            return adapter_denial(
+                Reason.NO_SNI, "the ClientHello names no server (no SNI): a transparent connection needs a name"
+            )
+        return first.hello.sni, default_port
+    if first.request is not None:
+        hosts = first.request.headers.get_all("host")
+        if len(hosts) != 1 or not hosts[0]:
+            return adapter_denial(
+                Reason.NO_SNI, "the request has no single Host header: a transparent connection needs a name"
+            )
+        try:
+            host, port = url.parse_authority(hosts[0], check=True)
+        except ValueError:
+            return adapter_denial(Reason.BAD_REQUEST, f"invalid Host header {hosts[0]!r}")
+        return host, port if port is not None else default_port
+    return adapter_denial(
+        Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not what this listener serves: no name to decide"
+    )
 
 
 def _request_form_problem(request: http.Request) -> str | None:

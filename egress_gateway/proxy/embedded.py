@@ -29,6 +29,7 @@ from mitmproxy.proxy.server import LiveConnectionHandler
 
 from egress_gateway.proxy.addon import GatewayAddon
 from egress_gateway.proxy.listener import Listener, dials_itself
+from egress_gateway.proxy.transparent import Transparent
 
 log = structlog.get_logger("egress_gateway.proxy")
 
@@ -160,6 +161,7 @@ class EmbeddedProxy:
         self.data_dir = data_dir
         self.listen_socket = listen_socket
         self.listener: Listener | None = None
+        self.transparent_listeners: list[Listener] = []
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
@@ -187,6 +189,21 @@ class EmbeddedProxy:
         await self.listener.start(sock)
         return [own_address]
 
+    async def start_transparent(self, addon: GatewayAddon, host: str, port: int, mode: Transparent) -> tuple[str, int]:
+        """Start a name-routed listener (transparent mode) after `start`; returns its bound address."""
+        if self.listener is None:
+            raise RuntimeError("start the proxy listener first")
+        try:
+            sock = listening_socket(host, port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        address = sock.getsockname()
+        own_address = (str(address[0]), int(address[1]))
+        listener = Listener(addon, self.listener.hand_over, self.idle_timeout_s, own_address, transparent=mode)
+        await listener.start(sock)
+        self.transparent_listeners.append(listener)
+        return own_address
+
     @property
     def open_connections(self) -> int:
         return self.listener.sessions if self.listener is not None else 0
@@ -198,6 +215,8 @@ class EmbeddedProxy:
     async def stop_accepting(self) -> None:
         if self.listener is not None:
             self.listener.stop_accepting()
+        for listener in self.transparent_listeners:
+            listener.stop_accepting()
 
     async def drain(self, grace_s: float) -> int:
         """Wait for open connections to finish, up to `grace_s`; close what is left. Returns how many were closed."""
@@ -213,5 +232,5 @@ class EmbeddedProxy:
         return len(leftover)
 
     async def shutdown(self) -> None:
-        if self.listener is not None:
-            await self.listener.wait_closed(timeout_s=2.0)
+        for listener in (*([self.listener] if self.listener is not None else []), *self.transparent_listeners):
+            await listener.wait_closed(timeout_s=2.0)

@@ -154,5 +154,24 @@ class Gate:
         facts = replace(verdict.facts, protocol=protocol)
         return Verdict(facts, self.engine.decide(facts), verdict.candidates)
 
+    def check_original_destination(self, verdict: Verdict, original: IPAddress | None) -> Verdict:
+        """Transparent mode after a NAT redirect: the address the client connected to must be one the name resolves
+        to (else a client could present an allowed SNI while connecting to any address). The pinned address is
+        dialed either way; this only denies. `original` None: no redirect to check (DNS steering, or off)."""
+        if original is None or not verdict.decision.allowed:
+            return verdict
+        candidates = verdict.candidates or ((verdict.address,) if verdict.address is not None else ())
+        if original in candidates:
+            return verdict
+        shown = ", ".join(str(a) for a in candidates) or "nothing"
+        return Verdict(
+            verdict.facts,
+            adapter_denial(
+                Reason.DESTINATION_MISMATCH,
+                f"the client connected to {original}, but {verdict.facts.target} resolves to {shown}",
+            ),
+            verdict.candidates,
+        )
+
     def redecide(self, facts: Facts) -> Decision:
         return self._checked(facts, self.engine.decide(facts), ()).decision

@@ -1,6 +1,7 @@
-"""The proxy's one listener: accepts every client connection and gives it a `Session` (`session.py`), which owns
-it from accept to close. Sessions are found by id in the one registry of live sessions, `GatewayAddon.clients`
-(revocation, limits, timers, `close_client`, the shutdown drain). Knows nothing about policies.
+"""The proxy's listeners: the proxy port, and in transparent mode the name-routed ones (`transparent.py`). Each
+accepts client connections and gives each a `Session` (`session.py`), which owns it from accept to close. Sessions
+are found by id in the one registry of live sessions, `GatewayAddon.clients` (revocation, limits, timers,
+`close_client`, the shutdown drain). Knows nothing about policies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from egress_gateway.proxy.addon import GatewayAddon
 from egress_gateway.proxy.session import Session
+from egress_gateway.proxy.transparent import Transparent
 
 # Serves a non-CONNECT connection (mitmproxy's HTTP engine): reader, writer, the session's id.
 HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
@@ -38,9 +40,16 @@ class Listener:
     """Accepts on one listening socket; closes or answers a live session by id."""
 
     def __init__(
-        self, addon: GatewayAddon, hand_over: HandOver, idle_timeout_s: float, own_address: tuple[str, int]
+        self,
+        addon: GatewayAddon,
+        hand_over: HandOver,
+        idle_timeout_s: float,
+        own_address: tuple[str, int],
+        transparent: Transparent | None = None,
     ) -> None:
+        """`transparent`: a name-routed listener (its sessions take the destination from the first message)."""
         self.addon = addon
+        self.transparent = transparent
         self.hand_over = hand_over
         self.idle_timeout_s = idle_timeout_s
         self.own_port = own_address[1]

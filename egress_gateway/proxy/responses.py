@@ -18,6 +18,8 @@ _STATUS: dict[Reason, tuple[int, str]] = {
     Reason.BLOCKED_ADDRESS: (403, "destination_ip_prohibited"),
     Reason.PRIVATE_ADDRESS: (403, "destination_ip_prohibited"),
     Reason.SELF_CONNECT: (403, "destination_ip_prohibited"),
+    Reason.DESTINATION_MISMATCH: (403, "destination_ip_prohibited"),
+    Reason.NO_SNI: (400, "http_request_error"),
     Reason.INVALID_TARGET: (400, "http_request_error"),
     Reason.BAD_REQUEST: (400, "http_request_error"),
     Reason.DNS_ERROR: (502, "dns_error"),

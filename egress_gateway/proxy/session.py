@@ -23,10 +23,13 @@ import structlog
 from mitmproxy import http
 from mitmproxy.net.http import http1
 
+from egress_gateway.policy.decision import Decision, IPAddress
+from egress_gateway.proxy import responses
 from egress_gateway.proxy.addon import ClientState, Tunnel
 from egress_gateway.proxy.clienthello import starts_like_tls
-from egress_gateway.proxy.inspection import TunnelInspector
+from egress_gateway.proxy.inspection import Inspection, TunnelInspector
 from egress_gateway.proxy.limits import head_length
+from egress_gateway.proxy.transparent import original_destination
 
 if TYPE_CHECKING:
     from egress_gateway.proxy.listener import Listener
@@ -60,6 +63,10 @@ class Session(asyncio.Protocol):
         self.idle_timer: asyncio.TimerHandle | None = None
         self._on_data: Callable[[bytes], None] = self._sniff
         self.plain: TunnelInspector | None = None  # plain HTTP: the request-head checks before mitmproxy reads
+        # Transparent mode: the inspector that reads the first message (it becomes the tunnel's), what it released.
+        self.first: TunnelInspector | None = None
+        self.first_release = bytearray()
+        self.original: IPAddress | None = None  # where a NAT-redirected client was connecting to
 
     # ---- asyncio.Protocol -----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -67,6 +74,13 @@ class Session(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername") or ("", 0)
         self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]), self)
+        transparent = self.listener.transparent
+        if transparent is not None:
+            self.first = TunnelInspector(self.addon.head_limits, http=not transparent.tls)
+            self._on_data = self._read_first_message
+            if transparent.check_original_destination:
+                redirected = original_destination(self.transport.get_extra_info("socket"))
+                self.original = redirected[0] if redirected is not None else None
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -232,6 +246,42 @@ class Session(asyncio.Protocol):
         self._on_data = self._hold
         if self.transport is not None:
             self.transport.pause_reading()
+
+    # ---- transparent mode: the first message names the destination ----------------------------------------------
+    def _read_first_message(self, data: bytes) -> None:
+        inspector = self.first
+        if inspector is None:
+            self.abort()
+            return
+        inspection = inspector.client_data(data)
+        self.first_release += inspection.release
+        if not inspection.seen:
+            return  # the ClientHello (or request head) is not complete yet; the request timer runs
+        complete = Inspection(release=bytes(self.first_release), seen=inspection.seen)
+        self.first_release.clear()
+        self._hold()
+        self.task = self.listener.spawn(self._decide_transparent(inspector, complete), self)
+
+    async def _decide_transparent(self, inspector: TunnelInspector, inspection: Inspection) -> None:
+        state, transparent = self.state, self.listener.transparent
+        if state is None or transparent is None:
+            return
+        opened = await self.addon.open_transparent(
+            state, transparent.name, transparent.port, inspector, inspection, self.original
+        )
+        if self.closed:
+            return
+        if isinstance(opened, Decision):
+            if transparent.tls:
+                self.abort()
+            else:
+                self.answer_and_close(http1.assemble_response(responses.denial(opened)))
+            return
+        self.tunnel = opened
+        if not self.addon.start_inspected(opened, inspection) or opened.verdict.address is None:
+            self.abort()  # the first message was denied (recorded); nothing was sent upstream
+            return
+        await self._connect(opened)
 
     # ---- hand-over to mitmproxy -----------------------------------------------------------------------------
     def _hand_over(self) -> None:

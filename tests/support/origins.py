@@ -62,9 +62,9 @@ class OriginServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str, tls: ssl.SSLContext | None = None, name: str = "origin") -> None:
+    def __init__(self, host: str, tls: ssl.SSLContext | None = None, name: str = "origin", port: int = 0) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, 0), _Handler)
+        super().__init__((host, port), _Handler)
         self.tls = tls
         self.name = name
         self.accepted = 0
