@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from egress_gateway.policy.decision import IPAddress
+from egress_gateway.settings import split_hostport
 
 if TYPE_CHECKING:
     from egress_gateway.proxy.addon import GatewayAddon
@@ -40,26 +41,39 @@ class Transparent:
 
 def original_destination(sock: Any) -> tuple[IPAddress, int] | None:
     """The address a redirected connection was sent to, or None: not redirected (the client connected to this
-    listener itself, as after DNS steering), or the kernel keeps no NAT record for it."""
+    listener itself, as after DNS steering), or the kernel keeps no NAT record for it (nothing rewrote it here)."""
     try:
-        family = sock.family
-        if family == socket.AF_INET:
-            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
-            original: tuple[IPAddress, int] = (ipaddress.IPv4Address(raw[4:8]), int.from_bytes(raw[2:4], "big"))
-        elif family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, _SOCKADDR_IN6)
-            original = (ipaddress.IPv6Address(raw[8:24]), int.from_bytes(raw[2:4], "big"))
-        else:
-            return None
         local = sock.getsockname()
+        local_address = (_unmapped(ipaddress.ip_address(local[0])), int(local[1]))
     except (OSError, ValueError):
         return None
-    try:
-        if (ipaddress.ip_address(local[0]), int(local[1])) == original:
-            return None  # connected to the listener directly: nothing was redirected
-    except ValueError:
-        return None
+    original = _read_original(sock)
+    if original is None or original == local_address:
+        return None  # connected to the listener directly: nothing was redirected
     return original
+
+
+def _read_original(sock: Any) -> tuple[IPAddress, int] | None:
+    # An IPv4 client of a dual-stack ("::") listener has an AF_INET6 socket but an IPv4 conntrack entry: try both.
+    levels = [(socket.SOL_IP, _SOCKADDR_IN)]
+    if sock.family == socket.AF_INET6:
+        levels.insert(0, (socket.IPPROTO_IPV6, _SOCKADDR_IN6))
+    for level, size in levels:
+        try:
+            raw = sock.getsockopt(level, SO_ORIGINAL_DST, size)
+        except OSError:
+            continue
+        port = int.from_bytes(raw[2:4], "big")
+        if size == _SOCKADDR_IN6:
+            return _unmapped(ipaddress.IPv6Address(raw[8:24])), port
+        return ipaddress.IPv4Address(raw[4:8]), port
+    return None
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 async def start_transparent(
@@ -67,8 +81,6 @@ async def start_transparent(
 ) -> dict[str, tuple[str, int]]:
     """Start the configured name-routed listeners (`transparent.tls_listen`, `transparent.http_listen`); their
     ports become the gateway's own (never dialed). Returns listener name -> bound address."""
-    from egress_gateway.settings import split_hostport
-
     config = settings.transparent
     started: dict[str, tuple[str, int]] = {}
     for name, listen, tls, port in (

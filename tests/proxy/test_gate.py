@@ -100,3 +100,26 @@ def test_not_ready_until_loaded() -> None:
     gate = Gate(Engine(), StaticIdentityResolver([]), Resolver({}, [], 1), ready=lambda: False)
     denial = gate.not_ready()
     assert denial is not None and denial.reason is Reason.POLICIES_NOT_LOADED
+
+
+# ---- transparent mode: the original destination of a redirected connection ----
+
+
+def test_original_destination_among_the_names_addresses_keeps_the_verdict(gate: Gate) -> None:
+    verdict = decide(gate, "multi.test")  # pinned 127.0.0.20, the first allowed of three candidates
+    for original in ("127.0.0.20", "10.0.0.1"):  # any address the name resolves to, not only the pinned one
+        assert gate.check_original_destination(verdict, ipaddress.ip_address(original)) is verdict
+
+
+def test_original_destination_elsewhere_is_a_mismatch_and_the_pin_is_unchanged(gate: Gate) -> None:
+    verdict = decide(gate, "api.test")
+    checked = gate.check_original_destination(verdict, ipaddress.ip_address("127.0.0.98"))
+    assert checked.decision.reason is Reason.DESTINATION_MISMATCH
+    assert "127.0.0.98" in checked.decision.message and "127.0.0.21" in checked.decision.message
+    assert checked.facts == verdict.facts  # recorded with the name's facts, never dialed
+
+
+def test_original_destination_does_not_turn_a_denial_into_another(gate: Gate) -> None:
+    verdict = decide(gate, "secret.test")
+    assert gate.check_original_destination(verdict, ipaddress.ip_address("127.0.0.98")) is verdict
+    assert gate.check_original_destination(decide(gate, "api.test"), None).decision.allowed
