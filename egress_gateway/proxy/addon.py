@@ -42,6 +42,7 @@ from egress_gateway.proxy.limits import (
     framing_problem,
     request_line_problem,
 )
+from egress_gateway.proxy.transparent import Transparent
 
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"
@@ -421,23 +422,24 @@ class GatewayAddon:
     async def open_transparent(
         self,
         state: ClientState,
-        listener: str,
-        port: int,
+        mode: Transparent,
         inspector: TunnelInspector,
         inspection: Inspection,
         original: IPAddress | None,
     ) -> Tunnel | Decision:
         """A connection to a name-routed listener whose first message (`inspection`) is complete: decided exactly as
-        a CONNECT to `name:port`, the name taken from the ClientHello's SNI or the request's Host. Then the first
-        message is checked as a CONNECT tunnel's first bytes would be (`start_inspected`). Returns the tunnel, or
-        the denial (recorded; the session answers or closes)."""
+        a CONNECT to `name:mode.port`, the name taken from the ClientHello's SNI or the request's Host. Then the
+        first message is checked as a CONNECT tunnel's first bytes would be (`start_inspected`). Returns the tunnel,
+        or the denial (recorded; the session answers or closes)."""
         state.request_seen = True
         _cancel(state.request_timer)
         record = self.recorder.open("CONNECT", state.address, state.port)
-        record.set(egress_mode="transparent", egress_listener=listener)
-        target = _transparent_target(inspection.seen[0], port)
+        record.set(egress_mode="transparent", egress_listener=mode.name)
+        target = _transparent_target(inspection.seen[0], mode)
         if isinstance(target, Decision):
-            record.decided(Facts(identity=None, target="", port=port), target)
+            record.decided(Facts(identity=None, target="", port=mode.port), target)
+            if not mode.tls:
+                record.set(http_response_status_code=responses.status_for(target.reason)[0])
             record.close()
             return target
         host, target_port = target
@@ -447,8 +449,8 @@ class GatewayAddon:
             record.close()
             raise
         if not verdict.decision.allowed:
-            response = responses.denial(verdict.decision)
-            record.set(http_response_status_code=response.status_code)
+            if not mode.tls:
+                record.set(http_response_status_code=responses.status_for(verdict.decision.reason)[0])
             record.close()
             return verdict.decision
         return self._tunnel_for(state, record, verdict, inspector) or verdict.decision
@@ -772,10 +774,15 @@ def _same_sni(first: str | None, second: str | None) -> bool:
     return first == second or same_host(first, second)
 
 
-def _transparent_target(first: Seen, default_port: int) -> tuple[str, int] | Decision:
+def _transparent_target(first: Seen, mode: Transparent) -> tuple[str, int] | Decision:
     """What a name-routed listener's first message says the destination is: the SNI (TLS) or the Host (HTTP)."""
     if first.problem is not None:
         return adapter_denial(Reason.BAD_REQUEST, first.problem)
+    if mode.tls and first.hello is None:
+        return adapter_denial(
+            Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not TLS: no server name to decide"
+        )
+    default_port = mode.port
     if first.hello is not None:
         if not first.hello.sni:
             return adapter_denial(
@@ -793,9 +800,7 @@ def _transparent_target(first: Seen, default_port: int) -> tuple[str, int] | Dec
         except ValueError:
             return adapter_denial(Reason.BAD_REQUEST, f"invalid Host header {hosts[0]!r}")
         return host, port if port is not None else default_port
-    return adapter_denial(
-        Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not what this listener serves: no name to decide"
-    )
+    return adapter_denial(Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not HTTP: no Host to decide")
 
 
 def _request_form_problem(request: http.Request) -> str | None:

@@ -266,9 +266,7 @@ class Session(asyncio.Protocol):
         state, transparent = self.state, self.listener.transparent
         if state is None or transparent is None:
             return
-        opened = await self.addon.open_transparent(
-            state, transparent.name, transparent.port, inspector, inspection, self.original
-        )
+        opened = await self.addon.open_transparent(state, transparent, inspector, inspection, self.original)
         if self.closed:
             return
         if isinstance(opened, Decision):

@@ -284,6 +284,28 @@ def test_a_clienthello_without_sni_is_denied_with_a_reason(env: Env) -> None:
     assert env.tls.accepted == accepted
 
 
+def test_the_tls_listener_takes_only_tls(env: Env) -> None:
+    """Plain HTTP sent to port 443 names its host only in a Host header: the TLS listener does not route by it."""
+    accepted = env.tls.accepted
+    sock = socket.create_connection((TLS_ORIGIN, 443), timeout=10, source_address=(POD, 0))
+    with sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        assert closed_by_peer(sock)
+        record = final_decision(env, sock.getsockname()[1])
+    assert (record["egress.decision"], record["egress.reason"]) == ("deny", "no_sni")
+    assert env.tls.accepted == accepted
+
+
+def test_plain_http_without_a_host_is_refused_with_a_reason(env: Env) -> None:
+    sock = socket.create_connection((PLAIN_ORIGIN, 80), timeout=10, source_address=(POD, 0))
+    with sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        status, _ = _read_response(sock)
+        record = final_decision(env, sock.getsockname()[1])
+    assert status == 400
+    assert (record["egress.decision"], record["egress.reason"]) == ("deny", "no_sni")
+
+
 def test_plain_http_without_proxy_settings_is_routed_by_its_host(env: Env) -> None:
     outcome = _curl_outcome(_curl("--resolve", f"plain.test:80:{PLAIN_ORIGIN}", "http://plain.test/"))
     assert outcome.status == 200 and outcome.body is not None and outcome.body["origin"] == "plain"
