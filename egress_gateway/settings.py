@@ -184,6 +184,13 @@ class TransparentSettings(_Section):
     # After a NAT redirect: the address the client connected to must be one the name resolves to.
     check_original_destination: bool = True
 
+    @field_validator("tls_listen", "http_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_hostport(value)  # HOST:PORT or [v6]:PORT, else a ValueError naming the field
+        return value
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+from pydantic import ValidationError
+
 from egress_gateway.proxy.transparent import original_destination
+from egress_gateway.settings import Settings, TransparentSettings
 
 
 def _pair(family: int, host: str) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -46,3 +50,11 @@ def test_a_socket_that_cannot_answer_has_no_original_destination() -> None:
             raise OSError("closed")
 
     assert original_destination(Closed()) is None
+
+
+def test_settings_are_off_by_default_and_reject_a_listen_address_without_a_port() -> None:
+    defaults = TransparentSettings()
+    assert (defaults.tls_listen, defaults.http_listen, defaults.tls_port, defaults.http_port) == (None, None, 443, 80)
+    assert defaults.check_original_destination is True
+    with pytest.raises(ValidationError, match="tls_listen"):
+        Settings(transparent={"tls_listen": "0.0.0.0"})
