@@ -252,6 +252,44 @@ def test_a_forbidden_host_is_denied_with_a_record_and_never_reached(env: Env) ->
     assert env.tls.accepted == accepted
 
 
+NODE_CLIENT = """
+const https = require("https");
+const fs = require("fs");
+const [ca, localAddress, host, servername] = process.argv.slice(1);
+const request = https.get(
+  {host, port: 443, servername, localAddress, ca: fs.readFileSync(ca), headers: {Host: servername}, agent: false},
+  (response) => {
+    let body = "";
+    response.on("data", (chunk) => (body += chunk));
+    const port = request.localPort;
+    response.on("end", () => console.log(JSON.stringify({status: response.statusCode, port, body})));
+  },
+);
+request.on("socket", (socket) => socket.on("connect", () => (request.localPort = socket.localPort)));
+request.on("error", (error) =>
+  console.log(JSON.stringify({status: 0, port: request.localPort || 0, error: error.code})));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+@pytest.mark.parametrize(("name", "expected"), [("allowed.test", "allow"), ("denied.test", "deny")])
+def test_node_client_without_an_agent_is_decided_like_any_other(env: Env, name: str, expected: str) -> None:
+    """Node's https module ignores HTTPS_PROXY: redirected by NAT, it is decided by its SNI."""
+    done = subprocess.run(
+        ["node", "-e", NODE_CLIENT, str(env.ca.cert_path), POD, TLS_ORIGIN, name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    record = final_decision(env, result["port"])
+    assert (record["egress.decision"], record["egress.mode"]) == (expected, "transparent")
+    if expected == "allow":
+        assert result["status"] == 200 and json.loads(result["body"])["sni"] == name
+    else:
+        assert result["status"] == 0
+
+
 def test_python_ssl_client_reaches_a_wildcard_host(env: Env) -> None:
     outcome = transparent_tls(env.ca, TLS_ORIGIN, "x.wild.test")
     assert outcome.status == 200 and outcome.body is not None and outcome.body["sni"] == "x.wild.test"
