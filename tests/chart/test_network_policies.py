@@ -84,7 +84,8 @@ def test_gateway_network_policy_opens_the_internet_on_allowed_ports_only(all_obj
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": GATEWAY_PODS}
     assert spec["policyTypes"] == ["Ingress", "Egress"]
-    assert spec["ingress"][0] == {"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": "proxy"}]}
+    ports = [{"protocol": "TCP", "port": name} for name in ("proxy", "transparent-tls", "transparent-http")]
+    assert spec["ingress"][0] == {"from": [{"namespaceSelector": {}}], "ports": ports}  # transparent mode is on
     dns, api_server, internet, allowed_ranges, collector = spec["egress"]
     assert dns == {"to": [DNS_PEER], "ports": DNS_PORTS}
     assert api_server == {"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}], "ports": [{"protocol": "TCP", "port": 6443}]}
