@@ -72,7 +72,7 @@ class TrailWriter:
         self._opened_at = time.monotonic()
         self._next_checkpoint = time.monotonic() + checkpoint_interval_s
         # A span (the close record), an open record, or a prepared record (a dict with its `recordType`).
-        self._queue: collections.deque[FinishedRecord | OpenedRecord | Mapping[str, Any]] = collections.deque()
+        self._pending: collections.deque[FinishedRecord | OpenedRecord | Mapping[str, Any]] = collections.deque()
         self._file: IO[bytes] | None = None
         self._write_lock = threading.Lock()  # one batch at a time, in queue order
         self._wake = threading.Event()
@@ -87,7 +87,7 @@ class TrailWriter:
 
     def submit(self, record: FinishedRecord | OpenedRecord | Mapping[str, Any]) -> None:
         """Called on the event loop: never blocks, never raises."""
-        queue = self._queue
+        queue = self._pending
         if len(queue) >= self._max_queue_size or self._stopping:
             metrics.span_export_dropped(EXPORTER_NAME, "queue_full")
             self._queue_full(exporter=EXPORTER_NAME)
@@ -98,7 +98,7 @@ class TrailWriter:
 
     def busy(self) -> bool:
         """A full batch is waiting or being written (what a benchmark's idle loop waits for)."""
-        return len(self._queue) >= MAX_BATCH or self._write_lock.locked()
+        return len(self._pending) >= MAX_BATCH or self._write_lock.locked()
 
     def force_flush(self) -> None:
         self._drain()
@@ -136,7 +136,7 @@ class TrailWriter:
         }
 
     def _drain(self) -> None:
-        queue = self._queue
+        queue = self._pending
         with self._write_lock:
             while queue:
                 batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
