@@ -35,12 +35,13 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts
 from egress_gateway.proxy.embedded import EmbeddedProxy
 from egress_gateway.proxy.gate import Gate
-from egress_gateway.proxy.limits import HeadLimits, NamespaceRateLimiter
+from egress_gateway.proxy.limits import NamespaceRateLimiter
 from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.proxy.transparent import start_transparent
 from egress_gateway.settings import Settings, configured_own_addresses, split_hostport
 from egress_gateway.sources.base import PolicySource
+from egress_gateway.wire.heads import HeadLimits
 
 if TYPE_CHECKING:  # imported at run time only when a cluster identity mode is configured
     from egress_gateway.kube.workloads import IdentityChanges

@@ -26,14 +26,14 @@ import mitmproxy.net.http.http1  # noqa: F401  (imported uninstrumented: only ou
 with atheris.instrument_imports():
     from egress_gateway.policy.decision import Facts, Identity
     from egress_gateway.policy.engine import Engine
-    from egress_gateway.proxy.clienthello import (
+    from egress_gateway.wire.clienthello import (
         ClientHello,
         InvalidClientHello,
         parse_client_hello,
         starts_like_tls,
     )
-    from egress_gateway.proxy.inspection import TunnelInspector
-    from egress_gateway.proxy.limits import HeadLimits
+    from egress_gateway.wire.heads import HeadLimits
+    from egress_gateway.wire.inspection import TunnelInspector
 
 ENGINE = Engine()
 IDENTITY = Identity("fuzz")

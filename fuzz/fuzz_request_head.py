@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris) of the proxy's request-head path: the bytes a client sends before any decision.
 
-Contract under test, for any bytes: the head checks of `proxy/limits.py` (size/count limits, request-line bytes,
+Contract under test, for any bytes: the head checks of `wire/heads.py` (size/count limits, request-line bytes,
 framing) return a verdict and never raise; a head they accept parses with mitmproxy's HTTP/1 reader or fails with
 ValueError only (what the addon turns into 400 bad_request); an accepted CONNECT/absolute-form target normalizes to
 a name or an IP, or fails with InvalidTarget only; and every refusal maps to a status the responses module knows.
@@ -24,7 +24,7 @@ with atheris.instrument_imports():
 
     from egress_gateway.policy.errors import InvalidTarget
     from egress_gateway.policy.targets import normalize_host
-    from egress_gateway.proxy.limits import (
+    from egress_gateway.wire.heads import (
         HeadLimits,
         check_request_head,
         complete_head_lines,

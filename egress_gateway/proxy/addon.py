@@ -31,18 +31,18 @@ from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress,
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
-from egress_gateway.proxy.inspection import Inspection, Seen, TunnelInspector
 from egress_gateway.proxy.layers import PassthroughLayer
-from egress_gateway.proxy.limits import (
+from egress_gateway.proxy.limits import NamespaceRateLimiter
+from egress_gateway.proxy.transparent import Transparent
+from egress_gateway.wire.heads import (
     FRAMING_HEADERS,
     HeadLimits,
-    NamespaceRateLimiter,
     check_request_head,
     complete_head_lines,
     framing_problem,
     request_line_problem,
 )
-from egress_gateway.proxy.transparent import Transparent
+from egress_gateway.wire.inspection import Inspection, Seen, TunnelInspector
 
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"

@@ -26,10 +26,10 @@ from mitmproxy.net.http import http1
 from egress_gateway.policy.decision import Decision, IPAddress
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.addon import ClientState, Tunnel
-from egress_gateway.proxy.clienthello import starts_like_tls
-from egress_gateway.proxy.inspection import Inspection, TunnelInspector
-from egress_gateway.proxy.limits import head_length
 from egress_gateway.proxy.transparent import original_destination
+from egress_gateway.wire.clienthello import starts_like_tls
+from egress_gateway.wire.heads import head_length
+from egress_gateway.wire.inspection import Inspection, TunnelInspector
 
 if TYPE_CHECKING:
     from egress_gateway.proxy.listener import Listener

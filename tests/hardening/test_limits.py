@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from egress_gateway.proxy.limits import (
-    ConnectionLimit,
+from egress_gateway.proxy.limits import ConnectionLimit, NamespaceRateLimiter, TokenBucket
+from egress_gateway.wire.heads import (
     HeadLimits,
     HeadViolation,
-    NamespaceRateLimiter,
-    TokenBucket,
     check_request_head,
     complete_head_lines,
     framing_problem,

@@ -9,7 +9,7 @@ import ssl
 import pytest
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
 
-from egress_gateway.proxy.clienthello import (
+from egress_gateway.wire.clienthello import (
     MAX_CLIENT_HELLO,
     MAX_CLIENT_HELLO_RECORDS,
     ClientHello,
@@ -17,8 +17,8 @@ from egress_gateway.proxy.clienthello import (
     parse_client_hello,
     starts_like_tls,
 )
-from egress_gateway.proxy.inspection import TunnelInspector
-from egress_gateway.proxy.limits import HeadLimits
+from egress_gateway.wire.heads import HeadLimits
+from egress_gateway.wire.inspection import TunnelInspector
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:

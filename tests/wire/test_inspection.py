@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from egress_gateway.policy.model import Protocol
-from egress_gateway.proxy.inspection import HELLO_RETRY_REQUEST_RANDOM, Inspection, TunnelInspector
-from egress_gateway.proxy.limits import HeadLimits
+from egress_gateway.wire.heads import HeadLimits
+from egress_gateway.wire.inspection import HELLO_RETRY_REQUEST_RANDOM, Inspection, TunnelInspector
 from tests.support.tls import TestCA
 
 

@@ -28,7 +28,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.net.http.validate import validate_headers
 
 from egress_gateway.policy.model import Protocol
-from egress_gateway.proxy.clienthello import (
+from egress_gateway.wire.clienthello import (
     ALERT,
     APPLICATION_DATA,
     CHANGE_CIPHER_SPEC,
@@ -43,7 +43,7 @@ from egress_gateway.proxy.clienthello import (
     parse_client_hello_message,
     record_length,
 )
-from egress_gateway.proxy.limits import (
+from egress_gateway.wire.heads import (
     HeadLimits,
     check_request_head,
     complete_head_lines,

@@ -2,7 +2,7 @@
 
 Owns: `starts_like_tls`, `parse_client_hello_message` (one complete handshake message), the caps, and
 `parse_client_hello` (one shot, over a buffer: the reference that the incremental reader of a tunnel,
-`proxy/inspection.py`, is tested and fuzzed against).
+`wire/inspection.py`, is tested and fuzzed against).
 A ClientHello is recognised by its handshake layer (record content type 22, handshake type 1); the record-layer
 version is never consulted (RFC 8446 5.1: receivers ignore it), so a record version the gateway did not expect
 cannot make a ClientHello "not TLS". It never decrypts anything and never answers the client; it only reads the
