@@ -31,6 +31,7 @@ from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress,
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
+from egress_gateway.proxy.http_bytes import ExchangeBytes
 from egress_gateway.proxy.layers import PassthroughLayer
 from egress_gateway.proxy.limits import NamespaceRateLimiter
 from egress_gateway.proxy.transparent import Transparent
@@ -47,6 +48,7 @@ from egress_gateway.wire.inspection import Inspection, Seen, TunnelInspector
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"
 _VERDICT_KEY = "egress_gateway.verdict"
+_BYTES_KEY = "egress_gateway.bytes"
 # Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
 _HOP_BY_HOP = ("proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive", "te", "trailer")
 _KEEP_CONNECTION_TOKENS = frozenset({"close", "keep-alive", "upgrade"})
@@ -486,13 +488,18 @@ class GatewayAddon:
         flow.metadata[_FACTS_KEY] = verdict.facts
         flow.metadata[_VERDICT_KEY] = verdict
         _strip_hop_by_hop(request.headers)
-        request.stream = True
+        flow.metadata[_BYTES_KEY] = ExchangeBytes.streaming(request)  # every body streamed through a byte counter
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.get(_RECORD_KEY)
         if record is not None and flow.response is not None:
             record.set(http_response_status_code=flow.response.status_code)
-            flow.response.stream = True
+            counted = flow.metadata.get(_BYTES_KEY)
+            if counted is not None:
+                counted.request_written(flow.request)
+                counted.stream_response(flow.response)
+            else:
+                flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = self._state(flow.client_conn.id)
@@ -509,7 +516,8 @@ class GatewayAddon:
         if record is not None:
             if flow.response is not None:
                 record.set(http_response_status_code=flow.response.status_code)
-            record.close()
+            sent, received = _exchanged(flow)
+            record.close(bytes_sent=sent, bytes_received=received)
 
     def _upgraded(self, state: ClientState, flow: http.HTTPFlow) -> bool:
         """101 Switching Protocols (WebSocket or any other upgrade): from here on the connection is a tunnel to the
@@ -522,7 +530,15 @@ class GatewayAddon:
         flow.metadata.pop(_RECORD_KEY, None)
         record.set(http_response_status_code=101)
         record.event("upgraded", protocol=flow.response.headers.get("upgrade", ""))
-        state.tunnel = Tunnel(record=record, verdict=verdict, inspector=TunnelInspector(self.head_limits), opened=True)
+        sent, received = _exchanged(flow)  # the upgrade request and the 101 count as the tunnel's first bytes
+        state.tunnel = Tunnel(
+            record=record,
+            verdict=verdict,
+            inspector=TunnelInspector(self.head_limits),
+            opened=True,
+            bytes_sent=sent,
+            bytes_received=received,
+        )
         return True
 
     def tcp_message(self, flow: tcp.TCPFlow) -> None:
@@ -549,7 +565,14 @@ class GatewayAddon:
         if record is not None:
             if flow.error is not None:
                 record.set(error=flow.error.msg)
-            record.close()
+            if failure is not None:  # nothing reached the origin
+                record.close()
+                return
+            counted = flow.metadata.get(_BYTES_KEY)
+            if counted is not None and flow.server_conn.timestamp_tcp_setup is not None:
+                counted.request_written(flow.request)
+            sent, received = _exchanged(flow, ended=False)
+            record.close(bytes_sent=sent, bytes_received=received)
 
     # ---- upstream connections -------------------------------------------------------------------------------
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -772,6 +795,18 @@ def _same_sni(first: str | None, second: str | None) -> bool:
     if first is None or second is None:
         return first is second
     return first == second or same_host(first, second)
+
+
+def _exchanged(flow: http.HTTPFlow, *, ended: bool = True) -> tuple[int, int]:
+    """The bytes of a plain-HTTP exchange so far: (to the origin, to the client). `ended`: at the `response` hook."""
+    counted = flow.metadata.get(_BYTES_KEY)
+    if not isinstance(counted, ExchangeBytes):
+        return 0, 0
+    if ended:
+        counted.request_written(flow.request)
+        if flow.response is not None:
+            counted.response_ended(flow.request, flow.response)
+    return counted.sent, counted.received
 
 
 def _transparent_target(first: Seen, mode: Transparent) -> tuple[str, int] | Decision:
