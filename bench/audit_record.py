@@ -88,7 +88,7 @@ def one_tunnel(recorder: SpanRecorder, port: int) -> None:
     record.set(network_peer_address=PEER_TEXT)
     record.event("decided", duration_s=0.000123)
     record.decided(CONNECT_FACTS, DECISION)
-    record.set(tls=True, tls_client_server_name=HOST, tls_alpn="h2,http/1.1")
+    record.set(tls=True, tls_client_server_name=HOST, tls_alpn=("h2", "http/1.1"), tls_ech=False)
     record.event("client_hello")
     record.decided(SNI_FACTS, DECISION)
     record.event("upstream_connected")

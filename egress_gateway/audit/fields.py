@@ -17,7 +17,7 @@ import idna
 
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 
-AttributeValue = str | bool | int | float
+AttributeValue = str | bool | int | float | tuple[str, ...]
 
 # Semantic conventions (https://opentelemetry.io/docs/specs/semconv/).
 CLIENT_ADDRESS = "client.address"
@@ -56,6 +56,11 @@ WOULD_DENY_POLICY = "egress.would_deny.policy"
 WOULD_DENY_POLICY_VERSION = "egress.would_deny.policy.version"
 WOULD_DENY_RULE = "egress.would_deny.rule"
 TLS = "egress.tls"
+TLS_ALPN = "egress.tls_alpn"  # the ALPN protocol ids the ClientHello offered, in order (an array)
+TIMEOUT = "egress.timeout"  # the client timer that closed the connection (`client_hello`)
+TIMEOUT_RECEIVED_BYTES = "egress.timeout.received_bytes"  # what the client had sent when it fired
+TIMEOUT_RECEIVED = "egress.timeout.received"  # what that looked like: nothing, partial_tls_client_hello, ...
+TLS_ECH = "egress.tls_ech"  # the ClientHello carried an encrypted_client_hello extension (its SNI is the outer name)
 HOST_HEADER = "egress.host_header"
 PROTOCOL = "egress.protocol"  # what a tunnel was seen to carry: TLS, HTTP or TCP
 SERVICE_ACCOUNT = "egress.service_account"
@@ -74,6 +79,11 @@ PROXY_KEYS: Mapping[str, str] = {
     "http_request_method": HTTP_METHOD,
     "egress_tls": TLS,
     "tls": TLS,
+    "tls_alpn": TLS_ALPN,
+    "tls_ech": TLS_ECH,
+    "timeout": TIMEOUT,
+    "timeout_received_bytes": TIMEOUT_RECEIVED_BYTES,
+    "timeout_received": TIMEOUT_RECEIVED,
     "host_header": HOST_HEADER,
 }
 
@@ -121,6 +131,8 @@ def to_attribute_value(value: Any) -> AttributeValue | None:
         return safe_text(value)
     if isinstance(value, bool | int | float):
         return value
+    if isinstance(value, tuple | list):  # an array attribute: its items as text
+        return tuple(item if type(item) is str and item.isascii() else safe_text(str(item)) for item in value)
     return safe_text(str(value))
 
 

@@ -43,7 +43,7 @@ from egress_gateway.wire.heads import (
     framing_problem,
     request_line_problem,
 )
-from egress_gateway.wire.inspection import Inspection, Seen, TunnelInspector
+from egress_gateway.wire.inspection import Held, Inspection, Seen, TunnelInspector
 
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"
@@ -87,6 +87,10 @@ class Owner(Protocol):
     def abort(self) -> None: ...
 
     def answer_and_close(self, answer: bytes) -> None: ...
+
+    def held_input(self) -> tuple[int, Held]:
+        """The client bytes of a request not complete yet, and what they look like."""
+        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -165,7 +169,14 @@ class GatewayAddon:
 
     def _request_timeout(self, state: ClientState) -> None:
         if not state.request_seen:
-            self.log.info("client_request_timeout", client=state.address, timeout_s=self.timeouts.client_request_s)
+            held, shape = state.owner.held_input()
+            self.log.info(
+                "client_request_timeout",
+                client=state.address,
+                timeout_s=self.timeouts.client_request_s,
+                received_bytes=held,
+                received=shape.value,
+            )
             self.close_client(state.client_id)
 
     # ---- which protocol layer comes next --------------------------------------------------------------------
@@ -251,7 +262,7 @@ class GatewayAddon:
             verdict = replace(verdict, decision=adapter_denial(Reason.BAD_REQUEST, seen.problem))
         elif seen.hello is not None:
             hello = seen.hello
-            record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=",".join(hello.alpn) or None)
+            record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=hello.alpn or None, tls_ech=hello.ech)
             record.event("client_hello")
             if tunnel.hellos and not _same_sni(tunnel.first_sni, hello.sni):
                 verdict = Verdict(
@@ -361,10 +372,13 @@ class GatewayAddon:
         if tunnel.opened or tunnel.closed_reason is not None:
             return
         tunnel.closed_reason = Reason.CLIENT_TIMEOUT
+        received, shape = tunnel.inspector.received, tunnel.inspector.held_shape()
+        sent = f"{received} bytes, {shape.description}," if received else "no data"
         decision = adapter_denial(
             Reason.CLIENT_TIMEOUT,
-            f"the client sent no data within {self.timeouts.client_hello_s:g} s after the tunnel was established",
+            f"the client sent {sent} within {self.timeouts.client_hello_s:g} s after the tunnel was established",
         )
+        tunnel.record.set(timeout="client_hello", timeout_received_bytes=received, timeout_received=shape.value)
         tunnel.record.decided(tunnel.verdict.facts, decision)
         self.close_client(state.client_id)
 

@@ -29,7 +29,7 @@ from egress_gateway.proxy.addon import ClientState, Tunnel
 from egress_gateway.proxy.transparent import original_destination
 from egress_gateway.wire.clienthello import starts_like_tls
 from egress_gateway.wire.heads import head_length
-from egress_gateway.wire.inspection import Inspection, TunnelInspector
+from egress_gateway.wire.inspection import Held, Inspection, TunnelInspector
 
 if TYPE_CHECKING:
     from egress_gateway.proxy.listener import Listener
@@ -325,6 +325,13 @@ class Session(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
             self.addon.client_gone(self.id)
+
+    def held_input(self) -> tuple[int, Held]:
+        """The client bytes of a request (or first message) not complete yet: what the request timeout records."""
+        inspector = self.plain or self.first
+        if inspector is not None:
+            return inspector.held, inspector.held_shape()
+        return len(self.buffer), Held.PARTIAL_HTTP_REQUEST if self.buffer else Held.NOTHING
 
     # ---- closing --------------------------------------------------------------------------------------------
     def answer_and_close(self, answer: bytes) -> None:

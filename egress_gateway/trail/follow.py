@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from egress_gateway.trail.read import FlowFilter, FlowRecord
+from egress_gateway.trail.render import printable
 
 POLL_S = 0.1
 _MAX_REMEMBERED = 100_000  # open records whose close is awaited: bounded, the oldest forgotten first
@@ -94,7 +95,8 @@ def line(record: FlowRecord) -> str:
     by = f" by {record.policy}" + (f" rule {record.rule}" if record.rule else "") if record.policy else ""
     state = "" if record.closed else " (open)"
     where = f" [{' '.join(via)}]" if via else ""
-    return f"{record.start:%Y-%m-%d %H:%M:%S} {who} -> {record.method} {record.destination}{where} {decided}{by}{state}"
+    text = f"{record.start:%Y-%m-%d %H:%M:%S} {who} -> {record.method} {record.destination}{where} {decided}{by}{state}"
+    return printable(text)
 
 
 def matching(records: Iterator[FlowRecord], flow_filter: FlowFilter) -> Iterator[FlowRecord]:

@@ -14,12 +14,23 @@ from typing import Any, TextIO
 MAX_CELL = 48
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (control characters, line and paragraph separators)
+    written as its escape (`\\x01`, `\\u2028`), so a value from the wire cannot move the cursor or forge a row."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _cell(value: Any, max_cell: int | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    text = str(value)
+    if isinstance(value, list | tuple):  # an array attribute (e.g. the ALPN protocols)
+        text = ", ".join(printable(str(item)) for item in value)
+    else:
+        text = printable(str(value))
     return text if max_cell is None or len(text) <= max_cell else text[: max_cell - 1] + "…"
 
 
@@ -59,5 +70,13 @@ def write_csv(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None, 
     writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in materialized:
-        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
     return len(materialized)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):  # an array attribute: as a JSON array, so items with commas stay apart
+        return json.dumps(list(value), ensure_ascii=False)
+    return value

@@ -37,7 +37,7 @@ class InvalidClientHello(ValueError):
 @dataclass(frozen=True, slots=True)
 class ClientHello:
     sni: str | None
-    alpn: tuple[str, ...] = ()
+    alpn: tuple[str, ...] = ()  # each protocol id as `protocol_text` writes it
     ech: bool = False  # an encrypted_client_hello extension is present (the SNI is then the outer, public name)
 
 
@@ -139,12 +139,21 @@ def _server_name(body: bytes) -> str:
     return host
 
 
+def protocol_text(raw: bytes) -> str:
+    """An ALPN protocol id (opaque bytes, RFC 7301) as text, losslessly and without control characters: printable
+    ASCII as is, every other byte and the backslash itself as `\\xNN` (the trail's escape for bytes from the
+    wire)."""
+    if raw.isascii() and raw.isalnum():
+        return raw.decode("ascii")
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+
 def _alpn(body: bytes) -> tuple[str, ...]:
     reader = _Reader(body)
     protocols = _Reader(reader.vector(2, "ALPN list"))
     out = []
     while protocols.remaining:
-        out.append(protocols.vector(1, "ALPN protocol").decode("ascii", "replace"))
+        out.append(protocol_text(protocols.vector(1, "ALPN protocol")))
     return tuple(out)
 
 

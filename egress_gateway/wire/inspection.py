@@ -81,6 +81,28 @@ class Inspection:
     seen: list[Seen] = field(default_factory=list)
 
 
+class Held(Enum):
+    """What the client bytes an inspector holds look like (an incomplete message it waits for the rest of): what a
+    timeout's record says the client sent."""
+
+    NOTHING = "nothing"  # nothing held: no bytes, or only complete messages
+    PARTIAL_TLS_CLIENT_HELLO = "partial_tls_client_hello"  # TLS records of a ClientHello that is not complete
+    PARTIAL_HTTP_REQUEST = "partial_http_request"  # an HTTP/1 request line or head that is not complete
+    PARTIAL_CHUNK_LINE = "partial_chunk_line"  # a chunk-size or trailer line of a chunked body, not complete
+
+    @property
+    def description(self) -> str:
+        return _HELD_DESCRIPTIONS[self]
+
+
+_HELD_DESCRIPTIONS = {
+    Held.NOTHING: "no incomplete message",
+    Held.PARTIAL_TLS_CLIENT_HELLO: "a TLS ClientHello that is not complete",
+    Held.PARTIAL_HTTP_REQUEST: "an HTTP request head that is not complete",
+    Held.PARTIAL_CHUNK_LINE: "a chunk-size line of a chunked body that is not complete",
+}
+
+
 class _Mode(Enum):
     SNIFF = "sniff"
     TLS = "tls"
@@ -101,6 +123,7 @@ class TunnelInspector:
     def __init__(self, head_limits: HeadLimits, *, http: bool = False) -> None:
         """`http`: the stream is known to be HTTP/1 requests (a plain-HTTP proxy connection), no sniffing."""
         self.head_limits = head_limits
+        self.received = 0  # client bytes read so far
         self.protocol: Protocol | None = Protocol.HTTP if http else None
         self._mode = _Mode.HTTP if http else _Mode.SNIFF
         self._pending = bytearray()  # client bytes not released yet
@@ -126,8 +149,24 @@ class TunnelInspector:
         """Nothing more to inspect and nothing held: the caller may relay both directions without the inspector."""
         return self._mode is _Mode.DONE and not self._pending
 
+    @property
+    def held(self) -> int:
+        """Client bytes held: those of a message not complete yet."""
+        return len(self._pending)
+
+    def held_shape(self) -> Held:
+        """What the bytes held look like (`Held`)."""
+        if not self._pending:
+            return Held.NOTHING
+        if self._mode is _Mode.TLS:
+            return Held.PARTIAL_TLS_CLIENT_HELLO
+        if self._mode is _Mode.HTTP and self._body is not _Body.HEAD:
+            return Held.PARTIAL_CHUNK_LINE
+        return Held.PARTIAL_HTTP_REQUEST  # an HTTP head, or a start that may still become a request line (SNIFF)
+
     # ---- client -> server -----------------------------------------------------------------------------------
     def client_data(self, data: bytes) -> Inspection:
+        self.received += len(data)
         if self._mode is _Mode.DONE:
             return self._release_all(data)
         self._pending += data

@@ -72,7 +72,7 @@ def test_trail_lines_are_what_the_otlp_exporters_send(tmp_path: Path) -> None:
     tunnel.set(server_address="api.stripe.com", server_port=443, network_peer_address="93.184.216.34")
     tunnel.event("decided", duration_s=0.00012)
     tunnel.decided(facts(destination_ip="93.184.216.34"), allow())
-    tunnel.set(tls=True, tls_client_server_name="api.stripe.com", tls_alpn="h2,http/1.1")
+    tunnel.set(tls=True, tls_client_server_name="api.stripe.com", tls_alpn=("h2", "http/1.1"), tls_ech=False)
     tunnel.event("client_hello", odd='é ✓ "quoted" \n\x00', ratio=0.5, big=-(2**63), flag=False)
     tunnel.decided(facts(sni="api.stripe.com", destination_ip="93.184.216.34"), allow())
     tunnel.event("upstream_connected")
@@ -101,6 +101,11 @@ def test_trail_lines_are_what_the_otlp_exporters_send(tmp_path: Path) -> None:
     assert [list(line) for line in lines] == [list(obj) for obj in reference]  # the same member order too
     assert [line["name"] for line in lines] == ["egress CONNECT", "egress CONNECT", "egress GET", "egress CONNECT"]
     assert lines[1]["status"] == {"code": 2, "message": "no rule allows this destination"}
+    tunnel_attributes = {a["key"]: a["value"] for a in lines[0]["attributes"]}
+    assert tunnel_attributes["egress.tls_alpn"] == {
+        "arrayValue": {"values": [{"stringValue": "h2"}, {"stringValue": "http/1.1"}]}
+    }
+    assert tunnel_attributes["egress.tls_ech"] == {"boolValue": False}
 
 
 def test_a_record_that_cannot_be_encoded_is_dropped_alone_and_counted(tmp_path: Path) -> None:

@@ -255,7 +255,9 @@ def test_slowloris_request_head_is_cut_at_the_client_request_timeout(env: Env) -
             break
     sock.close()
     assert closed_after is not None and closed_after < 3 + 3, closed_after  # client_request_s = 3, plus slack
-    env.gateway.wait_for("client_request_timeout", lambda e: e.get("client") == source)
+    line = env.gateway.wait_for("client_request_timeout", lambda e: e.get("client") == source)
+    assert line["received"] == "partial_http_request"
+    assert 0 < line["received_bytes"] <= len(b"CONNECT allowed.test:443 HTTP/1.1\r\nX-Slow: ") + 200
     env.assert_still_serves()
 
 

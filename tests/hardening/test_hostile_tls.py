@@ -16,6 +16,7 @@ import pytest
 from tests.hardening.conftest import Env, accepted_after
 from tests.hardening.tlsbytes import crafted_client_hello, handshake_with_first_flight, real_client_hello, refragment
 from tests.proxy.conftest import closed_by_peer, connect
+from tests.support.tls import handmade_client_hello
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +64,26 @@ def test_fragmented_client_hello_is_read_whole_and_allowed(env: Env, shape: str,
     assert tls.version() is not None
     sock.close()
     record = env.decision(source, "allowed_by_rule")
-    env.wait_decision(
+    hello = env.wait_decision(
         source,
         lambda e: e.get("tls.client.server_name") == "allowed.test",
     )
     assert record["egress.decision"] == "allow"
+    assert hello["egress.tls_ech"] is False  # OpenSSL in Python sends no encrypted_client_hello
     assert accepted_after(env.tls, before) == 1
     env.assert_still_serves()
+
+
+def test_alpn_is_recorded_as_an_escaped_array_and_ech_presence_is_recorded(env: Env) -> None:
+    source = env.fresh_source()
+    sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
+    sock.sendall(handmade_client_hello("allowed.test", [b"h2", b"evil\r\n\x1b[2J", b"a,b"], ech=True))
+    record = env.wait_decision(source, lambda e: e.get("tls.client.server_name") == "allowed.test")
+    sock.close()
+    assert record["egress.decision"] == "allow"
+    # One item per protocol id (a comma stays inside its id); control characters written as \xNN, never raw.
+    assert record["egress.tls_alpn"] == ["h2", "evil\\x0d\\x0a\\x1b[2J", "a,b"]
+    assert record["egress.tls_ech"] is True
 
 
 @pytest.mark.parametrize("size", [1, 16, 100])
@@ -170,7 +184,12 @@ def test_truncated_client_hello_then_silence_is_cut_at_the_hello_timeout(env: En
     assert closed_by_peer(sock, timeout=10)
     assert time.monotonic() - started < 3 + 3  # client_hello_s = 3
     sock.close()
-    env.decision(source, "client_timeout")
+    record = env.decision(source, "client_timeout")
+    # The record tells a partial ClientHello from a silent client.
+    assert record["egress.timeout"] == "client_hello"
+    assert record["egress.timeout.received_bytes"] == len(hello) // 2
+    assert record["egress.timeout.received"] == "partial_tls_client_hello"
+    assert f"sent {len(hello) // 2} bytes, a TLS ClientHello that is not complete" in record["egress.message"]
     assert accepted_after(env.tls, before) == 0
     env.assert_still_serves()
 
@@ -180,7 +199,10 @@ def test_silent_tunnel_is_cut_at_the_hello_timeout(env: Env) -> None:
     sock = _tunnel(env, f"allowed.test:{env.tls.port}", source)
     assert closed_by_peer(sock, timeout=10)
     sock.close()
-    env.decision(source, "client_timeout")
+    record = env.decision(source, "client_timeout")
+    assert record["egress.timeout.received_bytes"] == 0
+    assert record["egress.timeout.received"] == "nothing"
+    assert "the client sent no data within" in record["egress.message"]
 
 
 def test_oversized_client_hello_is_refused(env: Env) -> None:

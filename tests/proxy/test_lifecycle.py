@@ -154,6 +154,20 @@ def test_silent_client_is_closed_after_the_request_timeout(make_gateway: Callabl
     gateway = make_gateway(base_config(timeouts={"client_request_s": 0.5}), {"shop.yaml": policy("api.test")})
     sock = socket.create_connection(("127.0.0.1", gateway.proxy_port), source_address=("127.0.0.2", 0))
     assert closed_by_peer(sock, timeout=5)
+    line = gateway.wait_for("client_request_timeout")
+    assert line["received_bytes"] == 0 and line["received"] == "nothing"
+
+
+def test_a_partial_plain_http_head_is_logged_as_such_at_the_request_timeout(
+    make_gateway: Callable[..., GatewayProcess],
+) -> None:
+    gateway = make_gateway(base_config(timeouts={"client_request_s": 0.5}), {"shop.yaml": policy("api.test")})
+    partial = b"GET http://api.test/ HTTP/1.1\r\nHost: api.te"
+    with socket.create_connection(("127.0.0.1", gateway.proxy_port), source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(partial)
+        assert closed_by_peer(sock, timeout=5)
+    line = gateway.wait_for("client_request_timeout")
+    assert line["received_bytes"] == len(partial) and line["received"] == "partial_http_request"
 
 
 # ---- DNS -----------------------------------------------------------------------------------------------------------

@@ -106,3 +106,24 @@ class TestCA:
             )
         )
         return LeafFiles(cert_path, key_path)
+
+
+def handmade_client_hello(server_name: str, alpn: list[bytes] | None = None, *, ech: bool = False) -> bytes:
+    """A minimal TLS ClientHello record, byte by byte: `server_name`, the ALPN protocol ids as given (any bytes), and
+    an encrypted_client_hello extension (0xfe0d, an outer one with a dummy payload) when `ech`."""
+
+    def extension(kind: int, body: bytes) -> bytes:
+        return kind.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+    name = server_name.encode("ascii")
+    entry = b"\x00" + len(name).to_bytes(2, "big") + name
+    extensions = extension(0x0000, len(entry).to_bytes(2, "big") + entry)
+    if alpn is not None:
+        ids = b"".join(len(p).to_bytes(1, "big") + p for p in alpn)
+        extensions += extension(0x0010, len(ids).to_bytes(2, "big") + ids)
+    if ech:
+        extensions += extension(0xFE0D, b"\x00" + b"\x00\x01\x00\x01" + b"\x07" + b"\x00\x00" + b"\x00\x04ech!")
+    body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    body += len(extensions).to_bytes(2, "big") + extensions
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake

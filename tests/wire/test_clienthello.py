@@ -19,6 +19,7 @@ from egress_gateway.wire.clienthello import (
 )
 from egress_gateway.wire.heads import HeadLimits
 from egress_gateway.wire.inspection import TunnelInspector
+from tests.support.tls import handmade_client_hello
 
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
@@ -226,3 +227,21 @@ def test_random_splits_agree_with_the_one_shot_parse() -> None:
             cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(4)))
             pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
             assert incremental(pieces) == expected, (data, cuts)
+
+
+def test_alpn_ids_are_kept_in_order_and_escaped_losslessly() -> None:
+    hello = handmade_client_hello("api.example.com", [b"h2", b"a,b", b"x\x01\x1b[31m", b"\xff\\"])
+    parsed = parse_client_hello(hello)
+    assert parsed is not None
+    # a comma stays inside its id; control characters, non-ASCII bytes and the backslash are written as \xNN
+    assert parsed.alpn == ("h2", "a,b", "x\\x01\\x1b[31m", "\\xff\\x5c")
+    assert all(protocol.isprintable() for protocol in parsed.alpn)
+
+
+def test_ech_presence_is_parsed() -> None:
+    with_ech = parse_client_hello(handmade_client_hello("public.example.com", [b"h2"], ech=True))
+    without = parse_client_hello(handmade_client_hello("public.example.com", [b"h2"]))
+    assert with_ech is not None and with_ech.ech and with_ech.sni == "public.example.com"
+    assert without is not None and not without.ech
+    real = parse_client_hello(client_hello("api.example.com"))  # Python's OpenSSL sends no ECH
+    assert real is not None and not real.ech

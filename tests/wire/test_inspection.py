@@ -11,8 +11,8 @@ import pytest
 
 from egress_gateway.policy.model import Protocol
 from egress_gateway.wire.heads import HeadLimits
-from egress_gateway.wire.inspection import HELLO_RETRY_REQUEST_RANDOM, Inspection, TunnelInspector
-from tests.support.tls import TestCA
+from egress_gateway.wire.inspection import HELLO_RETRY_REQUEST_RANDOM, Held, Inspection, TunnelInspector
+from tests.support.tls import TestCA, handmade_client_hello
 
 
 def inspector() -> TunnelInspector:
@@ -197,3 +197,42 @@ def test_a_plain_http_stream_reports_every_head_and_the_bytes_of_an_oversized_on
 def test_a_plain_http_stream_of_garbage_is_a_problem_not_opaque_tcp() -> None:
     seen = TunnelInspector(HeadLimits(), http=True).client_data(b"\x00\x01garbage\r\n\r\n").seen
     assert [s.protocol for s in seen] == [Protocol.HTTP] and seen[0].problem is not None
+
+
+@pytest.mark.parametrize(
+    ("pieces", "http", "held", "shape"),
+    [
+        ([], False, 0, Held.NOTHING),
+        ([b"\x16"], False, 1, Held.PARTIAL_TLS_CLIENT_HELLO),
+        ([b"\x16\x03\x01\x00\x40", b"\x01\x00"], False, 7, Held.PARTIAL_TLS_CLIENT_HELLO),
+        ([b"GET / HT"], False, 8, Held.PARTIAL_HTTP_REQUEST),  # may still become a request line
+        ([b"GET / HTTP/1.1\r\nHost: a"], False, 23, Held.PARTIAL_HTTP_REQUEST),
+        ([b"GET http://a/ HTTP/1.1\r\nHo"], True, 26, Held.PARTIAL_HTTP_REQUEST),
+        (
+            [b"POST http://a/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", b"1"],
+            True,
+            1,
+            Held.PARTIAL_CHUNK_LINE,
+        ),
+        ([b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"], True, 0, Held.NOTHING),  # a whole head is released
+    ],
+)
+def test_what_the_inspector_holds_says_what_the_client_sent(
+    pieces: list[bytes], http: bool, held: int, shape: Held
+) -> None:
+    inspector = TunnelInspector(HeadLimits(), http=http)
+    for piece in pieces:
+        inspector.client_data(piece)
+    assert inspector.received == sum(len(p) for p in pieces)
+    assert inspector.held == held
+    assert inspector.held_shape() is shape
+
+
+def test_a_whole_client_hello_is_not_held() -> None:
+    inspector = TunnelInspector(HeadLimits())
+    hello = handmade_client_hello("a.example")
+    inspection = inspector.client_data(hello[:-1])
+    assert inspector.held_shape() is Held.PARTIAL_TLS_CLIENT_HELLO and not inspection.seen
+    inspection = inspector.client_data(hello[-1:])
+    assert inspection.seen and inspector.held == 0 and inspector.held_shape() is Held.NOTHING
+    assert inspector.received == len(hello)
