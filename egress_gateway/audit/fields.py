@@ -30,6 +30,7 @@ HTTP_METHOD = "http.request.method"
 HTTP_STATUS = "http.response.status_code"
 K8S_NAMESPACE = "k8s.namespace.name"
 K8S_POD = "k8s.pod.name"
+K8S_POD_UID = "k8s.pod.uid"
 K8S_POD_LABEL_PREFIX = "k8s.pod.label."
 K8S_NAMESPACE_LABEL_PREFIX = "k8s.namespace.label."
 
@@ -159,6 +160,8 @@ def identity_attributes(identity: Identity | None) -> dict[str, AttributeValue]:
     out: dict[str, AttributeValue] = {K8S_NAMESPACE: identity.namespace}
     if identity.pod:
         out[K8S_POD] = identity.pod
+    if identity.pod_uid:
+        out[K8S_POD_UID] = identity.pod_uid
     if identity.service_account:
         out[SERVICE_ACCOUNT] = identity.service_account
     # Bounded so a pod with hundreds of labels cannot push the core attributes out of the span.

@@ -191,6 +191,7 @@ class TokenIdentityResolver:
             pod=review.pod,
             namespace_labels=self.index.namespace_labels(namespace),
             service_account=review.service_account,
+            pod_uid=review.pod_uid if review.pod else None,
         )
 
     # ---------------------------------------------------------------- local checks

@@ -402,6 +402,7 @@ class WorkloadIndex:
             labels=record.labels,
             namespace_labels=self.namespace_labels(namespace),
             service_account=record.service_account,
+            pod_uid=record.uid or None,
         )
         self._identities[key] = identity
         return identity

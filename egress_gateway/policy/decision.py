@@ -61,6 +61,7 @@ class Identity:
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     namespace_labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     service_account: str | None = None
+    pod_uid: str | None = None  # metadata.uid of the pod (a pod name can be reused; its UID never is); not matched on
 
 
 @dataclass(frozen=True, slots=True)

@@ -755,6 +755,9 @@ class GatewayAddon:
                 shown = ", ".join(f"{k}: {old.get(k, '(none)')} -> {new.get(k, '(none)')}" for k in keys[:4])
                 more = f", {len(keys) - 4} more" if len(keys) > 4 else ""
                 changed.append(f"{what} ({shown}{more})")
+        if not changed and before.service_account == after.service_account and before.pod_uid != after.pod_uid:
+            recreated = f"{before.namespace}/{before.pod} was re-created (UID {before.pod_uid} -> {after.pod_uid})"
+            return f"the client's pod {recreated}, which denies this open tunnel"
         if not changed:
             accounts = f"{before.service_account} -> {after.service_account}"
             return f"the client's service account changed ({accounts}), which denies this open tunnel"

@@ -356,7 +356,9 @@ def test_a_deleted_pods_token_is_refused_at_once_when_the_index_saw_the_deletion
         try:
             assert await resolver.index.wait_ready(5)
             assert (await resolver.identify("10.5.0.1", f"Bearer {token}")).pod == "pay-1"  # type: ignore[union-attr]
-            assert (await resolver.identify("10.5.0.1", f"Bearer {token}")).pod == "pay-1"  # type: ignore[union-attr]
+            identity = await resolver.identify("10.5.0.1", f"Bearer {token}")
+            assert identity is not None and identity.pod == "pay-1"
+            assert identity.pod_uid == stored["metadata"]["uid"]  # a token identity carries the pod's UID too
             assert resolver.reviews_made == 1
             # The pod is deleted. TokenReview still says yes (kube-apiserver caches its verdicts for ~10 s, the
             # fake keeps the token): the index has seen the pod's UID go, which is enough.

@@ -204,6 +204,9 @@ def test_pod_ip_and_token_review_identity_with_the_charts_rbac(
     # pod IP: the address the pod's status carries
     result = curl(gateway, f"https://{target}/pod-ip", source=PAYMENTS_POD, ca=ca)
     assert result.exit_code == 0 and result.status == 200, result.stderr
+    pay_uid = pay["metadata"]["uid"]
+    line = gateway.wait_for("egress_decision", lambda e: e.get("k8s.pod.name") == "pay-1")
+    assert line["k8s.pod.uid"] == pay_uid  # the record names the pod unambiguously (a name can be reused)
     assert connect_status(gateway, target, source=ANALYTICS_POD) == 403  # a pod the policy does not select
 
     # TokenReview: a real bound token from the TokenRequest API identifies pay-1, from pay-1's address only
@@ -218,6 +221,8 @@ def test_pod_ip_and_token_review_identity_with_the_charts_rbac(
         ca=ca,
     )
     assert result.exit_code == 0 and result.status == 200, result.stderr
+    with_token = gateway.find("egress_decision", lambda e: e.get("egress.service_account") == "payments")
+    assert with_token and all(e["k8s.pod.uid"] == pay_uid for e in with_token)
     wrong_audience = cluster.token(ns, "payments", ["someone-else"], pod=pay)
     for credential in (token, wrong_audience, token[:-4] + "AAAA"):
         answer = connect(
