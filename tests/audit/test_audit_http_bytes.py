@@ -3,20 +3,25 @@
 A real gateway between a raw client socket and a raw origin socket, both counting every byte they exchange with it.
 The rule (docs/audit.md): `egress.bytes_sent` is the request as the gateway wrote it to the origin (head and body,
 chunked framing included), `egress.bytes_received` the response as the gateway wrote it to the client; for an
-upgraded connection the upgrade request and the 101 head, then every byte relayed both ways. The
-`egress_gateway_bytes_total` counter moves by the same figures.
+upgraded connection the upgrade request and the 101 head, then every byte relayed both ways; a git clone over plain
+HTTP sums its requests to what the origin read and wrote. The `egress_gateway_bytes_total` counter moves by the same
+figures.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ ORIGIN_IP = "127.0.0.41"
 WS_IP = "127.0.0.42"
 HOST = "bytes.test"
 WS_HOST = "ws-bytes.test"
+GIT_IP = "127.0.0.43"
+GIT_HOST = "git-bytes.test"
 
 
 def _read_body(conn: socket.socket, head: bytes, rest: bytes) -> bytes:
@@ -138,8 +145,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
     workdir = tmp_path_factory.mktemp("bytes")
     config: dict[str, Any] = {
         "default_action": "Allow",
-        "identity": {"mode": ["static"], "static": [{"cidr": f"{PAYMENTS_POD}/32", "namespace": "shop"}]},
-        "resolver": {"hosts": {HOST: [ORIGIN_IP], WS_HOST: [WS_IP]}},
+        "identity": {
+            "mode": ["static"],
+            "static": [
+                {"cidr": f"{PAYMENTS_POD}/32", "namespace": "shop"},
+                {"cidr": "127.0.0.1/32", "namespace": "build"},  # git cannot pick its source address
+            ],
+        },
+        "resolver": {"hosts": {HOST: [ORIGIN_IP], WS_HOST: [WS_IP], GIT_HOST: [GIT_IP]}},
         "allowed_ranges": ["127.0.0.0/8"],
         "audit": {"file": str(workdir / "audit.jsonl")},
     }
@@ -152,34 +165,34 @@ def _trail(gateway: GatewayProcess) -> Path:
     return Path(gateway.workdir.parent / "audit.jsonl")
 
 
+def _closed_records(gateway: GatewayProcess, host: str) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "egress_gateway", "audit", str(_trail(gateway)), "--host", host, "--output", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    return [r for r in records if "egress.bytes_sent" in r]
+
+
 def _record(gateway: GatewayProcess, method: str, host: str = HOST) -> dict[str, Any]:
     """The closed record of the (one) `method` request to `host`, read from the trail with the `audit` command."""
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        done = subprocess.run(
-            [sys.executable, "-m", "egress_gateway", "audit", str(_trail(gateway)), "--output", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-            check=False,
-        )
-        for line in done.stdout.splitlines():
-            record = json.loads(line)
-            if (
-                record.get("http.request.method") == method
-                and record.get("server.address") == host
-                and "egress.bytes_sent" in record
-            ):
+        for record in _closed_records(gateway, host):
+            if record.get("http.request.method") == method:
                 return dict(record)
         time.sleep(0.3)
     raise AssertionError(f"no closed record of {method} {host} in the trail")
 
 
-def _bytes_metric(gateway: GatewayProcess, direction: str) -> float:
+def _bytes_metric(gateway: GatewayProcess, direction: str, namespace: str = "shop") -> float:
     text = httpx.get(f"{gateway.admin_url}/metrics", timeout=5).text
     for line in text.splitlines():
-        labels = 'namespace="shop"' in line and f'direction="{direction}"' in line
+        labels = f'namespace="{namespace}"' in line and f'direction="{direction}"' in line
         if line.startswith("egress_gateway_bytes_total{") and labels:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -302,3 +315,98 @@ def test_a_websocket_counts_the_upgrade_and_every_frame(
     assert record["egress.bytes_received"] == received == ws_origin.written  # the 101 head and every frame
     assert _bytes_metric(gateway, "sent") - sent_before == ws_origin.read
     assert _bytes_metric(gateway, "received") - received_before == received
+
+
+class _Counted(io.RawIOBase):
+    """A socket file that counts what passes through it."""
+
+    def __init__(self, inner: Any, counter: list[int]) -> None:
+        self.inner, self.counter = inner, counter
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read1(len(buffer)) if hasattr(self.inner, "read1") else self.inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self.counter[0] += len(data)
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.counter[1] += len(data)
+        return int(self.inner.write(data))
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+class GitOrigin(ThreadingHTTPServer):
+    """A static file server (git's dumb HTTP protocol) over a bare repository, counting the bytes of every exchange:
+    [read, written]."""
+
+    daemon_threads = True
+
+    def __init__(self, host: str, root: Path) -> None:
+        counted = self.counted = [0, 0]
+        self.paths: list[str] = []
+
+        class Handler(SimpleHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile = io.BufferedReader(_Counted(self.rfile, counted))
+                self.wfile = _Counted(self.wfile, counted)  # type: ignore[assignment]
+
+            def log_message(self, format: str, *args: Any) -> None:
+                server.paths.append(self.path)
+
+        server = self
+        super().__init__((host, 0), Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def _git(*args: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_git_clone_over_plain_http_counts_every_request(gateway: GatewayProcess, tmp_path: Path) -> None:
+    work, bare = tmp_path / "work", tmp_path / "repo.git"
+    work.mkdir()
+    env = {**os.environ, "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "HOME": str(tmp_path)}
+    _git("init", "-q", "-b", "main", cwd=work, env=env)
+    (work / "blob.bin").write_bytes(os.urandom(300_000))
+    (work / "README").write_text("counted\n")
+    _git("add", ".", cwd=work, env=env)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one", cwd=work, env=env)
+    _git("clone", "-q", "--bare", str(work), str(bare), cwd=tmp_path, env=env)
+    _git("update-server-info", cwd=bare, env=env)
+    origin = GitOrigin(GIT_IP, tmp_path)
+    before = _bytes_metric(gateway, "received", "build"), _bytes_metric(gateway, "sent", "build")
+    try:
+        proxied = {**env, "http_proxy": gateway.proxy_url, "GIT_TERMINAL_PROMPT": "0"}
+        _git("clone", "-q", f"http://{GIT_HOST}:{origin.server_port}/repo.git", "clone", cwd=tmp_path, env=proxied)
+        assert (tmp_path / "clone" / "blob.bin").read_bytes() == (work / "blob.bin").read_bytes()
+        deadline = time.monotonic() + 15
+        records: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            records = _closed_records(gateway, GIT_HOST)
+            if len(records) >= len(origin.paths):
+                break
+            time.sleep(0.3)
+    finally:
+        origin.shutdown()
+        origin.server_close()
+    assert len(records) == len(origin.paths) >= 3  # info/refs, HEAD, objects...
+    read, written = origin.counted
+    assert sum(r["egress.bytes_sent"] for r in records) == read
+    assert sum(r["egress.bytes_received"] for r in records) == written > 300_000
+    assert _bytes_metric(gateway, "received", "build") - before[0] == written
+    assert _bytes_metric(gateway, "sent", "build") - before[1] == read
