@@ -1,11 +1,10 @@
-"""The checks that enforce decisions, as mitmproxy hooks and as plain methods the tunnel listener calls.
+"""The checks that enforce decisions, as plain methods the sessions call and as mitmproxy hooks for plain HTTP.
 
 Owns the per-connection state (`ClientState`, `Tunnel`), the request-head checks (`read_head`), the CONNECT decision
 (`open_tunnel`), the checks of what a tunnel carries (`start_tunnel` for its first bytes, `tunnel_bytes` for every
-client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), the tunnel
-layer choice for connections mitmproxy serves (`next_layer`), IP pinning (`server_connect` dials only an address the
-gate approved), the client timers (request, ClientHello, connect) and revocation of open tunnels after a policy
-change or a change of the clients' labels.
+client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), IP pinning
+for plain HTTP (`server_connect` dials only an address the gate approved), the client timers (request, ClientHello,
+connect) and revocation of open tunnels after a policy change or a change of the clients' labels.
 TLS is never terminated. Imports mitmproxy, the gate, the recorder contract and the decision types; never the
 policy sources.
 """
@@ -22,7 +21,7 @@ import structlog
 from mitmproxy import http, tcp
 from mitmproxy.net.http import http1, url
 from mitmproxy.net.http.validate import validate_headers
-from mitmproxy.proxy import events, layer, server_hooks
+from mitmproxy.proxy import layer, server_hooks
 from mitmproxy.proxy.layers import HttpLayer
 from mitmproxy.proxy.layers.http import HTTPMode
 
@@ -32,7 +31,6 @@ from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
 from egress_gateway.proxy.http_bytes import ExchangeBytes
-from egress_gateway.proxy.layers import PassthroughLayer
 from egress_gateway.proxy.limits import NamespaceRateLimiter
 from egress_gateway.proxy.transparent import Transparent
 from egress_gateway.wire.heads import (
@@ -73,8 +71,6 @@ class Tunnel:
     hellos: int = 0  # ClientHellos checked
     first_sni: str | None = None  # of the first ClientHello; a later one (after a HelloRetryRequest) must repeat it
     ready: bytearray = field(default_factory=bytearray)  # checked client bytes waiting for the upstream connection
-    fed: int = 0  # mitmproxy's path: how many of the client's first bytes went through the inspector
-    fed_events: int = 0  # mitmproxy's path: how many of `NextLayer.events` were read
     closed_reason: Reason | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -181,43 +177,12 @@ class GatewayAddon:
 
     # ---- which protocol layer comes next --------------------------------------------------------------------
     def choose_layer(self, nextlayer: layer.NextLayer) -> None:
-        if nextlayer.layer is not None:
-            return
-        context = nextlayer.context
-        if len(context.layers) <= 1:
-            # A plain-HTTP session (TLS to the proxy itself was closed by the session): its request heads are checked
-            # by the session's inspector (`plain_http_refusal`) before mitmproxy reads them.
-            nextlayer.layer = HttpLayer(context, HTTPMode.regular)
-            return
-        state = self._state(context.client.id)
-        if state is None:
-            return  # the session is gone
-        tunnel = state.tunnel
-        if tunnel is None:
-            state.owner.abort()
-            return
-        # Only the events since the last call: `data_client()` joins them all each time (quadratic for a dribbler).
-        fresh = nextlayer.events[tunnel.fed_events :]
-        tunnel.fed_events = len(nextlayer.events)
-        data = b"".join(e.data for e in fresh if isinstance(e, events.DataReceived) and e.connection is context.client)
-        tunnel.fed += len(data)
-        opened = self.start_tunnel(tunnel, data)
-        if opened is None:
-            return  # wait for the rest of the ClientHello
-        if not opened or tunnel.verdict.address is None:
-            state.owner.abort()  # the session closes its connection; nothing was sent upstream
-            return
-        context.server.address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
-        ready = bytes(tunnel.ready)
-        tunnel.ready.clear()
-        nextlayer.layer = PassthroughLayer(
-            context,
-            tunnel,
-            inspect=lambda chunk: self.tunnel_bytes(tunnel, chunk),
-            inspector=tunnel.inspector,
-            already_read=tunnel.fed,
-            ready=ready,
-        )
+        """mitmproxy's first layer of a plain-HTTP session: its HTTP/1 layer (the session checks every request head
+        before mitmproxy reads it). A CONNECT never reaches mitmproxy: the session takes the connection back."""
+        if nextlayer.layer is None and len(nextlayer.context.layers) <= 1:
+            nextlayer.layer = HttpLayer(nextlayer.context, HTTPMode.regular)
+        elif nextlayer.layer is None and (state := self._state(nextlayer.context.client.id)) is not None:
+            state.owner.abort()  # not expected: fail closed
 
     def start_tunnel(self, tunnel: Tunnel, data: bytes) -> bool | None:
         """Check a tunnel's first client bytes (`data`: the bytes that arrived since the last call). True: the
@@ -392,14 +357,6 @@ class GatewayAddon:
         state.request_seen = True
         _cancel(state.request_timer)
         return state
-
-    async def http_connect(self, flow: http.HTTPFlow) -> None:
-        state = self._request_arrived(flow)
-        if state is None:
-            return
-        refusal = await self.open_tunnel(state, flow.request)
-        if refusal is not None:
-            flow.response = refusal
 
     async def open_tunnel(self, state: ClientState, request: http.Request) -> http.Response | None:
         """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (its ClientHello timer runs) and None is
@@ -612,11 +569,7 @@ class GatewayAddon:
         if state is None or address is None:
             return None
         host, port = address[0], address[1]
-        tunnel = state.tunnel
-        if tunnel is not None:
-            approved = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
-            return approved if tunnel.opened and (host, port) == approved else None
-        pinned = state.pins.get((host, port))
+        pinned = state.pins.get((host, port)) if state.tunnel is None else None  # an upgraded one never dials again
         return (pinned, port) if pinned is not None else None
 
     def _connect_timeout(self, server_id: str, task: asyncio.Task[Any]) -> None:
@@ -626,25 +579,15 @@ class GatewayAddon:
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         _cancel(self._connect_timers.pop(data.server.id, None))
-        tunnel = self._tunnel_of(data.client.id)
-        if tunnel is not None:
-            tunnel.record.event("upstream_connected")
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         _cancel(self._connect_timers.pop(data.server.id, None))
         timed_out = data.server.id in self._timed_out
         self._timed_out.discard(data.server.id)
-        tunnel = self._tunnel_of(data.client.id)
-        if data.server.address is None:
-            return
-        host, port = data.server.address[0], data.server.address[1]
-        decision = self._upstream_failure(host, port, timed_out, data.server.error)
-        if tunnel is None:  # plain HTTP: recorded by `error`, answered by `upstream_error_response`
-            state = self._state(data.client.id)
-            if state is not None:
-                state.upstream_failure = decision
-            return
-        self.tunnel_upstream_failed(tunnel, decision)
+        state = self._state(data.client.id)
+        if data.server.address is not None and state is not None:  # recorded by `error`, answered by the session
+            host, port = data.server.address[0], data.server.address[1]
+            state.upstream_failure = self._upstream_failure(host, port, timed_out, data.server.error)
 
     def _upstream_failure(self, host: str, port: int, timed_out: bool, error: str | None) -> Decision:
         if timed_out:
@@ -653,18 +596,11 @@ class GatewayAddon:
             )
         return adapter_denial(Reason.CONNECTION_REFUSED, f"cannot connect to {host}:{port}: {error}")
 
-    def tunnel_upstream_failed(self, tunnel: Tunnel, decision: Decision) -> None:
-        if not tunnel.opened:
-            return
+    def tunnel_connect_failed(self, tunnel: Tunnel, timed_out: bool, error: str) -> None:
+        """The session could not reach the tunnel's pinned address."""
+        decision = self._upstream_failure(str(tunnel.verdict.address), tunnel.verdict.facts.port, timed_out, error)
         tunnel.closed_reason = decision.reason
         tunnel.record.decided(tunnel.verdict.facts, decision)
-
-    def tunnel_connect_failed(self, tunnel: Tunnel, timed_out: bool, error: str) -> None:
-        """The tunnel listener could not reach the tunnel's pinned address."""
-        address = tunnel.verdict.address
-        self.tunnel_upstream_failed(
-            tunnel, self._upstream_failure(str(address), tunnel.verdict.facts.port, timed_out, error)
-        )
 
     def upstream_error_response(self, client_id: str) -> bytes | None:
         """For plain HTTP: our answer (502/504 with Proxy-Status) to a failed upstream connect, else None."""

@@ -29,6 +29,7 @@ from mitmproxy.proxy.server import LiveConnectionHandler
 
 from egress_gateway.proxy.addon import GatewayAddon
 from egress_gateway.proxy.listener import Listener, dials_itself
+from egress_gateway.proxy.session import Session
 from egress_gateway.proxy.transparent import Transparent
 
 log = structlog.get_logger("egress_gateway.proxy")
@@ -80,18 +81,18 @@ class HttpEngineConnection(LiveConnectionHandler):
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         opts: options.Options,
-        session_id: str,
+        session: Session,
         hooks: Mapping[str, Hook],
         engine_ids: dict[str, str],
     ) -> None:
         super().__init__(reader, writer, opts, _REGULAR)
-        self.session_id = session_id
+        self.session = session
         self.hooks = hooks
         self.engine_ids = engine_ids
 
     async def serve(self) -> None:
         """Serve until the client leaves; meanwhile hooks carrying this client find its session."""
-        self.engine_ids[self.client.id] = self.session_id
+        self.engine_ids[self.client.id] = self.session.id
         try:
             await self.handle_client()
         finally:
@@ -107,6 +108,8 @@ class HttpEngineConnection(LiveConnectionHandler):
                 await result
         except Exception:  # a bug costs this request, and is visible; mitmproxy's layers go on
             log.exception("hook_failed", hook=hook.name)
+        if hook.name in ("response", "error"):
+            self.session.engine_answered()
 
 
 def gateway_hooks(
@@ -131,7 +134,6 @@ def gateway_hooks(
 
     return {
         "next_layer": addon.choose_layer,
-        "http_connect": addon.http_connect,
         "requestheaders": addon.requestheaders,
         "responseheaders": addon.responseheaders,
         "response": addon.response,
@@ -182,8 +184,8 @@ class EmbeddedProxy:
 
         hooks = gateway_hooks(addon, own_address, answer)
 
-        def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session_id: str) -> Awaitable[None]:
-            return HttpEngineConnection(reader, writer, opts, session_id, hooks, addon.engine_ids).serve()
+        def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session) -> Awaitable[None]:
+            return HttpEngineConnection(reader, writer, opts, session, hooks, addon.engine_ids).serve()
 
         self.listener = Listener(addon, serve_http, self.idle_timeout_s, own_address)
         await self.listener.start(sock)

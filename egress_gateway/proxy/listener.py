@@ -17,8 +17,8 @@ from egress_gateway.proxy.addon import GatewayAddon
 from egress_gateway.proxy.session import Session
 from egress_gateway.proxy.transparent import Transparent
 
-# Serves a non-CONNECT connection (mitmproxy's HTTP engine): reader, writer, the session's id.
-HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], Awaitable[None]]
+# Serves a non-CONNECT connection (mitmproxy's HTTP engine): reader, writer, the session.
+HandOver = Callable[[asyncio.StreamReader, asyncio.StreamWriter, Session], Awaitable[None]]
 
 
 def dials_itself(address: tuple[str, int], own_address: tuple[str, int]) -> bool:

@@ -62,7 +62,12 @@ class Session(asyncio.Protocol):
         self.last_activity = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
         self._on_data: Callable[[bytes], None] = self._sniff
-        self.plain: TunnelInspector | None = None  # plain HTTP: the request-head checks before mitmproxy reads
+        # Plain HTTP: the request-head checks before mitmproxy reads; mitmproxy's side of the socket; how many
+        # released requests still wait for mitmproxy's response.
+        self.plain: TunnelInspector | None = None
+        self.engine: EngineTransport | None = None
+        self.engine_stream: _PlainHttpStream | None = None
+        self.answers_due = 0
         # Transparent mode: the inspector that reads the first message (it becomes the tunnel's), what it released.
         self.first: TunnelInspector | None = None
         self.first_release = bytearray()
@@ -285,7 +290,8 @@ class Session(asyncio.Protocol):
     def _hand_over(self) -> None:
         """Not a CONNECT: mitmproxy's HTTP engine serves the requests. The connection stays this object's:
         registered, admitted and timed as before, closed by `abort` like any other; its client bytes still arrive
-        here first (`plain_bytes`), so every request head is checked before mitmproxy parses it."""
+        here first (`plain_bytes`), so every request head is checked before mitmproxy parses it, and mitmproxy
+        writes through `EngineTransport`, which the session can detach (`_take_back`)."""
         transport = self.transport
         if transport is None:
             return
@@ -295,36 +301,72 @@ class Session(asyncio.Protocol):
         self.closed = True  # no more protocol callbacks here: the stream protocol below gets them
         self.plain = TunnelInspector(self.addon.head_limits, http=True)
         reader = asyncio.StreamReader(loop=self.loop)
-        protocol = _PlainHttpStream(self, reader, self.loop)
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        self.engine = EngineTransport(transport)
+        self.engine_stream = _PlainHttpStream(self, reader, self.loop)
+        transport.set_protocol(self.engine_stream)
+        self.engine_stream.connection_made(self.engine)
         early = bytes(self.buffer)
         self.buffer.clear()
-        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        writer = asyncio.StreamWriter(self.engine, self.engine_stream, reader, self.loop)
         self.listener.spawn(self._serve_http(reader, writer))
-        protocol.data_received(early)
+        self.engine_stream.data_received(early)
 
     def plain_bytes(self, data: bytes) -> bytes | None:
         """Plain-HTTP client bytes through the session's inspector: what mitmproxy may read now, or None: a request
-        head was refused (answered, recorded, closing)."""
+        head was refused (answered, recorded, closing). At a CONNECT the session takes the connection back: the
+        requests before it go to mitmproxy, the CONNECT and what follows wait here until their responses are out."""
+        if self.engine is not None and self.engine.held:
+            self._hold(data)
+            return b""
         inspector = self.plain
-        if inspector is None or inspector.done:  # after an upgrade or a CONNECT: the tunnel's own checks apply
+        if inspector is None or inspector.done:  # after an upgrade: the tunnel's own checks apply
             return data
         inspection = inspector.client_data(data)
         for seen in inspection.seen:
+            if seen.request is not None and seen.request.method == "CONNECT" and self.engine is not None:
+                self.engine.held = True
+                self._hold(inspection.release[seen.at :])
+                if not self.answers_due:
+                    self.loop.call_soon(self._take_back)
+                return inspection.release[: seen.at]
             refusal = self.addon.plain_http_refusal(self.id, seen)
             if refusal is not None:
                 self.answer_and_close(refusal)
                 return None
+            if seen.request is not None:
+                self.answers_due += 1
         return inspection.release
+
+    def engine_answered(self) -> None:
+        """mitmproxy's `response` (or `error`) hook for one of this session's requests has run. Its end of message
+        is written when the hook returns (the hook blocks mitmproxy's HTTP layer), before this call_soon runs."""
+        self.answers_due = max(0, self.answers_due - 1)
+        if not self.answers_due and self.engine is not None and self.engine.held:
+            self.loop.call_soon(self._take_back)
+
+    def _take_back(self) -> None:
+        """A CONNECT after plain HTTP, every earlier response written: mitmproxy's handler sees its client leave
+        (and ends, closing its upstream) while the socket stays open; the CONNECT goes the way of any CONNECT."""
+        transport, engine, stream = self.transport, self.engine, self.engine_stream
+        if transport is None or engine is None or stream is None or engine.detached or transport.is_closing():
+            return
+        engine.detached = True
+        stream.connection_lost(None)  # EOF for mitmproxy's reader, and its pending drains end
+        self.plain = None
+        self.closed = False
+        transport.set_protocol(self)
+        self._on_data = self._read_head
+        transport.resume_reading()
+        self._read_head(b"")
 
     async def _serve_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await self.listener.hand_over(reader, writer, self.id)
+            await self.listener.hand_over(reader, writer, self)
         finally:
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.close()
-            self.addon.client_gone(self.id)
+            if self.engine is None or not self.engine.detached:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.close()
+                self.addon.client_gone(self.id)
 
     def held_input(self) -> tuple[int, Held]:
         """The client bytes of a request (or first message) not complete yet: what the request timeout records."""
@@ -410,6 +452,54 @@ class _PlainHttpStream(asyncio.StreamReaderProtocol):
             return
         if released:
             super().data_received(released)
+
+
+class EngineTransport(asyncio.Transport):
+    """The session's socket as mitmproxy's HTTP engine sees it: writes and closes pass through until the session
+    takes the connection back for a CONNECT (`detached`); while a CONNECT waits (`held`) the session alone decides
+    when the socket is read."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.held = False
+        self.detached = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.detached:
+            self.transport.write(data)
+
+    def can_write_eof(self) -> bool:
+        return self.transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        if not self.detached:
+            self.transport.write_eof()
+
+    def is_closing(self) -> bool:
+        return self.detached or self.transport.is_closing()
+
+    def close(self) -> None:
+        if not self.detached:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if not self.detached:
+            self.transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def pause_reading(self) -> None:
+        if not self.detached:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not (self.held or self.detached):
+            self.transport.resume_reading()
 
 
 class UpstreamConnection(asyncio.Protocol):

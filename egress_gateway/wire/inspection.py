@@ -73,6 +73,7 @@ class Seen:
     request: http.Request | None = None
     problem: str | None = None  # malformed or over-limit input: deny as a bad request
     head: bytes | None = None  # with a request-head problem: the head's bytes so far
+    at: int = 0  # HTTP: where the request head starts in the `release` of the inspection that reports it
 
 
 @dataclass(slots=True)
@@ -381,6 +382,7 @@ class TunnelInspector:
         if malformed is not None or request is None:
             self._problem(out, Protocol.HTTP, f"malformed HTTP request in the tunnel: {malformed}", data)
             return False
+        at = self._scan
         self._scan += head_length(data) or len(data)
         if (
             request.http_version not in ("HTTP/1.0", "HTTP/1.1")
@@ -388,11 +390,11 @@ class TunnelInspector:
             or ("upgrade" in request.headers)
         ):
             # HTTP/2 prior knowledge, a tunnel in the tunnel, an upgrade: what follows is opaque to the gateway.
-            out.seen.append(Seen(Protocol.HTTP, request=request))
+            out.seen.append(Seen(Protocol.HTTP, request=request, at=at))
             out.seen.append(Seen(Protocol.TCP))
             self._mode = _Mode.DONE
             return False
-        out.seen.append(Seen(Protocol.HTTP, request=request))
+        out.seen.append(Seen(Protocol.HTTP, request=request, at=at))
         if size is None:
             self._body = _Body.CHUNK_SIZE
         elif size > 0:

@@ -1,5 +1,6 @@
-"""What a CONNECT tunnel carries is checked, on both transports (the listener's tunnels and mitmproxy's
-PassthroughLayer for a CONNECT after plain HTTP): issue 12, classes 1, 2, 3, 8 and 12 (docs/security.md).
+"""What a CONNECT tunnel carries is checked, whichever way the tunnel starts (a CONNECT that opens the connection,
+or one after plain HTTP that the session takes back from mitmproxy): issue 12, classes 1, 2, 3, 8 and 12
+(docs/security.md).
 
 - a ClientHello is recognised by its handshake layer, whatever its record-layer version (class 1);
 - every ClientHello before the handshake turns encrypted is checked: the one answering a HelloRetryRequest from a
@@ -36,8 +37,8 @@ HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e
 
 
 def open_tunnel(env: Env, authority: str, source: str, path: str) -> socket.socket:
-    """An established tunnel. `mitmproxy`: the connection first carries a plain-HTTP request, so mitmproxy serves
-    it and the CONNECT goes through its `http_connect`/`next_layer` hooks and `PassthroughLayer`."""
+    """An established tunnel. `mitmproxy`: the connection first carries a plain-HTTP request, which mitmproxy
+    serves; the session takes the connection back for the CONNECT."""
     if path == "listener":
         answer = connect(env.gateway.proxy_port, authority, source=source)
         assert answer.status == 200, answer.body

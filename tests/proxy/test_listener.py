@@ -1,7 +1,7 @@
 """The tunnel listener (egress_gateway/proxy/listener.py) through real sockets: what only it must get right.
 
-CONNECT tunnels are served by the listener, everything else by mitmproxy; these tests cover the seams: a CONNECT
-split at any byte, a CONNECT that follows a plain-HTTP request on a kept-alive connection (mitmproxy's path), TCP
+CONNECT tunnels are served by the session, plain HTTP by mitmproxy; these tests cover the seams: a CONNECT split at
+any byte, a CONNECT that follows a plain-HTTP request on a kept-alive connection (taken back from mitmproxy), TCP
 half-close in both directions, flow control towards a destination that stops reading, and a tunnel into the
 gateway itself.
 """

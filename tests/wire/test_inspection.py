@@ -236,3 +236,21 @@ def test_a_whole_client_hello_is_not_held() -> None:
     inspection = inspector.client_data(hello[-1:])
     assert inspection.seen and inspector.held == 0 and inspector.held_shape() is Held.NOTHING
     assert inspector.received == len(hello)
+
+
+@pytest.mark.parametrize("held", [b"", b"GET http://a.test/one HTTP/1.1\r\nHost: a"])
+def test_a_request_head_says_where_it_starts_in_the_release_that_reports_it(held: bytes) -> None:
+    """`Seen.at`: the session hands mitmproxy the bytes before a CONNECT and keeps the CONNECT and what follows."""
+    first = b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello"
+    plain = TunnelInspector(HeadLimits(), http=True)
+    assert plain.client_data(first).release == first
+    rest = b".test\r\n\r\n" if held else b""
+    connect = b"CONNECT b.test:443 HTTP/1.1\r\nHost: b.test\r\n\r\n"
+    assert plain.client_data(held).release == b""  # an incomplete head is held
+    inspection = plain.client_data(rest + connect + b"\x16\x03\x01tls")
+    heads = [s for s in inspection.seen if s.request is not None]
+    assert [s.request.method for s in heads if s.request is not None] == (["GET", "CONNECT"] if held else ["CONNECT"])
+    assert [inspection.release[s.at :].split(b" ", 1)[0] for s in heads] == [
+        s.request.method.encode() for s in heads if s.request
+    ]
+    assert inspection.release[heads[-1].at :] == connect + b"\x16\x03\x01tls"
