@@ -140,7 +140,6 @@ class Gateway:
                 client_request_s=settings.timeouts.client_request_s,
             ),
             settings.limits.max_connections,
-            self.proxy.close_client,
             rate=NamespaceRateLimiter(settings.limits.namespace_rate.per_second, settings.limits.namespace_rate.burst),
             head_limits=HeadLimits(
                 max_request_line_bytes=settings.limits.max_request_line_bytes,

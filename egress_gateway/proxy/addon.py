@@ -12,6 +12,7 @@ policy sources.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -119,7 +120,6 @@ class GatewayAddon:
         recorder: Recorder,
         timeouts: Timeouts,
         max_connections: int,
-        close_client: Callable[[str], bool],
         log: Any = None,
         rate: NamespaceRateLimiter | None = None,
         head_limits: HeadLimits | None = None,
@@ -130,16 +130,17 @@ class GatewayAddon:
         self.timeouts = timeouts
         self.admission = Admission(gate, max_connections, namespace_connections, rate)
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
-        self.close_client = close_client
         self.log = log or structlog.get_logger("egress_gateway.proxy")
         self.clients: dict[str, ClientState] = {}  # session id -> state
         self.engine_ids: dict[str, str] = {}  # mitmproxy's id of a session's client connection -> session id
         self._connect_timers: dict[str, asyncio.TimerHandle] = {}
         self._timed_out: set[str] = set()
+        self._ids = itertools.count(1)
 
     # ---- connection lifecycle ------------------------------------------------------------------------------
-    def open_client(self, client_id: str, host: str, port: int, owner: Owner) -> ClientState:
-        """A new client connection (its session, at accept): registration, admission and request timer."""
+    def open_client(self, host: str, port: int, owner: Owner) -> ClientState:
+        """A new client connection (its session, at accept): its id, registration, admission and request timer."""
+        client_id = f"conn-{next(self._ids)}"
         state = ClientState(client_id, host, port, owner)
         # Over a limit: read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels
         # already open are untouched. The request timer below bounds how long such a connection may stay.
@@ -149,6 +150,13 @@ class GatewayAddon:
         )
         self.clients[client_id] = state
         return state
+
+    def close_client(self, client_id: str) -> bool:
+        """Close one client connection now (revocation, timers, drain). False if it is already gone."""
+        state = self.clients.get(client_id)
+        if state is not None:
+            state.owner.abort()
+        return state is not None
 
     def client_gone(self, client_id: str) -> None:
         """The client connection closed: release its slot, stop its timers, close its tunnel's record."""
@@ -557,6 +565,9 @@ class GatewayAddon:
             data.server.error = "egress-gateway: upstream address was not approved"
             return
         data.server.address = pinned
+        if self.gate.dials_itself(*pinned) is not None:  # checked at the decision; once more at the dial
+            data.server.error = "egress-gateway: refusing to connect to itself"
+            return
         task = asyncio.current_task()
         if task is not None:
             self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
@@ -602,17 +613,13 @@ class GatewayAddon:
         tunnel.closed_reason = decision.reason
         tunnel.record.decided(tunnel.verdict.facts, decision)
 
-    def upstream_error_response(self, client_id: str) -> bytes | None:
-        """For plain HTTP: our answer (502/504 with Proxy-Status) to a failed upstream connect, else None."""
+    def answer_upstream_failure(self, client_id: str) -> None:
+        """For plain HTTP: a failed upstream connect is answered with our 502/504 and Proxy-Status, and closed
+        (before mitmproxy would send its own error page)."""
         state = self._state(client_id)
-        if state is None or state.upstream_failure is None:
-            return None
-        failure, state.upstream_failure = state.upstream_failure, None
-        return http1.assemble_response(responses.denial(failure))
-
-    def session_id(self, client_id: str) -> str:
-        """The session id of a client id (a session's own, or the one mitmproxy's HTTP engine gave it)."""
-        return self.engine_ids.get(client_id, client_id)
+        if state is not None and state.upstream_failure is not None:
+            failure, state.upstream_failure = state.upstream_failure, None
+            state.owner.answer_and_close(http1.assemble_response(responses.denial(failure)))
 
     def _state(self, client_id: str) -> ClientState | None:
         """By session id, or by the id mitmproxy's HTTP engine gave the session's connection (hooks carry that)."""

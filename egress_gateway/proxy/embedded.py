@@ -24,11 +24,11 @@ from pathlib import Path
 
 import structlog
 from mitmproxy import http, options
-from mitmproxy.proxy import commands, mode_specs, server_hooks
+from mitmproxy.proxy import commands, mode_specs
 from mitmproxy.proxy.server import LiveConnectionHandler
 
 from egress_gateway.proxy.addon import GatewayAddon
-from egress_gateway.proxy.listener import Listener, dials_itself
+from egress_gateway.proxy.listener import Listener
 from egress_gateway.proxy.session import Session
 from egress_gateway.proxy.transparent import Transparent
 
@@ -38,9 +38,12 @@ _REGULAR = mode_specs.ProxyMode.parse("regular")
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The proxy's listening socket (also shared by worker processes)."""
+    """A listening socket on `host:port`. Raises OSError with the address if it cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096)
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=4096)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
@@ -112,25 +115,13 @@ class HttpEngineConnection(LiveConnectionHandler):
             self.session.engine_answered()
 
 
-def gateway_hooks(
-    addon: GatewayAddon, own_address: tuple[str, int], answer: Callable[[str, bytes], None]
-) -> dict[str, Hook]:
+def gateway_hooks(addon: GatewayAddon) -> dict[str, Hook]:
     """mitmproxy hook name -> our handler. Client connect/disconnect are not hooks here: the session admits the
     client at accept and releases it at close."""
 
-    def server_connect(data: server_hooks.ServerConnectionHookData) -> None:
-        addon.server_connect(data)  # pins the checked IP (or refuses)
-        address = data.server.address
-        if data.server.error is None and address is not None:
-            host, port = str(address[0]), int(address[1])
-            if dials_itself((host, port), own_address) or addon.gate.dials_itself(host, port) is not None:
-                data.server.error = "egress-gateway: refusing to connect to itself"
-
     def error(flow: http.HTTPFlow) -> None:
         addon.error(flow)  # records the failure
-        reply = addon.upstream_error_response(flow.client_conn.id)
-        if reply is not None:  # our 502/504 with Proxy-Status, sent and closed before mitmproxy's own error page
-            answer(flow.client_conn.id, reply)
+        addon.answer_upstream_failure(flow.client_conn.id)  # before mitmproxy's own error page
 
     return {
         "next_layer": addon.choose_layer,
@@ -139,7 +130,7 @@ def gateway_hooks(
         "response": addon.response,
         "error": error,
         "tcp_message": addon.tcp_message,
-        "server_connect": server_connect,
+        "server_connect": addon.server_connect,
         "server_connected": addon.server_connected,
         "server_connect_error": addon.server_connect_error,
     }
@@ -155,69 +146,48 @@ class EmbeddedProxy:
         data_dir: Path | None = None,
         listen_socket: socket.socket | None = None,
     ) -> None:
-        """`listen_socket`: an already listening socket to accept on (worker processes share one); otherwise
-        `start` binds `host:port`."""
+        """`listen_socket`: an already listening socket to accept on; otherwise `start` binds `host:port`."""
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
         self.data_dir = data_dir
         self.listen_socket = listen_socket
-        self.listener: Listener | None = None
-        self.transparent_listeners: list[Listener] = []
+        self.addon: GatewayAddon | None = None
+        self.listeners: list[Listener] = []  # the proxy port's first, then the name-routed ones
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
-        sock = self.listen_socket
-        if sock is None:
-            try:
-                sock = listening_socket(self.host, self.port)
-            except OSError as exc:
-                raise OSError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
-            self.listen_socket = sock
-        address = sock.getsockname()
-        own_address = (str(address[0]), int(address[1]))
+        sock = self.listen_socket or listening_socket(self.host, self.port)
+        self.listen_socket = sock
         opts = engine_options(self.idle_timeout_s, self.data_dir)
-
-        def answer(client_id: str, reply: bytes) -> None:
-            if self.listener is not None:
-                self.listener.answer_and_close(addon.session_id(client_id), reply)
-
-        hooks = gateway_hooks(addon, own_address, answer)
+        hooks = gateway_hooks(addon)
 
         def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Session) -> Awaitable[None]:
             return HttpEngineConnection(reader, writer, opts, session, hooks, addon.engine_ids).serve()
 
-        self.listener = Listener(addon, serve_http, self.idle_timeout_s, own_address)
-        await self.listener.start(sock)
-        return [own_address]
+        self.addon = addon
+        self.listeners.append(Listener(addon, serve_http, self.idle_timeout_s))
+        await self.listeners[0].start(sock)
+        address = sock.getsockname()
+        return [(str(address[0]), int(address[1]))]
 
     async def start_transparent(self, addon: GatewayAddon, host: str, port: int, mode: Transparent) -> tuple[str, int]:
         """Start a name-routed listener (transparent mode) after `start`; returns its bound address."""
-        if self.listener is None:
+        if not self.listeners:
             raise RuntimeError("start the proxy listener first")
-        try:
-            sock = listening_socket(host, port)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        address = sock.getsockname()
-        own_address = (str(address[0]), int(address[1]))
-        listener = Listener(addon, self.listener.hand_over, self.idle_timeout_s, own_address, transparent=mode)
+        sock = listening_socket(host, port)
+        listener = Listener(addon, self.listeners[0].hand_over, self.idle_timeout_s, transparent=mode)
         await listener.start(sock)
-        self.transparent_listeners.append(listener)
-        return own_address
+        self.listeners.append(listener)
+        address = sock.getsockname()
+        return str(address[0]), int(address[1])
 
     @property
     def open_connections(self) -> int:
-        return self.listener.sessions if self.listener is not None else 0
-
-    def close_client(self, client_id: str) -> bool:
-        """Close one client connection (and with it its upstream). False if it is already gone."""
-        return self.listener is not None and self.listener.close_client(client_id)
+        return len(self.addon.clients) if self.addon is not None else 0
 
     async def stop_accepting(self) -> None:
-        if self.listener is not None:
-            self.listener.stop_accepting()
-        for listener in self.transparent_listeners:
+        for listener in self.listeners:
             listener.stop_accepting()
 
     async def drain(self, grace_s: float) -> int:
@@ -225,14 +195,15 @@ class EmbeddedProxy:
         deadline = time.monotonic() + grace_s
         while self.open_connections and time.monotonic() < deadline:
             await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        leftover = self.listener.session_ids() if self.listener is not None else []
+        leftover = list(self.addon.clients) if self.addon is not None else []
         for client_id in leftover:
-            self.close_client(client_id)
+            if self.addon is not None:
+                self.addon.close_client(client_id)
         close_deadline = time.monotonic() + 2.0
         while self.open_connections and time.monotonic() < close_deadline:
             await asyncio.sleep(0.02)
         return len(leftover)
 
     async def shutdown(self) -> None:
-        for listener in (*([self.listener] if self.listener is not None else []), *self.transparent_listeners):
+        for listener in self.listeners:
             await listener.wait_closed(timeout_s=2.0)

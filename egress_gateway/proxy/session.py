@@ -51,7 +51,7 @@ class Session(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self.id = listener.next_id()
+        self.id = ""  # the registry's, at accept
         self.state: ClientState | None = None
         self.tunnel: Tunnel | None = None
         self.buffer = bytearray()
@@ -78,7 +78,8 @@ class Session(asyncio.Protocol):
         # A TCP listener's transport (uvloop's does not subclass asyncio.Transport, hence no isinstance check).
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername") or ("", 0)
-        self.state = self.addon.open_client(self.id, str(peer[0]), int(peer[1]), self)
+        self.state = self.addon.open_client(str(peer[0]), int(peer[1]), self)
+        self.id = self.state.client_id
         transparent = self.listener.transparent
         if transparent is not None:
             self.first = TunnelInspector(self.addon.head_limits, http=not transparent.tls)
@@ -191,7 +192,7 @@ class Session(asyncio.Protocol):
         error: str | None = None
         timed_out = False
         upstream: asyncio.BaseTransport | None = None
-        if self.listener.is_self(address):
+        if self.addon.gate.dials_itself(*address) is not None:
             error = "egress-gateway: refusing to connect to itself"
         else:
             try:
@@ -226,7 +227,7 @@ class Session(asyncio.Protocol):
             self._relay(held)
             if self.closed or tunnel.closed_reason is not None:
                 return
-        self._touch()
+        self.last_activity = self.loop.time()
         self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
         self.transport.resume_reading()
 
@@ -390,9 +391,6 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _touch(self) -> None:
-        self.last_activity = self.loop.time()
-
     def _check_idle(self) -> None:
         idle = self.loop.time() - self.last_activity
         if idle >= self.listener.idle_timeout_s:
@@ -400,41 +398,6 @@ class Session(asyncio.Protocol):
             self.abort()
             return
         self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s - idle, self._check_idle)
-
-    # ---- called by the upstream side ------------------------------------------------------------------------
-    def upstream_data(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.bytes_received += len(data)
-            if not tunnel.inspector.done:
-                tunnel.inspector.server_data(data)
-        if self.transport is not None:
-            self.transport.write(data)
-        self.last_activity = self.loop.time()
-
-    def upstream_eof_received(self) -> bool:
-        self.upstream_eof = True
-        transport = self.transport
-        if transport is None or self.client_eof:
-            if transport is not None:
-                transport.close()
-            return False
-        if transport.can_write_eof():
-            transport.write_eof()
-        return True
-
-    def upstream_lost(self) -> None:
-        if self.transport is not None:
-            self.transport.close()  # after what is buffered for the client has been sent
-
-    def upstream_pause(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def upstream_resume(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
-
 
 class _PlainHttpStream(asyncio.StreamReaderProtocol):
     """The stream mitmproxy reads a plain-HTTP connection from: only the bytes the session released."""
@@ -509,19 +472,39 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = client
 
     def data_received(self, data: bytes) -> None:
-        self.client.upstream_data(data)
+        client = self.client
+        tunnel = client.tunnel
+        if tunnel is not None:
+            tunnel.bytes_received += len(data)
+            if not tunnel.inspector.done:
+                tunnel.inspector.server_data(data)
+        if client.transport is not None:
+            client.transport.write(data)
+        client.last_activity = client.loop.time()
 
     def eof_received(self) -> bool:
-        return self.client.upstream_eof_received()
+        client = self.client
+        client.upstream_eof = True
+        transport = client.transport
+        if transport is None or client.client_eof:
+            if transport is not None:
+                transport.close()
+            return False
+        if transport.can_write_eof():
+            transport.write_eof()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client.upstream_lost()
+        if self.client.transport is not None:
+            self.client.transport.close()  # after what is buffered for the client has been sent
 
     def pause_writing(self) -> None:  # the destination reads slower than the client sends
-        self.client.upstream_pause()
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.client.upstream_resume()
+        if self.client.transport is not None and not self.client.closed:
+            self.client.transport.resume_reading()
 
 
 def _discard(data: bytes) -> None:

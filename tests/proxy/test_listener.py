@@ -273,7 +273,7 @@ def _get(env: Env, url: str) -> tuple[int, bytes]:
         (("127.0.0.2", 3128), True),  # any loopback address reaches a listener bound to a wildcard or 127.0.0.1
         (("::1", 3128), True),
         (("0.0.0.0", 3128), True),
-        (("localhost", 3128), True),
+        (("localhost", 3128), False),  # a name: never dialed (the gate pins an address)
         (("10.0.0.5", 3128), True),  # the bound address itself
         (("10.0.0.6", 3128), False),
         (("127.0.0.1", 3129), False),
@@ -281,6 +281,10 @@ def _get(env: Env, url: str) -> tuple[int, bytes]:
     ],
 )
 def test_dials_itself_is_the_one_rule_for_both_paths(address: tuple[str, int], expected: bool) -> None:
-    from egress_gateway.proxy.listener import dials_itself
+    """The session's dial and mitmproxy's `server_connect` both ask `Gate.dials_itself`, i.e. `OwnAddresses`."""
+    from ipaddress import ip_address
 
-    assert dials_itself(address, ("10.0.0.5", 3128)) is expected
+    from egress_gateway.proxy.own import OwnAddresses
+
+    own = OwnAddresses([ip_address("10.0.0.5")], ports=[3128], enumerate_interfaces=frozenset)
+    assert (own.dials_itself(*address) is not None) is expected
