@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -60,7 +61,8 @@ def engine_options(idle_timeout_s: float, data_dir: Path | None) -> options.Opti
     opts.add_option("normalize_outbound_headers", bool, True, "mitmproxy's default.")
     opts.add_option("validate_inbound_headers", bool, True, "mitmproxy's default.")
     updates: dict[str, object] = {
-        "tcp_timeout": max(1, round(idle_timeout_s)),
+        # The session's idle timer closes a silent connection; mitmproxy's own watchdog is only a later backstop.
+        "tcp_timeout": math.ceil(2 * idle_timeout_s) + 1,
         "http2": False,
         # An upgraded connection (101) is relayed as raw TCP, counted and revocable like a tunnel (addon).
         "websocket": False,

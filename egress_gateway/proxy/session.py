@@ -227,8 +227,7 @@ class Session(asyncio.Protocol):
             self._relay(held)
             if self.closed or tunnel.closed_reason is not None:
                 return
-        self.last_activity = self.loop.time()
-        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
+        self._arm_idle_timer()
         self.transport.resume_reading()
 
     def _relay(self, data: bytes) -> None:
@@ -302,7 +301,7 @@ class Session(asyncio.Protocol):
         self.closed = True  # no more protocol callbacks here: the stream protocol below gets them
         self.plain = TunnelInspector(self.addon.head_limits, http=True)
         reader = asyncio.StreamReader(loop=self.loop)
-        self.engine = EngineTransport(transport)
+        self.engine = EngineTransport(transport, self)
         self.engine_stream = _PlainHttpStream(self, reader, self.loop)
         transport.set_protocol(self.engine_stream)
         self.engine_stream.connection_made(self.engine)
@@ -310,12 +309,14 @@ class Session(asyncio.Protocol):
         self.buffer.clear()
         writer = asyncio.StreamWriter(self.engine, self.engine_stream, reader, self.loop)
         self.listener.spawn(self._serve_http(reader, writer))
+        self._arm_idle_timer()  # the one idle timer: client bytes in `plain_bytes`, bytes to it in EngineTransport
         self.engine_stream.data_received(early)
 
     def plain_bytes(self, data: bytes) -> bytes | None:
         """Plain-HTTP client bytes through the session's inspector: what mitmproxy may read now, or None: a request
         head was refused (answered, recorded, closing). At a CONNECT the session takes the connection back: the
         requests before it go to mitmproxy, the CONNECT and what follows wait here until their responses are out."""
+        self.last_activity = self.loop.time()
         if self.engine is not None and self.engine.held:
             self._hold(data)
             return b""
@@ -352,6 +353,8 @@ class Session(asyncio.Protocol):
         if transport is None or engine is None or stream is None or engine.detached or transport.is_closing():
             return
         engine.detached = True
+        if self.idle_timer is not None:  # re-armed when the tunnel relays
+            self.idle_timer.cancel()
         stream.connection_lost(None)  # EOF for mitmproxy's reader, and its pending drains end
         self.plain = None
         self.closed = False
@@ -365,6 +368,8 @@ class Session(asyncio.Protocol):
             await self.listener.hand_over(reader, writer, self)
         finally:
             if self.engine is None or not self.engine.detached:
+                if self.idle_timer is not None:
+                    self.idle_timer.cancel()
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.close()
                 self.addon.client_gone(self.id)
@@ -391,6 +396,11 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def _arm_idle_timer(self) -> None:
+        """`timeouts.idle_s` from now, re-armed from the time of the last byte (not per chunk)."""
+        self.last_activity = self.loop.time()
+        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
+
     def _check_idle(self) -> None:
         idle = self.loop.time() - self.last_activity
         if idle >= self.listener.idle_timeout_s:
@@ -398,6 +408,7 @@ class Session(asyncio.Protocol):
             self.abort()
             return
         self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s - idle, self._check_idle)
+
 
 class _PlainHttpStream(asyncio.StreamReaderProtocol):
     """The stream mitmproxy reads a plain-HTTP connection from: only the bytes the session released."""
@@ -422,9 +433,10 @@ class EngineTransport(asyncio.Transport):
     takes the connection back for a CONNECT (`detached`); while a CONNECT waits (`held`) the session alone decides
     when the socket is read."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, session: Session) -> None:
         super().__init__()
         self.transport = transport
+        self.session = session
         self.held = False
         self.detached = False
 
@@ -434,6 +446,7 @@ class EngineTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.detached:
             self.transport.write(data)
+            self.session.last_activity = self.session.loop.time()
 
     def can_write_eof(self) -> bool:
         return self.transport.can_write_eof()

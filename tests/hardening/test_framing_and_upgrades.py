@@ -239,3 +239,24 @@ def test_an_upgraded_websocket_is_revoked_like_a_tunnel_and_its_bytes_are_counte
         assert origin.messages == ["hello", "x" * 5000]
     finally:
         origin.stop()
+
+
+def test_an_upgraded_connection_lives_while_either_side_talks_and_closes_after_idle_s_of_silence(
+    make_gateway: Callable[..., GatewayProcess],
+) -> None:
+    """The session's one idle timer covers plain HTTP and what it upgrades to: bytes in either direction re-arm it."""
+    origin = WebSocketOrigin(WS_ORIGIN)
+    try:
+        gateway = make_gateway(config(timeouts={"idle_s": 2, "client_request_s": 30}), {"shop.yaml": policy("ws.test")})
+        sock, ws = websocket_through_proxy(gateway.proxy_port, origin.port)
+        with sock:
+            for n in range(5):  # 5 s of traffic, never 2 s apart
+                assert exchange(sock, ws, f"ping {n}") == f"echo ping {n}"
+                time.sleep(1.0)
+            started = time.monotonic()
+            assert closed_by_peer(sock, timeout=10), "a silent upgraded connection stays open"
+            silent = time.monotonic() - started
+        assert 1.0 < silent < 6, silent
+        gateway.wait_for("tunnel_idle_timeout")  # the session's timer, not mitmproxy's later backstop
+    finally:
+        origin.stop()
