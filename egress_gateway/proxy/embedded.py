@@ -1,7 +1,7 @@
 """The proxy as a whole: the listening socket, the session listener, mitmproxy as the plain-HTTP engine, graceful stop.
 
 Every client connection is accepted by the listener and owned by its session (`session.py`) from accept to close;
-the one registry of live sessions is `GatewayAddon.clients` (`open_connections`, `close_client`, `drain`). A
+the one registry of live sessions is `GatewayAddon.clients` (`open_connections`, `drain`). A
 session that is not a CONNECT tunnel lets mitmproxy's HTTP/1 layers serve the bytes (`HttpEngineConnection`),
 through mitmproxy's public embedding surface: a `LiveConnectionHandler` subclass whose `handle_hook` calls our
 hooks directly. There is no `Master`, no addon manager, no CA, no flow storage; nothing of mitmproxy is patched.
@@ -9,7 +9,8 @@ hooks directly. There is no `Master`, no addon manager, no CA, no flow storage; 
 Facts about mitmproxy 12 this relies on (pinned `>=12.1,<13` in pyproject): `LiveConnectionHandler(reader, writer,
 options, mode)` and its abstract `handle_hook`; the options the HTTP layers read (declared here with `add_option`,
 as mitmproxy's `Proxyserver` addon would); hooks carry mitmproxy's `Client`, whose `id` maps to the
-session (`GatewayAddon.engine_ids`).
+session (`GatewayAddon.engine_ids`); the `response` hook blocks the HTTP layer, which writes the end of the response
+when the hook returns (the session waits for it before it takes a connection back for a CONNECT, `session.py`).
 Must run inside a running event loop. Imports mitmproxy, the addon and the listener; knows nothing about policies.
 """
 
@@ -146,21 +147,17 @@ class EmbeddedProxy:
         *,
         idle_timeout_s: float,
         data_dir: Path | None = None,
-        listen_socket: socket.socket | None = None,
     ) -> None:
-        """`listen_socket`: an already listening socket to accept on; otherwise `start` binds `host:port`."""
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
         self.data_dir = data_dir
-        self.listen_socket = listen_socket
         self.addon: GatewayAddon | None = None
         self.listeners: list[Listener] = []  # the proxy port's first, then the name-routed ones
 
     async def start(self, addon: GatewayAddon) -> list[tuple[str, int]]:
         """Start listening; returns the bound addresses. Raises OSError if the address cannot be bound."""
-        sock = self.listen_socket or listening_socket(self.host, self.port)
-        self.listen_socket = sock
+        sock = listening_socket(self.host, self.port)
         opts = engine_options(self.idle_timeout_s, self.data_dir)
         hooks = gateway_hooks(addon)
 

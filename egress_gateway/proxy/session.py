@@ -4,8 +4,9 @@ Through its stages: sniff, request head, admission and decision (the addon and t
 (the tunnel's inspector), dial of the pinned address, relay (one relay: each chunk written straight to the other
 transport, the transports' flow control, half-closes passed on, one idle timer); or, for a connection that is not a
 CONNECT, plain HTTP: its client bytes still arrive here first and every request head is checked
-(`plain_bytes`) before mitmproxy's HTTP engine (`embedded.py`) reads them. Revocation, timers and drain close a
-session by `abort`, whichever stage it is in.
+(`plain_bytes`) before mitmproxy's HTTP engine (`embedded.py`) reads them, and a CONNECT after plain HTTP makes
+the connection this session's again (`_take_back`). Revocation, timers and drain close a session by `abort`,
+whichever stage it is in.
 
 Why tunnels do not go through mitmproxy: its per-connection machinery (the HTTP layer and its flow objects, one task
 per hook, stream readers and writers, a layer call per relayed chunk) cost most of the gateway's CPU per tunnel
