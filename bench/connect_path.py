@@ -1,0 +1,227 @@
+"""CPU per CONNECT of the gateway's own per-tunnel steps, in process, piece by piece (no sockets, no audit).
+
+The pieces are built the way `egress-gateway run` builds them for `bench/run.py` (`bench/gateway.py`'s
+configuration: static identity for 127.0.0.1, the origin's name in `resolver.hosts`, the realistic policy set of
+`bench/policies.py`, ~1,000 rules), then each step an allowed tunnel takes is timed on its own:
+
+- `read_head`: `GatewayAddon.read_head` on a typical CONNECT head (curl's: Host, User-Agent, Proxy-Connection);
+- `admit`: `Admission.admit` for the allowed origin (readiness, identity, limits, the gate's decision, resolution
+  from `resolver.hosts`, pinning, the own-address check);
+- `decide_target`: `Gate.decide_target` alone (engine decision(s), resolution, pinning);
+- `engine`: one `Engine.decide` with the pinned address;
+- `own`: `OwnAddresses.dials_itself` for the pinned address on port 443;
+- `start_tunnel`: `GatewayAddon.start_tunnel` on a real ClientHello (made by Python's `ssl` module for the origin
+  name, ALPN h2 + http/1.1): a fresh `TunnelInspector` reads it, the SNI is re-decided (`Gate.decide_sni`); the
+  record is a no-op;
+- `clienthello`: `TunnelInspector.client_data` alone on the same bytes.
+
+Each piece runs `--number` calls per sample, `--repeat` samples interleaved across pieces (so a burst of load on
+the shared machine hits every piece alike); the median (and min) microseconds per call are printed. Run with -O, as
+the gateway runs (mitmproxy type-checks its dataclasses only without it):
+
+    .venv/bin/python -O bench/connect_path.py [--number 2000] [--repeat 15] [--only read_head,admit]
+
+To compare two checkouts, run this file from each in turn (A, B, A, B, ...) and compare medians of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import ipaddress
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gateway import gateway_config
+from bench.policies import realistic_set
+from egress_gateway.app import build_engine, build_identity
+from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
+from egress_gateway.policy.decision import Facts
+from egress_gateway.policy.engine import PolicySet
+from egress_gateway.policy.store import PolicyStore
+from egress_gateway.policy.validation import validate_object
+from egress_gateway.proxy.addon import GatewayAddon, Timeouts, Tunnel
+from egress_gateway.proxy.gate import Gate
+from egress_gateway.proxy.own import OwnAddresses
+from egress_gateway.proxy.resolver import Resolver
+from egress_gateway.settings import Settings, configured_own_addresses
+from egress_gateway.wire.heads import HeadLimits
+from egress_gateway.wire.inspection import TunnelInspector
+
+ORIGIN = "origin.bench.test"
+ORIGIN_ADDRESS = "127.0.0.1"
+CLIENT = "127.0.0.1"
+PROXY_PORT = 18080
+ADMIN_PORT = 18081
+HEAD = (
+    f"CONNECT {ORIGIN}:443 HTTP/1.1\r\nHost: {ORIGIN}:443\r\nUser-Agent: curl/8.5.0\r\n"
+    "Proxy-Connection: Keep-Alive\r\n\r\n"
+).encode()
+
+
+class _NoRecorder:
+    """The recorder contract with no output: the audit path is `bench/audit_record.py`'s business."""
+
+    def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
+        return NullRecord()
+
+    def change_in_effect(self, change: str | None, policies: tuple[str, ...] = ()) -> None:
+        pass
+
+    def policies_in_force(self, policies: PolicySet) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def client_hello(server_name: str) -> bytes:
+    """The first flight of a real TLS client (Python's ssl module, default context) for `server_name`."""
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):  # it waits for the ServerHello
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def build(workdir: Path) -> tuple[GatewayAddon, Gate, Settings]:
+    config = gateway_config(workdir, workdir, ORIGIN, ORIGIN_ADDRESS, [], PROXY_PORT, ADMIN_PORT, audit=False)
+    settings = Settings.model_validate(config)
+    store = PolicyStore()
+    for index, obj in enumerate(realistic_set(ORIGIN)):
+        store.upsert(validate_object(obj), str(index))
+    store.mark_loaded()
+    engine = build_engine(settings)
+    engine.policies = store.current
+    identity, _ = build_identity(settings)
+    resolver = Resolver(settings.resolver.hosts, settings.resolver.nameservers, settings.resolver.timeout_s)
+    own = OwnAddresses(configured_own_addresses(settings), settings.own_ports)
+    own.add_port(PROXY_PORT, "its proxy port")
+    own.add_port(ADMIN_PORT, "its admin port")
+    gate = Gate(engine, identity, resolver, ready=lambda: store.loaded, own=own)
+    limits = settings.limits
+    addon = GatewayAddon(
+        gate,
+        _NoRecorder(),
+        Timeouts(),
+        limits.max_connections,
+        close_client=lambda _: False,
+        head_limits=HeadLimits(limits.max_request_line_bytes, limits.max_header_bytes, limits.max_headers),
+        namespace_connections=limits.namespace_connections,
+    )
+    return addon, gate, settings
+
+
+async def pieces(addon: GatewayAddon, gate: Gate) -> dict[str, Callable[[int], Any]]:
+    """name -> a function running that piece n times (async pieces are awaited inside one coroutine)."""
+    hello = client_hello(ORIGIN)
+    facts = Facts(identity=None, target=ORIGIN, port=443)
+    identity = await gate.identify(CLIENT, None)
+    admission = addon.admission
+    allowed = (await admission.admit("bench", CLIENT, None, facts, None)).verdict
+    assert allowed.decision.allowed and allowed.address is not None, allowed.decision.message
+    pinned = allowed.facts
+    address = ipaddress.ip_address(ORIGIN_ADDRESS)
+    head_limits = addon.head_limits
+    tunnel_check = addon.start_tunnel(_tunnel(allowed, head_limits), hello)
+    assert tunnel_check is True, "the ClientHello must open the tunnel"
+
+    async def admit(n: int) -> None:
+        for _ in range(n):
+            await admission.admit("bench", CLIENT, None, facts, None)
+
+    async def decide_target(n: int) -> None:
+        for _ in range(n):
+            await gate.decide_target(identity, ORIGIN, 443)
+
+    def read_head(n: int) -> None:
+        for _ in range(n):
+            addon.read_head("bench", HEAD)
+
+    def engine(n: int) -> None:
+        decide = gate.engine.decide
+        for _ in range(n):
+            decide(pinned)
+
+    def own(n: int) -> None:
+        dials_itself = gate.own.dials_itself
+        for _ in range(n):
+            dials_itself(address, 443)
+
+    def start_tunnel(n: int) -> None:
+        for _ in range(n):
+            addon.start_tunnel(_tunnel(allowed, head_limits), hello)
+
+    def clienthello(n: int) -> None:
+        for _ in range(n):
+            TunnelInspector(head_limits).client_data(hello)
+
+    return {
+        "read_head": read_head,
+        "admit": admit,
+        "decide_target": decide_target,
+        "engine": engine,
+        "own": own,
+        "start_tunnel": start_tunnel,
+        "clienthello": clienthello,
+    }
+
+
+def _tunnel(verdict: Any, head_limits: HeadLimits) -> Tunnel:
+    return Tunnel(record=NullRecord(), verdict=verdict, inspector=TunnelInspector(head_limits))
+
+
+async def measure(only: list[str] | None, number: int, repeat: int) -> dict[str, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        addon, gate, _ = build(Path(tmp))
+        table = await pieces(addon, gate)
+        names = [name for name in table if only is None or name in only]
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for name in names:  # warm-up: caches, lazily built views
+            result = table[name](number // 10 or 1)
+            if asyncio.iscoroutine(result):
+                await result
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(repeat):
+                for name in names:
+                    started = time.perf_counter()
+                    result = table[name](number)
+                    if asyncio.iscoroutine(result):
+                        await result
+                    samples[name].append((time.perf_counter() - started) / number * 1e6)
+        finally:
+            gc.enable()
+        return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--number", type=int, default=2000, help="calls per sample")
+    parser.add_argument("--repeat", type=int, default=15, help="samples per piece (interleaved)")
+    parser.add_argument("--only", help="comma-separated piece names")
+    args = parser.parse_args()
+    if __debug__:
+        print("note: run with python -O, as the gateway runs (see the docstring)", file=sys.stderr)
+    only = args.only.split(",") if args.only else None
+    samples = asyncio.run(measure(only, args.number, args.repeat))
+    print(f"{'piece':<15} {'median us':>10} {'min us':>8}")
+    for name, values in samples.items():
+        print(f"{name:<15} {statistics.median(values):>10.2f} {min(values):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
