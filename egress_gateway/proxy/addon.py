@@ -21,7 +21,6 @@ from typing import Any, Protocol
 import structlog
 from mitmproxy import http, tcp
 from mitmproxy.net.http import http1, url
-from mitmproxy.net.http.validate import validate_headers
 from mitmproxy.proxy import layer, server_hooks
 from mitmproxy.proxy.layers import HttpLayer
 from mitmproxy.proxy.layers.http import HTTPMode
@@ -34,15 +33,10 @@ from egress_gateway.proxy.gate import Gate, Verdict, same_host
 from egress_gateway.proxy.http_bytes import ExchangeBytes
 from egress_gateway.proxy.limits import NamespaceRateLimiter
 from egress_gateway.proxy.transparent import Transparent
-from egress_gateway.wire.heads import (
-    FRAMING_HEADERS,
-    HeadLimits,
-    check_request_head,
-    complete_head_lines,
-    framing_problem,
-    request_line_problem,
-)
+from egress_gateway.wire.heads import FRAMING_HEADERS, HeadLimits
 from egress_gateway.wire.inspection import Held, Inspection, Seen, TunnelInspector
+from egress_gateway.wire.request_head import Malformed, request_form_problem
+from egress_gateway.wire.request_head import read_head as read_request_head
 
 _RECORD_KEY = "egress_gateway.record"
 _FACTS_KEY = "egress_gateway.facts"
@@ -295,37 +289,21 @@ class GatewayAddon:
             if isinstance(checked, bytes):
                 return checked
             return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, seen.problem))
-        if seen.request is not None and (problem := _request_form_problem(seen.request)) is not None:
+        if seen.request is not None and (problem := request_form_problem(seen.request)) is not None:
             decision = adapter_denial(Reason.BAD_REQUEST, f"malformed request: {problem}")
             return self._refuse_head(client_id, seen.request.method.encode("ascii", "replace"), decision)
         return None
 
     def read_head(self, client_id: str, head: bytes) -> bytes | http.Request | None:
-        """Check a request head as received so far. bytes: the refusal to send before closing (recorded like any
-        denial); a `Request`: the head is complete and valid; None: acceptable so far, wait for the rest."""
-        problem = check_request_head(head, self.head_limits)
-        if problem is not None:
-            reason = Reason.URI_TOO_LONG if problem.status == 414 else Reason.HEADERS_TOO_LARGE
-            return self._refuse_head(client_id, head, adapter_denial(reason, problem.message))
-        malformed = request_line_problem(head)
-        lines = complete_head_lines(head)
-        if malformed is None and lines is None:
-            return None
-        request: http.Request | None = None
-        if malformed is None and lines is not None:
-            malformed = framing_problem(lines)
-        if malformed is None and lines is not None:
-            try:  # the checks mitmproxy applies only after our requestheaders hook has already run
-                request = http1.read_request_head(lines)
-                validate_headers(request)
-                http1.expected_http_body_size(request)
-            except ValueError as exc:
-                malformed = str(exc)
-            else:
-                malformed = _request_form_problem(request)
-        if malformed is None and request is not None:
-            return request
-        return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, f"malformed request: {malformed}"))
+        """Check a request head as received so far (`wire/request_head.py`). bytes: the refusal to send before closing
+        (recorded like any denial); a `Request`: the head is complete and valid; None: acceptable so far, wait."""
+        checked = read_request_head(head, self.head_limits)
+        if checked is None or isinstance(checked, http.Request):
+            return checked
+        if isinstance(checked, Malformed):
+            return self._refuse_head(client_id, head, adapter_denial(Reason.BAD_REQUEST, checked.message))
+        reason = Reason.URI_TOO_LONG if checked.status == 414 else Reason.HEADERS_TOO_LARGE
+        return self._refuse_head(client_id, head, adapter_denial(reason, checked.message))
 
     def _refuse_head(self, client_id: str, head: bytes, decision: Decision) -> bytes:
         state = self._state(client_id)
@@ -796,14 +774,6 @@ def _transparent_target(first: Seen, mode: Transparent) -> tuple[str, int] | Dec
             return adapter_denial(Reason.BAD_REQUEST, f"invalid Host header {hosts[0]!r}")
         return host, port if port is not None else default_port
     return adapter_denial(Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not HTTP: no Host to decide")
-
-
-def _request_form_problem(request: http.Request) -> str | None:
-    if request.http_version not in ("HTTP/1.0", "HTTP/1.1"):
-        return f"{request.http_version} is not spoken here (HTTP/2 prior knowledge included); use HTTP/1.1"
-    if request.method != "CONNECT" and not request.scheme:
-        return "a proxy request must use CONNECT or an absolute URL (http://host/path)"
-    return None
 
 
 def _strip_hop_by_hop(headers: http.Headers) -> None:

@@ -114,7 +114,8 @@ def complete_head_lines(buffer: bytes | bytearray) -> list[bytes] | None:
     return [line[:-1] if line.endswith(b"\r") else line for line in data[start:end].split(b"\n")]
 
 
-def _framing_header_named(value: bytes) -> str | None:
+def framing_header_named(value: bytes) -> str | None:
+    """The first framing header a Connection header value names (a comma-separated list), or None."""
     for token in value.split(b","):
         name = token.strip(b" \t").lower().decode("latin-1")
         if name in FRAMING_HEADERS:
@@ -149,7 +150,7 @@ def framing_problem(lines: list[bytes]) -> str | None:
         if lowered == b"host":
             hosts += 1
         elif lowered == b"connection":
-            named = _framing_header_named(line[len(name) + 1 :])
+            named = framing_header_named(line[len(name) + 1 :])
             if named is not None:
                 return f"the Connection header names {named}, which can never be hop-by-hop"
     if hosts > 1:
