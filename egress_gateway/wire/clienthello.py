@@ -170,31 +170,56 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
 
 
 def parse_client_hello_message(message: bytes) -> ClientHello:
-    """Parse one complete ClientHello handshake message (its 4-byte handshake header included)."""
+    """Parse one complete ClientHello handshake message (its 4-byte handshake header included).
+
+    Walks the message by offsets (one per field, no reader objects): it runs once per tunnel. The same checks in
+    the same order, with the same messages, as a field-by-field reader (tests/wire/test_clienthello.py keeps one as
+    the reference)."""
     if len(message) < 4 or message[0] != CLIENT_HELLO:
         raise InvalidClientHello("not a ClientHello message")
-    reader = _Reader(message[4:])
-    reader.take(2, "legacy_version")
-    reader.take(32, "random")
-    reader.vector(1, "session_id")
-    reader.vector(2, "cipher_suites")
-    reader.vector(1, "compression_methods")
-    if not reader.remaining:
+    end = len(message)
+    if end < 4 + 2:  # handshake header, legacy_version
+        raise InvalidClientHello("truncated legacy_version")
+    if end < 4 + 2 + 32:  # random
+        raise InvalidClientHello("truncated random")
+    pos = _skip_vector(message, 4 + 2 + 32, end, 1, "session_id")
+    pos = _skip_vector(message, pos, end, 2, "cipher_suites")
+    pos = _skip_vector(message, pos, end, 1, "compression_methods")
+    if pos == end:
         return ClientHello(sni=None)
-    extensions = _Reader(reader.vector(2, "extensions"))
-    if reader.remaining:
+    extensions_end = _skip_vector(message, pos, end, 2, "extensions")
+    if extensions_end != end:
         raise InvalidClientHello("trailing bytes after the extensions")
+    pos += 2
     seen: set[int] = set()
     sni: str | None = None
     alpn: tuple[str, ...] = ()
-    while extensions.remaining:
-        ext_type = extensions.uint(2, "extension type")
-        ext_body = extensions.vector(2, "extension")
+    while pos < extensions_end:
+        if pos + 2 > extensions_end:
+            raise InvalidClientHello("truncated extension type")
+        ext_type = message[pos] << 8 | message[pos + 1]
+        if pos + 4 > extensions_end:
+            raise InvalidClientHello("truncated extension length")
+        start = pos + 4
+        pos = start + (message[pos + 2] << 8 | message[pos + 3])
+        if pos > extensions_end:
+            raise InvalidClientHello("truncated extension")
         if ext_type in seen:
             raise InvalidClientHello(f"duplicate TLS extension {ext_type}")
         seen.add(ext_type)
         if ext_type == EXT_SERVER_NAME:
-            sni = _server_name(ext_body)
+            sni = _server_name(message[start:pos])
         elif ext_type == EXT_ALPN:
-            alpn = _alpn(ext_body)
+            alpn = _alpn(message[start:pos])
     return ClientHello(sni=sni, alpn=alpn, ech=EXT_ENCRYPTED_CLIENT_HELLO in seen)
+
+
+def _skip_vector(data: bytes, pos: int, end: int, length_size: int, what: str) -> int:
+    """The offset after the vector at `pos` (a `length_size`-byte length, then that many bytes), within `end`."""
+    start = pos + length_size
+    if start > end:
+        raise InvalidClientHello(f"truncated {what} length")
+    after = start + int.from_bytes(data[pos:start], "big")
+    if after > end:
+        raise InvalidClientHello(f"truncated {what}")
+    return after

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import ssl
+from collections.abc import Callable
 
 import pytest
 from mitmproxy.proxy.layers.tls import parse_client_hello as mitmproxy_parse
@@ -15,6 +16,7 @@ from egress_gateway.wire.clienthello import (
     ClientHello,
     InvalidClientHello,
     parse_client_hello,
+    parse_client_hello_message,
     starts_like_tls,
 )
 from egress_gateway.wire.heads import HeadLimits
@@ -245,3 +247,111 @@ def test_ech_presence_is_parsed() -> None:
     assert without is not None and not without.ech
     real = parse_client_hello(client_hello("api.example.com"))  # Python's OpenSSL sends no ECH
     assert real is not None and not real.ech
+
+
+# ---- the message parser walks offsets; a field-by-field reader is the reference it must agree with ------------------
+
+
+class _FieldReader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, size: int, what: str) -> bytes:
+        if self.pos + size > len(self.data):
+            raise InvalidClientHello(f"truncated {what}")
+        self.pos += size
+        return self.data[self.pos - size : self.pos]
+
+    def vector(self, length_size: int, what: str) -> bytes:
+        return self.take(int.from_bytes(self.take(length_size, f"{what} length"), "big"), what)
+
+
+def reference_parse(message: bytes) -> ClientHello:
+    """RFC 8446 4.1.2 read field by field (the parser before it walked offsets), for the extensions it reads."""
+    if len(message) < 4 or message[0] != 1:
+        raise InvalidClientHello("not a ClientHello message")
+    reader = _FieldReader(message[4:])
+    reader.take(2, "legacy_version")
+    reader.take(32, "random")
+    reader.vector(1, "session_id")
+    reader.vector(2, "cipher_suites")
+    reader.vector(1, "compression_methods")
+    if reader.pos == len(reader.data):
+        return ClientHello(sni=None)
+    extensions = _FieldReader(reader.vector(2, "extensions"))
+    if reader.pos != len(reader.data):
+        raise InvalidClientHello("trailing bytes after the extensions")
+    seen: set[int] = set()
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    while extensions.pos < len(extensions.data):
+        ext_type = int.from_bytes(extensions.take(2, "extension type"), "big")
+        body = extensions.vector(2, "extension")
+        if ext_type in seen:
+            raise InvalidClientHello(f"duplicate TLS extension {ext_type}")
+        seen.add(ext_type)
+        # The server_name and ALPN bodies go through the module's own readers in both parsers.
+        if ext_type == 0:
+            sni = parse_client_hello_message(_message_with(0, body)).sni
+        elif ext_type == 16:
+            alpn = parse_client_hello_message(_message_with(16, body)).alpn
+    return ClientHello(sni=sni, alpn=alpn, ech=0xFE0D in seen)
+
+
+def _message_with(ext_type: int, body: bytes) -> bytes:
+    """A minimal ClientHello message carrying one extension."""
+    extension = ext_type.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+    fields = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    fields += len(extension).to_bytes(2, "big") + extension
+    return b"\x01" + len(fields).to_bytes(3, "big") + fields
+
+
+def _extension_block(message: bytes) -> bytes:
+    pos = 4 + 2 + 32
+    pos += 1 + message[pos]  # session_id
+    pos += 2 + int.from_bytes(message[pos : pos + 2], "big")  # cipher_suites
+    pos += 1 + message[pos]  # compression_methods
+    return message[pos + 2 :]
+
+
+def _outcome(parse: Callable[[bytes], ClientHello], message: bytes) -> ClientHello | str:
+    try:
+        return parse(message)
+    except InvalidClientHello as exc:
+        return f"InvalidClientHello: {exc}"
+
+
+def test_the_message_parser_agrees_with_a_field_by_field_reader_on_real_truncated_and_mutated_hellos() -> None:
+    rng = random.Random(21)
+    messages = [
+        client_hello(name, alpn)[5:]
+        for name, alpn in (("api.example.com", ["h2", "http/1.1"]), (None, None), ("x.test", None))
+    ]
+    cases = [m[:end] for m in messages for end in range(len(m) + 1)]
+    for _ in range(4000):
+        message = bytearray(rng.choice(messages))
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(len(message))
+            if rng.random() < 0.7:  # a length field or anything else changed
+                message[at] = rng.choice((0, 1, 2, 0xFF, rng.randrange(256)))
+            else:
+                del message[at]
+        cases.append(bytes(message))
+    # Well-framed messages whose extension block is cut at every byte, has a length byte off by one, or is random:
+    # the extension loop's own bounds, which a cut message rarely reaches.
+    fields = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    real = _extension_block(messages[0])
+    blocks = [real[:end] for end in range(len(real) + 1)]
+    blocks += [
+        real[:at] + bytes([(real[at] + delta) % 256]) + real[at + 1 :] for at in range(len(real)) for delta in (-1, 1)
+    ]
+    blocks += [bytes(rng.randrange(256) for _ in range(rng.randrange(12))) for _ in range(2000)]
+    cases += [
+        b"\x01" + (len(fields) + 2 + len(b)).to_bytes(3, "big") + fields + len(b).to_bytes(2, "big") + b for b in blocks
+    ]
+    agreed_on_hellos = 0
+    for message in cases:
+        got, expected = _outcome(parse_client_hello_message, message), _outcome(reference_parse, message)
+        assert got == expected, message
+        agreed_on_hellos += isinstance(got, ClientHello)
+    assert agreed_on_hellos > 50
