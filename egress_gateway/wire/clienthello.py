@@ -56,32 +56,6 @@ def record_length(header: bytes | bytearray, offset: int = 0) -> int:
     return length
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, size: int, what: str) -> bytes:
-        end = self.pos + size
-        if end > len(self.data):
-            raise InvalidClientHello(f"truncated {what}")
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def uint(self, size: int, what: str) -> int:
-        return int.from_bytes(self.take(size, what), "big")
-
-    def vector(self, length_size: int, what: str) -> bytes:
-        return self.take(self.uint(length_size, f"{what} length"), what)
-
-    @property
-    def remaining(self) -> int:
-        return len(self.data) - self.pos
-
-
 def _handshake_bytes(data: bytes) -> bytes | None:
     """Concatenate handshake record payloads until the ClientHello message is complete; None = need more data."""
     payload = bytearray()
@@ -114,25 +88,27 @@ def _handshake_bytes(data: bytes) -> bytes | None:
 
 
 def _server_name(body: bytes) -> str:
-    reader = _Reader(body)
-    names = _Reader(reader.vector(2, "server_name list"))
+    end = len(body)
+    list_end = _skip_vector(body, 0, end, 2, "server_name list")
+    pos = 2
     host: str | None = None
-    while names.remaining:
-        name_type = names.uint(1, "server_name type")
-        value = names.vector(2, "server_name")
+    while pos < list_end:
+        name_type = body[pos]
+        start = pos + 1 + 2
+        pos = _skip_vector(body, pos + 1, list_end, 2, "server_name")
         if name_type != 0:
             continue
         if host is not None:
             raise InvalidClientHello("more than one host_name in the server_name extension")
-        if not value:
+        if pos == start:
             raise InvalidClientHello("empty host_name in the server_name extension")
         try:
-            host = value.decode("ascii")
+            host = body[start:pos].decode("ascii")
         except UnicodeDecodeError:
             raise InvalidClientHello("host_name in the server_name extension is not ASCII") from None
         if not host.isprintable() or " " in host:
             raise InvalidClientHello("host_name in the server_name extension has invalid characters")
-    if reader.remaining:
+    if list_end != end:
         raise InvalidClientHello("trailing bytes in the server_name extension")
     if host is None:
         raise InvalidClientHello("server_name extension without a host_name")
@@ -149,11 +125,13 @@ def protocol_text(raw: bytes) -> str:
 
 
 def _alpn(body: bytes) -> tuple[str, ...]:
-    reader = _Reader(body)
-    protocols = _Reader(reader.vector(2, "ALPN list"))
+    list_end = _skip_vector(body, 0, len(body), 2, "ALPN list")
+    pos = 2
     out = []
-    while protocols.remaining:
-        out.append(protocol_text(protocols.vector(1, "ALPN protocol")))
+    while pos < list_end:
+        start = pos + 1
+        pos = _skip_vector(body, pos, list_end, 1, "ALPN protocol")
+        out.append(protocol_text(body[start:pos]))
     return tuple(out)
 
 

@@ -17,6 +17,7 @@ from egress_gateway.wire.clienthello import (
     InvalidClientHello,
     parse_client_hello,
     parse_client_hello_message,
+    protocol_text,
     starts_like_tls,
 )
 from egress_gateway.wire.heads import HeadLimits
@@ -290,12 +291,45 @@ def reference_parse(message: bytes) -> ClientHello:
         if ext_type in seen:
             raise InvalidClientHello(f"duplicate TLS extension {ext_type}")
         seen.add(ext_type)
-        # The server_name and ALPN bodies go through the module's own readers in both parsers.
         if ext_type == 0:
-            sni = parse_client_hello_message(_message_with(0, body)).sni
+            sni = _reference_server_name(body)
         elif ext_type == 16:
-            alpn = parse_client_hello_message(_message_with(16, body)).alpn
+            alpn = _reference_alpn(body)
     return ClientHello(sni=sni, alpn=alpn, ech=0xFE0D in seen)
+
+
+def _reference_server_name(body: bytes) -> str:
+    reader = _FieldReader(body)
+    names = _FieldReader(reader.vector(2, "server_name list"))
+    host: str | None = None
+    while names.pos < len(names.data):
+        name_type = names.take(1, "server_name type")[0]
+        value = names.vector(2, "server_name")
+        if name_type != 0:
+            continue
+        if host is not None:
+            raise InvalidClientHello("more than one host_name in the server_name extension")
+        if not value:
+            raise InvalidClientHello("empty host_name in the server_name extension")
+        try:
+            host = value.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidClientHello("host_name in the server_name extension is not ASCII") from None
+        if not host.isprintable() or " " in host:
+            raise InvalidClientHello("host_name in the server_name extension has invalid characters")
+    if reader.pos != len(reader.data):
+        raise InvalidClientHello("trailing bytes in the server_name extension")
+    if host is None:
+        raise InvalidClientHello("server_name extension without a host_name")
+    return host
+
+
+def _reference_alpn(body: bytes) -> tuple[str, ...]:
+    protocols = _FieldReader(_FieldReader(body).vector(2, "ALPN list"))
+    out = []
+    while protocols.pos < len(protocols.data):
+        out.append(protocol_text(protocols.vector(1, "ALPN protocol")))
+    return tuple(out)
 
 
 def _message_with(ext_type: int, body: bytes) -> bytes:
@@ -312,6 +346,17 @@ def _extension_block(message: bytes) -> bytes:
     pos += 2 + int.from_bytes(message[pos : pos + 2], "big")  # cipher_suites
     pos += 1 + message[pos]  # compression_methods
     return message[pos + 2 :]
+
+
+def _extension_body(message: bytes, wanted: int) -> bytes:
+    block = _extension_block(message)
+    pos = 0
+    while pos < len(block):
+        ext_type, length = int.from_bytes(block[pos : pos + 2], "big"), int.from_bytes(block[pos + 2 : pos + 4], "big")
+        if ext_type == wanted:
+            return block[pos + 4 : pos + 4 + length]
+        pos += 4 + length
+    raise AssertionError(f"no extension {wanted}")
 
 
 def _outcome(parse: Callable[[bytes], ClientHello], message: bytes) -> ClientHello | str:
@@ -349,6 +394,23 @@ def test_the_message_parser_agrees_with_a_field_by_field_reader_on_real_truncate
     cases += [
         b"\x01" + (len(fields) + 2 + len(b)).to_bytes(3, "big") + fields + len(b).to_bytes(2, "big") + b for b in blocks
     ]
+    # The server_name and ALPN bodies alone: real ones cut, off by one, and random, and hand-made lists.
+    for ext_type, real_body in ((0, _extension_body(messages[0], 0)), (16, _extension_body(messages[0], 16))):
+        bodies = [real_body[:end] for end in range(len(real_body) + 1)]
+        bodies += [
+            real_body[:at] + bytes([(real_body[at] + delta) % 256]) + real_body[at + 1 :]
+            for at in range(len(real_body))
+            for delta in (-1, 1)
+        ]
+        bodies += [bytes(rng.randrange(256) for _ in range(rng.randrange(10))) for _ in range(1000)]
+        bodies += [
+            _names(b"a.test", b"b.test"),
+            _names(b""),
+            _names(b"caf\xc3\xa9"),
+            _names(b"a b"),
+            _names(b"x") + b"\0",
+        ]
+        cases += [_message_with(ext_type, body) for body in bodies]
     agreed_on_hellos = 0
     for message in cases:
         got, expected = _outcome(parse_client_hello_message, message), _outcome(reference_parse, message)
