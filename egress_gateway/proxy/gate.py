@@ -110,7 +110,7 @@ class Gate:
         except InvalidTarget:  # the engine has already said so; keep its wording
             return Verdict(facts, first)
         if normalized.ip is not None:
-            pinned = replace(facts, destination_ip=normalized.ip)
+            pinned = Facts(identity, host, port, host_header=host_header, destination_ip=normalized.ip)
             return self._checked(pinned, self.engine.decide(pinned), (normalized.ip,))
         name = normalized.name or host
         try:
@@ -121,7 +121,8 @@ class Gate:
             return Verdict(facts, adapter_denial(Reason.DNS_ERROR, f"{name} resolved to no addresses"))
         first_denial: Verdict | None = None
         for address in candidates:
-            pinned = replace(facts, destination_ip=address)
+            # `facts` with the address, built directly (half the cost of `replace`; once per candidate)
+            pinned = Facts(identity, host, port, host_header=host_header, destination_ip=address)
             verdict = self._checked(pinned, self.engine.decide(pinned), candidates)
             if verdict.decision.allowed:
                 return verdict
