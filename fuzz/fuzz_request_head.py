@@ -3,7 +3,8 @@
 Contract under test, for any bytes: the head checks of `wire/heads.py` (size/count limits, request-line bytes,
 framing) return a verdict and never raise; a head they accept parses with mitmproxy's HTTP/1 reader or fails with
 ValueError only (what the addon turns into 400 bad_request); an accepted CONNECT/absolute-form target normalizes to
-a name or an IP, or fails with InvalidTarget only; and every refusal maps to a status the responses module knows.
+a name or an IP, or fails with InvalidTarget only; every refusal maps to a status the responses module knows; and the
+common-CONNECT path of `wire/request_head.py` answers only where the full checks accept, with the same Request.
 Run: `.venv/bin/python fuzz/fuzz_request_head.py fuzz/corpus/request_head -max_total_time=60`.
 """
 
@@ -19,6 +20,7 @@ import contextlib
 import atheris
 
 with atheris.instrument_imports():
+    from mitmproxy import http
     from mitmproxy.net.http import http1
     from mitmproxy.net.http.validate import validate_headers
 
@@ -31,11 +33,23 @@ with atheris.instrument_imports():
         framing_problem,
         request_line_problem,
     )
+    from egress_gateway.wire.request_head import read_common_connect, read_head_in_full
 
 LIMITS = HeadLimits(max_request_line_bytes=512, max_header_bytes=2048, max_headers=16)
 
 
 def test_one_input(data: bytes) -> None:
+    fast = read_common_connect(data, LIMITS)
+    if fast is not None:
+        full = read_head_in_full(data, LIMITS)
+        assert isinstance(full, http.Request), full
+        assert (fast.host, fast.port, fast.authority, fast.http_version, fast.headers.fields) == (
+            full.host,
+            full.port,
+            full.authority,
+            full.http_version,
+            full.headers.fields,
+        )
     problem = check_request_head(data, LIMITS)
     if problem is not None:
         assert problem.status in (414, 431)
