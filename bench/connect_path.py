@@ -13,7 +13,9 @@ configuration: static identity for 127.0.0.1, the origin's name in `resolver.hos
 - `start_tunnel`: `GatewayAddon.start_tunnel` on a real ClientHello (made by Python's `ssl` module for the origin
   name, ALPN h2 + http/1.1): a fresh `TunnelInspector` reads it, the SNI is re-decided (`Gate.decide_sni`); the
   record is a no-op;
-- `clienthello`: `TunnelInspector.client_data` alone on the same bytes.
+- `clienthello`: `TunnelInspector.client_data` alone on the same bytes;
+- `resolve_dns`: `Resolver.resolve` of a name whose DNS answer (TTL 300, from a responder on loopback) is cached:
+  what each connection to a name outside `resolver.hosts` pays once the name was looked up.
 
 Each piece runs `--number` calls per sample, `--repeat` samples interleaved across pieces (so a burst of load on
 the shared machine hits every piece alike); the median (and min) microseconds per call are printed. Run with -O, as
@@ -31,16 +33,23 @@ import asyncio
 import contextlib
 import gc
 import ipaddress
+import socket
 import ssl
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dns.message
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 
 from bench.gateway import gateway_config
 from bench.policies import realistic_set
@@ -83,6 +92,31 @@ class _NoRecorder:
 
     def shutdown(self) -> None:
         pass
+
+
+class _Nameserver:
+    """A DNS responder on loopback UDP answering every A query with 127.0.0.1, TTL 300 (dnspython's message API)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            data, peer = self.sock.recvfrom(4096)
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            if question.rdtype == dns.rdatatype.A:
+                response.answer.append(
+                    dns.rrset.from_text(question.name, 300, dns.rdataclass.IN, dns.rdatatype.A, "127.0.0.1")
+                )
+            self.sock.sendto(response.to_wire(), peer)
 
 
 def client_hello(server_name: str) -> bytes:
@@ -138,6 +172,13 @@ async def pieces(addon: GatewayAddon, gate: Gate) -> dict[str, Callable[[int], A
     tunnel_check = addon.start_tunnel(_tunnel(allowed, head_limits), hello)
     assert tunnel_check is True, "the ClientHello must open the tunnel"
 
+    resolver = Resolver({}, [_Nameserver().address], 2)
+    await resolver.resolve("dns.bench.test")
+
+    async def resolve_dns(n: int) -> None:
+        for _ in range(n):
+            await resolver.resolve("dns.bench.test")
+
     async def admit(n: int) -> None:
         for _ in range(n):
             await admission.admit("bench", CLIENT, None, facts, None)
@@ -176,6 +217,7 @@ async def pieces(addon: GatewayAddon, gate: Gate) -> dict[str, Callable[[int], A
         "own": own,
         "start_tunnel": start_tunnel,
         "clienthello": clienthello,
+        "resolve_dns": resolve_dns,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -41,6 +42,19 @@ def test_ttl_zero_answers_are_not_cached(dns_server: ScriptedDNS) -> None:
     resolver = Resolver({}, [dns_server.address], 2)
     assert resolve(resolver, "flip.test") == ("127.0.0.21",)
     assert resolve(resolver, "flip.test") == ("127.0.0.22",)
+
+
+def test_an_answer_is_reused_until_its_ttl_ends_then_asked_again() -> None:
+    server = ScriptedDNS({"api.test": ["127.0.0.20", "127.0.0.30"]}, ttl=3).start()
+    try:
+        resolver = Resolver({}, [server.address], 2)
+        assert [resolve(resolver, "api.test") for _ in range(20)] == [("127.0.0.20",)] * 20
+        assert server.a_queries("api.test") == 1
+        time.sleep(3.5)
+        assert resolve(resolver, "api.test") == ("127.0.0.30",)
+        assert server.a_queries("api.test") == 2
+    finally:
+        server.stop()
 
 
 def test_nxdomain_is_dns_error(dns_server: ScriptedDNS) -> None:
