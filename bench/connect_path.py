@@ -151,7 +151,6 @@ def build(workdir: Path) -> tuple[GatewayAddon, Gate, Settings]:
         _NoRecorder(),
         Timeouts(),
         limits.max_connections,
-        close_client=lambda _: False,
         head_limits=HeadLimits(limits.max_request_line_bytes, limits.max_header_bytes, limits.max_headers),
         namespace_connections=limits.namespace_connections,
     )
