@@ -9,12 +9,16 @@ must not import the proxy or the OpenTelemetry SDK.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
-from egress_gateway.audit.chain import ALG_HMAC, GENESIS, NotSealed, SealedLine, open_line
+import orjson
+
+from egress_gateway.audit.chain import ALG_HMAC, GENESIS, HASH_MARK, digest
 from egress_gateway.trail.read import _open_binary, _rotation_key, expand_paths
 
 CHECKPOINT = "checkpoint"
@@ -22,6 +26,56 @@ CHECKPOINT = "checkpoint"
 
 class KeyRequired(ValueError):
     """The trail is HMAC-sealed and no key was given."""
+
+
+@dataclass(frozen=True, slots=True)
+class SealedLine:
+    instance: str
+    seq: int
+    prev: str
+    alg: str
+    hash: str
+    message: bytes  # what `hash` covers
+    record: dict[str, Any]  # the whole line parsed, chain included
+
+    def intact(self, key: bytes | None) -> bool:
+        return hmac.compare_digest(digest(self.prev, self.message, key), self.hash)
+
+
+class NotSealed(ValueError):
+    """A line that is not a sealed trail record (cut short, not JSON, or without a chain)."""
+
+
+def open_line(line: bytes) -> SealedLine:
+    """Split a sealed line into what its hash covers and its chain fields. Raises `NotSealed`."""
+    line = line.rstrip(b"\r\n")
+    at = line.rfind(HASH_MARK)
+    if at < 0 or not line.endswith(b'"}}') or len(line) - at != len(HASH_MARK) + 64 + 3:
+        raise NotSealed("no chain hash at the end of the line (cut short or not written by the gateway)")
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise NotSealed(f"not JSON: {exc}") from None
+    chain = record.get("chain") if isinstance(record, dict) else None
+    if not isinstance(chain, dict):
+        raise NotSealed("no chain member")
+    try:
+        sealed = SealedLine(
+            instance=str(chain["instance"]),
+            seq=int(chain["seq"]),
+            prev=str(chain["prev"]),
+            alg=str(chain["alg"]),
+            hash=str(chain["hash"]),
+            message=line[:at],
+            record=record,
+        )
+        bytes.fromhex(sealed.prev)
+        bytes.fromhex(sealed.hash)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NotSealed(f"malformed chain member: {exc!r}") from None
+    if len(sealed.prev) != 64:
+        raise NotSealed("malformed chain member: prev is not 64 hex digits")
+    return sealed
 
 
 @dataclass(slots=True)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from egress_gateway.audit.chain import GENESIS, open_line
+from egress_gateway.audit.chain import GENESIS
 from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.otlp_json import FinishedRecord
 from egress_gateway.cli import main
+from egress_gateway.trail.verify import open_line
 
 
 def _record(n: int, host: str = "pypi.org") -> FinishedRecord:
