@@ -1,12 +1,13 @@
-"""OTLP export that outlives an outage of the receiver: a `SpanExporter` wrapping the SDK's OTLP exporter.
+"""The exporter wrapper every OpenTelemetry exporter of the gateway sits in: counts, and retries OTLP batches.
 
-The batch processor's worker hands it a batch; it tries the backend once, and a batch the backend could not take
-goes into a bounded buffer that its own thread retries, oldest first, with exponential backoff (0.5 s doubling to
-`max_backoff_s`). While the buffer holds anything, new batches queue behind it without a try, so the batch worker
-never waits on a dead receiver and order is kept. A full buffer drops its oldest spans (counted, `buffer_full`);
-spans still buffered at shutdown after one last try are counted as `export_failed`. Counts what it delivers
-(`egress_gateway_spans_exported_total`), its retries (`egress_gateway_span_export_retries_total`) and drops.
-Public SDK API only (`SpanExporter`); must not import the proxy.
+`ExportTracker(inner, name, max_buffered=N)` hands each batch from the batch processor's worker to `inner` once,
+counts what it delivers (`egress_gateway_spans_exported_total`) and how many spans it was given (`taken`, which the
+processor needs to count spans dropped on a full queue), and turns exceptions into failures. With `max_buffered`
+0 a failed batch is dropped (`export_failed`). With `max_buffered` > 0 (OTLP) it goes into a bounded buffer that
+its own thread retries, oldest first, with exponential backoff (0.5 s doubling to `max_backoff_s`); while the
+buffer holds anything, new batches queue behind it without a try, so the worker never waits on a dead receiver and
+order is kept. A full buffer drops its oldest spans (`buffer_full`); spans still buffered at shutdown after one
+last try are `export_failed`; retries are counted (`egress_gateway_span_export_retries_total`). Public SDK API only.
 """
 
 from __future__ import annotations
@@ -15,28 +16,32 @@ import collections
 import threading
 from collections.abc import Sequence
 
+import structlog
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from egress_gateway import metrics
 from egress_gateway.audit.logs import RateLimitedWarning
 
+log = structlog.get_logger("egress_gateway.audit")
+
 INITIAL_BACKOFF_S = 0.5
 RETRY_BATCH = 512
 
 
-class RetryingExporter(SpanExporter):
+class ExportTracker(SpanExporter):
     def __init__(
         self,
         inner: SpanExporter,
         name: str,
         *,
-        max_buffered: int,
+        max_buffered: int = 0,
         initial_backoff_s: float = INITIAL_BACKOFF_S,
         max_backoff_s: float = 30.0,
     ) -> None:
         self.inner = inner
         self.name = name
+        self.taken = 0  # spans handed to export so far (written by the batch worker only)
         self._max_buffered = max_buffered
         self._initial_backoff_s = initial_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -44,13 +49,23 @@ class RetryingExporter(SpanExporter):
         self._lock = threading.Lock()
         self._pending = threading.Event()  # the buffer has spans
         self._stopping = threading.Event()
-        self._warn_failed = RateLimitedWarning("audit_export_retrying")
+        self._warn_failed = RateLimitedWarning("audit_export_failed")
+        self._warn_retrying = RateLimitedWarning("audit_export_retrying")
         self._warn_dropped = RateLimitedWarning("audit_export_buffer_full")
-        self._thread = threading.Thread(target=self._run, name=f"audit-retry-{name}", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if max_buffered > 0:
+            self._thread = threading.Thread(target=self._run, name=f"audit-retry-{name}", daemon=True)
+            self._thread.start()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """On the batch worker: never waits on a backend that is known to be down."""
+        self.taken += len(spans)
+        if self._thread is None:
+            if self._deliver(spans):
+                return SpanExportResult.SUCCESS
+            metrics.span_export_dropped(self.name, "export_failed", len(spans))
+            self._warn_failed(len(spans), exporter=self.name)
+            return SpanExportResult.FAILURE
         with self._lock:
             outage = bool(self._buffer)
             if outage:
@@ -96,7 +111,7 @@ class RetryingExporter(SpanExporter):
                 backoff = self._initial_backoff_s
             else:
                 metrics.span_export_retried(self.name)
-                self._warn_failed(exporter=self.name, buffered=len(self._buffer), next_retry_s=backoff)
+                self._warn_retrying(exporter=self.name, buffered=len(self._buffer), next_retry_s=backoff)
                 backoff = min(backoff * 2, self._max_backoff_s)
 
     def _retry_once(self) -> bool:
@@ -123,10 +138,14 @@ class RetryingExporter(SpanExporter):
             return False
 
     def shutdown(self) -> None:
-        self._stopping.set()
-        self._pending.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._stopping.set()
+            self._pending.set()
+            self._thread.join(timeout=5)
         if self._buffer and not self._retry_once():
             metrics.span_export_dropped(self.name, "export_failed", len(self._buffer))
             self._buffer.clear()
-        self.inner.shutdown()
+        try:
+            self.inner.shutdown()
+        except Exception as exc:
+            log.warning("audit_exporter_shutdown_failed", exporter=self.name, error=repr(exc))

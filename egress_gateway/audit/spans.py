@@ -23,7 +23,7 @@ import structlog
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
@@ -34,7 +34,7 @@ from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.logs import RateLimitedWarning, decision_logger, log_decision
 from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
-from egress_gateway.audit.retry import RetryingExporter
+from egress_gateway.audit.retry import ExportTracker
 from egress_gateway.audit.rotation import Rotation
 from egress_gateway.audit.snapshot import policy_record
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
@@ -53,43 +53,6 @@ SPAN_LIMITS = SpanLimits(max_span_attributes=256, max_event_attributes=64, max_e
 _record_failure = RateLimitedWarning("audit_record_failed")
 
 
-class CountingExporter(SpanExporter):
-    """Wraps an exporter: counts exported and failed spans, and turns exceptions into FAILURE."""
-
-    def __init__(self, inner: SpanExporter, name: str) -> None:
-        self.inner = inner
-        self.name = name
-        self.taken = 0  # spans handed to export so far (written by the export thread only)
-        self._warn = RateLimitedWarning("audit_export_failed")
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.taken += len(spans)
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        if isinstance(self.inner, RetryingExporter):  # it counts what it delivers, retries and drops
-            return result
-        if result is SpanExportResult.SUCCESS:
-            metrics.spans_exported(self.name, len(spans))
-        else:
-            metrics.span_export_dropped(self.name, "export_failed", len(spans))
-            self._warn(len(spans), exporter=self.name)
-        return result
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        try:
-            return self.inner.force_flush(timeout_millis)
-        except Exception:
-            return False
-
-    def shutdown(self) -> None:
-        try:
-            self.inner.shutdown()
-        except Exception as exc:
-            log.warning("audit_exporter_shutdown_failed", exporter=self.name, error=repr(exc))
-
-
 class BoundedBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's batch processor (bounded queue, worker thread) plus a count of spans dropped on a full queue.
 
@@ -98,22 +61,21 @@ class BoundedBatchSpanProcessor(BatchSpanProcessor):
     arrives while `max_queue_size` spans are waiting pushes one out, and is counted per exporter.
     """
 
-    def __init__(self, exporter: SpanExporter, name: str, max_queue_size: int) -> None:
-        self._counting = CountingExporter(exporter, name)
+    def __init__(self, exporter: ExportTracker, max_queue_size: int) -> None:
         super().__init__(
-            self._counting, max_queue_size=max_queue_size, max_export_batch_size=min(MAX_EXPORT_BATCH, max_queue_size)
+            exporter, max_queue_size=max_queue_size, max_export_batch_size=min(MAX_EXPORT_BATCH, max_queue_size)
         )
-        self.name = name
+        self._exporter = exporter
         self._max_queue_size = max_queue_size
         self._submitted = 0  # written by the event loop only
         self._dropped = 0
         self._warn = RateLimitedWarning("audit_queue_full")
 
     def on_end(self, span: ReadableSpan) -> None:
-        if self._submitted - self._counting.taken - self._dropped >= self._max_queue_size:
+        if self._submitted - self._exporter.taken - self._dropped >= self._max_queue_size:
             self._dropped += 1
-            metrics.span_export_dropped(self.name, "queue_full")
-            self._warn(exporter=self.name)
+            metrics.span_export_dropped(self._exporter.name, "queue_full")
+            self._warn(exporter=self._exporter.name)
         self._submitted += 1
         super().on_end(span)
 
@@ -146,30 +108,16 @@ def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
     """The configured OpenTelemetry exporters by name ("otlp", "console"). Raises ValueError on bad settings."""
     exporters: list[tuple[str, SpanExporter]] = []
     if audit.otlp_endpoint:
+        endpoint = audit.otlp_endpoint
+        exporter: type[SpanExporter]
         if audit.otlp_protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-            exporters.append(
-                (
-                    "otlp",
-                    GrpcExporter(
-                        endpoint=audit.otlp_endpoint, headers=dict(audit.otlp_headers), timeout=OTLP_TIMEOUT_S
-                    ),
-                )
-            )
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as exporter
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as exporter
 
-            exporters.append(
-                (
-                    "otlp",
-                    HttpExporter(
-                        endpoint=otlp_http_traces_url(audit.otlp_endpoint),
-                        headers=dict(audit.otlp_headers),
-                        timeout=OTLP_TIMEOUT_S,
-                    ),
-                )
-            )
+            endpoint = otlp_http_traces_url(endpoint)
+        options = {"endpoint": endpoint, "headers": dict(audit.otlp_headers), "timeout": OTLP_TIMEOUT_S}
+        exporters.append(("otlp", exporter(**options)))
     if audit.console:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
@@ -219,9 +167,8 @@ def build_tracer_provider(
         id_generator=RecordIds(),
     )
     for name, exporter in exporters:
-        if name == "otlp" and otlp_retry_buffer > 0:
-            exporter = RetryingExporter(exporter, name, max_buffered=otlp_retry_buffer)
-        provider.add_span_processor(BoundedBatchSpanProcessor(exporter, name, max_queue_size))
+        tracker = ExportTracker(exporter, name, max_buffered=otlp_retry_buffer if name == "otlp" else 0)
+        provider.add_span_processor(BoundedBatchSpanProcessor(tracker, max_queue_size))
     return provider
 
 
