@@ -10,7 +10,6 @@ SDK's types; must not import the proxy.
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -27,7 +26,8 @@ class UnsupportedValue(ValueError):
 
 
 def any_value(value: Any) -> dict[str, Any]:
-    """An attribute value as an OTLP/JSON `AnyValue`."""
+    """An attribute value (a primitive or a sequence of them, what OpenTelemetry attributes hold) as an OTLP/JSON
+    `AnyValue`."""
     # Order matters: bool is an int, str is a Sequence (the SDK's `_encode_value` checks in this order too).
     if isinstance(value, bool):
         return {"boolValue": value}
@@ -41,41 +41,18 @@ def any_value(value: Any) -> dict[str, Any]:
         if math.isfinite(value):
             return {"doubleValue": value}
         return {"doubleValue": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
-    if value is None:
-        return {}
-    if isinstance(value, bytes):
-        return {"bytesValue": base64.b64encode(value).decode("ascii")} if value else {"bytesValue": ""}
-    if isinstance(value, Sequence):
+    if isinstance(value, Sequence) and not isinstance(value, bytes):
         values = [any_value(item) for item in value]
         return {"arrayValue": {"values": values} if values else {}}
-    if isinstance(value, Mapping):
-        pairs = [_key_value(str(k), v) for k, v in value.items()]
-        return {"kvlistValue": {"values": pairs} if pairs else {}}
     raise UnsupportedValue(f"attribute value of type {type(value).__name__}")
 
 
-def _key_value(key: str, value: Any) -> dict[str, Any]:
-    if key:
-        return {"key": key, "value": any_value(value)}
-    return {"value": any_value(value)}
-
-
 def attributes(values: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    if not values:
-        return []
-    out = []
-    for key, value in values.items():
-        kind = type(value)  # the primitives every record holds first, without the general dispatch
-        if kind is str:
-            encoded: dict[str, Any] = {"stringValue": value}
-        elif kind is bool:
-            encoded = {"boolValue": value}
-        elif kind is int and _INT64_MIN <= value <= _INT64_MAX:
-            encoded = {"intValue": str(value)}
-        else:
-            encoded = any_value(value)
-        out.append({"key": key, "value": encoded} if key else {"value": encoded})
-    return out
+    # Text, what most values are, without the general dispatch.
+    return [
+        {"key": key, "value": {"stringValue": value} if type(value) is str else any_value(value)}
+        for key, value in (values or {}).items()
+    ]
 
 
 def resource(res: Resource) -> dict[str, Any]:

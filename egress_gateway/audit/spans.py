@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
 
@@ -126,27 +126,27 @@ def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
     return exporters
 
 
-class RecordIds(IdGenerator):
+class RecordIds(RandomIdGenerator):
     """The SDK's random ids, except that a record's span gets the ids the record drew when it opened (its decision
-    log lines and its trail line carry them): `SpanRecord` hands them over right before it starts the span."""
+    log lines and its trail lines carry them): `SpanRecorder.finished` hands them over right before it starts the
+    span."""
 
     def __init__(self) -> None:
-        self._random = RandomIdGenerator()
         self._next = threading.local()
 
     def generate_trace_id(self) -> int:
         ids: tuple[int, int] | None = getattr(self._next, "ids", None)
-        return ids[0] if ids is not None else self._random.generate_trace_id()
+        return ids[0] if ids is not None else super().generate_trace_id()
 
     def generate_span_id(self) -> int:
         ids: tuple[int, int] | None = getattr(self._next, "ids", None)
         if ids is None:
-            return self._random.generate_span_id()
+            return super().generate_span_id()
         self._next.ids = None
         return ids[1]
 
     def new_ids(self) -> tuple[int, int]:
-        return self._random.generate_trace_id(), self._random.generate_span_id()
+        return super().generate_trace_id(), super().generate_span_id()
 
     def hand_over(self, ids: tuple[int, int]) -> None:
         self._next.ids = ids
@@ -187,11 +187,13 @@ def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
 
 
 class SpanRecord:
-    """One connection's record, from accept to close: its attributes (applied at close, so a later decision (SNI
-    after CONNECT) replaces the earlier one's policy/rule instead of leaving them mixed), its events (each decision
-    is one), its ids (drawn at open: the decision log lines carry them), its outcome. At close it is handed, as one
-    `FinishedRecord`, to the trail writer and, when OpenTelemetry exporters are configured, to the SDK as a span
-    with the same ids, times, attributes and events. The SDK's span limits (`SPAN_LIMITS`) apply to both.
+    """One connection's record, from accept to close: what the proxy set and the facts decided on
+    (`_attributes`), the latest decision's attributes (`_decision`, so a later decision (SNI after CONNECT)
+    replaces the earlier one's policy/rule instead of leaving them mixed), its events (each decision is one), its
+    ids (drawn at open: the decision log lines carry them). The first decision goes to the trail at once as an
+    `OpenedRecord`; at close the record is handed, as one `FinishedRecord`, to the trail writer and, when
+    OpenTelemetry exporters are configured, to the SDK as a span with the same ids, times, attributes and events.
+    The SDK's span limits (`SPAN_LIMITS`) apply to both.
 
     Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
     allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
@@ -203,28 +205,20 @@ class SpanRecord:
     __slots__ = (
         "_attributes",
         "_closed",
-        "_closed_event",
         "_decided_by",
-        "_decided_outcome",
         "_decision",
-        "_decisions",
-        "_denied",
         "_dropped_events",
         "_events",
         "_identity",
-        "_identity_attributes",
         "_ids",
         "_kind",
-        "_namespace",
         "_opened",
         "_outcome",
         "_pending_decided",
         "_pending_line",
         "_recorder",
-        "_resolved_event",
+        "_stages",
         "_start_ns",
-        "span_id",
-        "trace_id",
     )
 
     def __init__(self, recorder: SpanRecorder, kind: str, client_address: str, client_port: int) -> None:
@@ -240,27 +234,27 @@ class SpanRecord:
         self._decision: dict[str, fields.AttributeValue] = {}
         self._decided_by: Decision | None = None
         self._identity: Identity | None = None
-        self._identity_attributes: dict[str, fields.AttributeValue] = {}
-        self._decided_outcome: tuple[str, str, str | None] = ("", "", None)  # verdict, reason, would-deny reason
-        self._denied: str | None = None
-        self._namespace: str | None = None
-        self._decisions = 0
+        self._outcome: tuple[fields.AttributeValue | None, ...] | None = None  # verdict, reason, would-deny reason
         self._closed = False
-        self._closed_event = False
-        self._resolved_event = False
         self._pending_decided: dict[str, fields.AttributeValue] = {}
-        self._outcome: tuple[str, str, str | None] | None = None
         self._pending_line: dict[str, fields.AttributeValue] | None = None
         self._events: list[tuple[str, dict[str, Any], int, int]] = []
+        self._stages: set[str] = set()  # the names of the events added, dropped or not
         self._dropped_events = 0
         self._ids = recorder.ids.new_ids()
-        self.trace_id = format_trace_id(self._ids[0])
-        self.span_id = format_span_id(self._ids[1])
         metrics.connection_opened(kind)
+
+    @property
+    def trace_id(self) -> str:
+        return format_trace_id(self._ids[0])
+
+    @property
+    def span_id(self) -> str:
+        return format_span_id(self._ids[1])
 
     def event(self, name: str, **attributes: Any) -> None:
         try:
-            if self._closed:
+            if self._closed or (name == "resolved" and "resolved" in self._stages):
                 return
             values: dict[str, fields.AttributeValue] = {}
             for key, value in attributes.items():
@@ -270,14 +264,8 @@ class SpanRecord:
             if name == "decided":  # `decided()` writes this event; keep what the caller measured (e.g. duration_s)
                 self._pending_decided.update(values)
                 return
-            if name != "client_hello" and self._pending_line is not None:
+            if name != "client_hello":
                 self._write_pending_line()
-            if name == "closed":
-                self._closed_event = True
-            elif name == "resolved":
-                if self._resolved_event:
-                    return
-                self._resolved_event = True
             self._add_event(name, values)
         except Exception as exc:  # the audit trail must never break a connection
             _record_failure(error=repr(exc), method="event")
@@ -288,9 +276,8 @@ class SpanRecord:
                 return
             values = fields.proxy_attributes(attributes)
             peer = values.get(fields.NETWORK_PEER_ADDRESS)
-            if peer is not None and not self._resolved_event:
+            if peer is not None and "resolved" not in self._stages:
                 # The proxy reports the pinned IP as soon as resolution returns: that moment is the `resolved` stage.
-                self._resolved_event = True
                 self._add_event("resolved", {fields.NETWORK_PEER_ADDRESS: peer})
             self._attributes.update(values)
         except Exception as exc:
@@ -298,46 +285,42 @@ class SpanRecord:
 
     def decided(self, facts: Facts, decision: Decision) -> None:
         try:
-            self._decided(facts, decision)
+            if not self._closed:
+                self._decided(facts, decision)
         except Exception as exc:
             _record_failure(error=repr(exc), method="decided")
 
     def _decided(self, facts: Facts, decision: Decision) -> None:
-        if self._closed:
-            return
-        self._decisions += 1
-        if self._decisions == 1:
+        first = self._outcome is None
+        if first:
             metrics.observe_decision_latency(time.monotonic() - self._opened)
         if facts.identity is not self._identity:  # a tunnel's SNI decision has the same identity as its CONNECT
             self._identity = facts.identity
-            self._identity_attributes = fields.identity_attributes(facts.identity)
-        self._attributes.update(fields.facts_attributes(facts, self._identity_attributes))
+            self._attributes.update(fields.identity_attributes(facts.identity))
+        self._attributes.update(fields.facts_attributes(facts, {}))
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
             self._recorder.in_force(decision, self._decision)
-            would_deny = str(decision.audit_reason.value) if decision.would_deny and decision.audit_reason else None
-            self._decided_outcome = (decision.verdict, str(decision.reason.value), would_deny)
         attributes = self._decision
-        self._namespace = facts.identity.namespace if facts.identity else None
-        self._denied = None if decision.allowed else str(attributes[fields.MESSAGE])
         event = {key: attributes[key] for key in _DECIDED_EVENT_KEYS if key in attributes}
-        if self._pending_decided:
-            event.update(self._pending_decided)
-            self._pending_decided = {}
+        event.update(self._pending_decided)
+        self._pending_decided = {}
         self._add_event("decided", event)
-        outcome = self._decided_outcome
+        outcome = (attributes[fields.DECISION], attributes[fields.REASON], attributes.get(fields.WOULD_DENY_REASON))
         # Count connections, not re-checks: the SNI re-decision of a tunnel counts only if it changes the outcome.
         if outcome != self._outcome:
             self._outcome = outcome
-            metrics.record_decision(self._namespace, outcome[0], outcome[1], would_deny_reason=outcome[2])
+            namespace = facts.identity.namespace if facts.identity else None
+            would_deny = None if outcome[2] is None else str(outcome[2])
+            metrics.record_decision(namespace, str(outcome[0]), str(outcome[1]), would_deny_reason=would_deny)
             self._write_pending_line()
         else:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
         line = {**self._attributes, **attributes}
-        if self._decisions == 1 and (trail := self._recorder.trail) is not None:
-            trail.submit(OpenedRecord(self._ids[0], self._ids[1], f"egress {self._kind}", time.time_ns(), line))
-        if self._kind == "CONNECT" and self._decisions == 1 and decision.allowed:
+        if first and (trail := self._recorder.trail) is not None:
+            trail.submit(OpenedRecord(*self._ids, f"egress {self._kind}", time.time_ns(), line))
+        if first and self._kind == "CONNECT" and decision.allowed:
             self._pending_line = line
         else:
             self._write_line(line)
@@ -349,10 +332,12 @@ class SpanRecord:
             del events[0]
             self._dropped_events += 1
         events.append((name, values, time.time_ns(), dropped))
+        self._stages.add(name)
 
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
-        recorder = self._recorder
-        log_decision(recorder.log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}")
+        log_decision(
+            self._recorder.log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}"
+        )
 
     def _write_pending_line(self) -> None:
         if self._pending_line is not None:
@@ -367,36 +352,31 @@ class SpanRecord:
             try:
                 self._end(bytes_sent, bytes_received)
             finally:
-                metrics.connection_closed(self._kind, self._namespace, bytes_sent, bytes_received)
+                namespace = self._identity.namespace if self._identity else None
+                metrics.connection_closed(self._kind, namespace, bytes_sent, bytes_received)
         except Exception as exc:
             _record_failure(error=repr(exc), method="close")
 
     def _end(self, bytes_sent: int, bytes_received: int) -> None:
         self._write_pending_line()
-        if not self._closed_event:
-            self._add_event("closed", {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received})
-        attributes, dropped = _bounded(
-            {
-                **self._attributes,
-                **self._decision,
-                fields.BYTES_SENT: bytes_sent,
-                fields.BYTES_RECEIVED: bytes_received,
-            },
-            _MAX_SPAN_ATTRIBUTES,
+        sent_received = {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received}
+        if "closed" not in self._stages:
+            self._add_event("closed", sent_received)
+        attributes, dropped = _bounded({**self._attributes, **self._decision, **sent_received}, _MAX_SPAN_ATTRIBUTES)
+        denied = self._decision.get(fields.DECISION) == "deny"
+        self._recorder.finished(
+            FinishedRecord(
+                *self._ids,
+                name=f"egress {self._kind}",
+                start_ns=self._start_ns,
+                end_ns=time.time_ns(),
+                attributes=attributes,
+                dropped_attributes=dropped,
+                events=self._events,
+                dropped_events=self._dropped_events,
+                error=str(self._decision[fields.MESSAGE]) if denied else None,
+            )
         )
-        finished = FinishedRecord(
-            trace_id=self._ids[0],
-            span_id=self._ids[1],
-            name=f"egress {self._kind}",
-            start_ns=self._start_ns,
-            end_ns=time.time_ns(),
-            attributes=attributes,
-            dropped_attributes=dropped,
-            events=self._events,
-            dropped_events=self._dropped_events,
-            error=self._denied,
-        )
-        self._recorder.finished(finished)
 
 
 class SpanRecorder:
