@@ -15,7 +15,7 @@ from typing import Any
 
 import idna
 
-from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
+from egress_gateway.policy.decision import Decision, Facts, Identity
 
 AttributeValue = str | bool | int | float | tuple[str, ...]
 
@@ -236,22 +236,3 @@ def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:
         if decision.audit_rule is not None:
             out[WOULD_DENY_RULE] = decision.audit_rule
     return out
-
-
-# Reasons the policy engine produces. Other reasons (dns_error, connection_refused, rate_limited, revoked, ...) are
-# outcomes decided around the engine; a record's policy verdict is its last decision with one of these.
-ENGINE_REASONS = frozenset(
-    str(r.value)
-    for r in (
-        Reason.INVALID_TARGET,
-        Reason.SNI_MISMATCH,
-        Reason.HOST_MISMATCH,
-        Reason.UNKNOWN_CLIENT,
-        Reason.BLOCKED_ADDRESS,
-        Reason.PRIVATE_ADDRESS,
-        Reason.DENIED_BY_RULE,
-        Reason.ALLOWED_BY_RULE,
-        Reason.NO_MATCHING_RULE,
-        Reason.NO_POLICY,
-    )
-)

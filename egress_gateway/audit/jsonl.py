@@ -1,21 +1,11 @@
-"""The JSON-lines audit trail: one finished connection record per line, in OTLP/JSON field names.
+"""The JSON-lines audit trail (record types, format and chain: docs/audit.md).
 
-Each line is one OTLP `Span` object as the OTLP/JSON mapping writes it (`traceId`/`spanId` as hex, `kind` and
-`status.code` as integers, 64-bit nanosecond times as strings, `attributes` as a list of `{key, value:
-AnyValue}`), plus the `resource` and `scope` it came from: what an OTLP receiver gets for the same record
-(`audit/otlp_json.py` builds the object, orjson writes it; tests compare with the SDK's protobuf encoding and with
-a real OTLP receiver).
-
-`TrailWriter` owns the file and a bounded queue drained by its own thread, so the proxy's event loop only appends.
-A full queue drops the new record, counted. Each record is encoded on its own: one that cannot be encoded is
-dropped, counted and logged, and never takes the rest of its batch with it; lines are bytes (UTF-8 by orjson), so
-nothing can fail at write time. Follows external rotation: when the path no longer names the open file
-(logrotate `create`, `mv`), the next batch reopens it. Must not import the proxy.
-
-Every line is sealed into the hash chain (`audit/chain.py`) as it is written, on this thread, never on the event
-loop; the chain runs on across rotation, and a writer that appends to an existing trail links its first record to
-the file's last. Every `checkpoint_interval_s` (and at shutdown, `final`) it writes a `checkpoint` record and logs
-its sequence number and hash (`audit_checkpoint`), so a copy of the chain's head lives outside the file too.
+`TrailWriter` owns the file and a bounded queue drained by its own thread, so the proxy's event loop only appends;
+a full queue drops the new record, counted. Each record is encoded on its own (`audit/otlp_json.py`, orjson): one
+that cannot be encoded is dropped, counted and logged, never its batch. Every line is sealed into the hash chain
+(`audit/chain.py`) on this thread, across rotation (`audit/rotation.py`) and external rotation (a moved path is
+reopened); a writer appending to an existing trail links to its last record. Every `checkpoint_interval_s` and at
+shutdown it writes a `checkpoint` record and logs its `seq` and hash (`audit_checkpoint`). Must not import the proxy.
 """
 
 from __future__ import annotations
@@ -44,7 +34,6 @@ MAX_BATCH = 512
 FLUSH_INTERVAL_S = 1.0
 CHECKPOINT_INTERVAL_S = 60.0
 _TAIL_BYTES = 1 << 16  # enough for the last complete line of an existing trail
-CHECKPOINT = "checkpoint"
 
 
 class TrailWriter:
@@ -110,8 +99,8 @@ class TrailWriter:
         self._wake.set()
         self._thread.join(timeout=10)
         self._drain()
+        self._checkpoint(final=True)
         with self._write_lock:
-            self._write([self._checkpoint(final=True)])
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -123,17 +112,18 @@ class TrailWriter:
             self._wake.clear()
             self._drain()
             if time.monotonic() >= self._next_checkpoint:
-                with self._write_lock:
-                    self._write([self._checkpoint(final=False)])
+                self._checkpoint(final=False)
 
-    def _checkpoint(self, *, final: bool) -> dict[str, Any]:
+    def _checkpoint(self, *, final: bool) -> None:
+        """Writes a checkpoint record and, once it is written, logs the chain's head."""
         self._next_checkpoint = time.monotonic() + self._checkpoint_interval_s
-        return {
-            "recordType": CHECKPOINT,
-            "timeUnixNano": str(time.time_ns()),
-            "records": self.chain.seq,  # records this writer sealed before this one
-            "final": final,
-        }
+        chain = self.chain
+        with self._write_lock:
+            now = str(time.time_ns())
+            if self._write([{"recordType": "checkpoint", "timeUnixNano": now, "records": chain.seq, "final": final}]):
+                log.info(
+                    "audit_checkpoint", instance=chain.instance, seq=chain.seq - 1, hash=chain.prev, path=str(self.path)
+                )
 
     def _drain(self) -> None:
         queue = self._pending
@@ -142,11 +132,11 @@ class TrailWriter:
                 batch = [queue.popleft() for _ in range(min(MAX_BATCH, len(queue)))]
                 self._write(batch)
 
-    def _write(self, batch: list[FinishedRecord | OpenedRecord | Mapping[str, Any]]) -> None:
+    def _write(self, batch: list[FinishedRecord | OpenedRecord | Mapping[str, Any]]) -> bool:
+        """Encodes, seals and appends `batch`; False when nothing was written."""
         lines: list[bytes] = []
         envelope = self._envelope
         seal = self.chain.seal
-        checkpoint: Mapping[str, Any] | None = None
         spans = 0
         for record in batch:
             try:
@@ -157,15 +147,13 @@ class TrailWriter:
                     body = orjson.dumps(open_object(record))
                 else:
                     body = orjson.dumps(record)
-                    if record.get("recordType") == CHECKPOINT:
-                        checkpoint = record
             except Exception as exc:  # this record only: the others of the batch are written
                 metrics.span_export_dropped(EXPORTER_NAME, "encode_failed")
                 self._not_encodable(error=repr(exc))
                 continue
             lines.append(seal(body))
         if not lines:
-            return
+            return False
         lines.append(b"")
         try:
             if self._file is not None and self._rotated():
@@ -183,13 +171,9 @@ class TrailWriter:
         except (OSError, ValueError) as exc:
             metrics.span_export_dropped(EXPORTER_NAME, "export_failed", spans)
             self._write_failed(len(lines) - 1, exporter=EXPORTER_NAME, error=repr(exc))
-            return
+            return False
         metrics.spans_exported(EXPORTER_NAME, spans)
-        if checkpoint is not None:
-            chain = self.chain
-            log.info(
-                "audit_checkpoint", instance=chain.instance, seq=chain.seq - 1, hash=chain.prev, path=str(self.path)
-            )
+        return True
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self._mode)

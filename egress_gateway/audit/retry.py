@@ -76,9 +76,6 @@ class ExportTracker(SpanExporter):
             self._pending.set()
         return SpanExportResult.SUCCESS  # taken: delivered, or buffered and retried
 
-    def buffered(self) -> int:
-        return len(self._buffer)
-
     def _keep(self, spans: Sequence[ReadableSpan]) -> None:
         buffer = self._buffer
         buffer.extend(spans)

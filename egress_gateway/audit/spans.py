@@ -36,10 +36,10 @@ from egress_gateway.audit.otlp_json import FinishedRecord, OpenedRecord
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.audit.retry import ExportTracker
 from egress_gateway.audit.rotation import Rotation
-from egress_gateway.audit.snapshot import policy_record
+from egress_gateway.audit.snapshot import decision_config, policy_annotations, policy_record
 from egress_gateway.policy.decision import Decision, Facts, Identity, Reason
 from egress_gateway.policy.engine import PolicySet
-from egress_gateway.settings import AuditSettings
+from egress_gateway.settings import AuditSettings, Settings
 
 log = structlog.get_logger("egress_gateway.audit")
 
@@ -406,7 +406,7 @@ class SpanRecorder:
         self._snapshot: str | None = None
         self._in_force: tuple[Any, ...] = (None,)  # the compiled policies of the last snapshot (never equal at first)
         self._change: dict[str, fields.AttributeValue] = {}
-        self._annotations: dict[str, dict[str, str]] = {}  # "Kind/ns/name" -> {egress.policy.annotation.<k>: v}
+        self._annotations: dict[str, dict[str, str]] = {}  # str(PolicyRef) -> {egress.policy.annotation.<k>: v}
 
     def policies_in_force(self, policies: PolicySet) -> None:
         """A `policy` record to the trail and a `policies_in_force` log line when what is in force changed (the
@@ -424,11 +424,9 @@ class SpanRecorder:
             return
         self._snapshot = record["snapshot"]
         self._annotations = {
-            f"{e['kind']}/{e['namespace'] + '/' if e['namespace'] else ''}{e['name']}": {
-                fields.POLICY_ANNOTATION_PREFIX + k: fields.safe_text(v) for k, v in e["annotations"].items()
-            }
-            for e in record["policies"]
-            if e.get("annotations")
+            str(policy.ref): {fields.POLICY_ANNOTATION_PREFIX + k: fields.safe_text(v) for k, v in found.items()}
+            for policy in current
+            if (found := policy_annotations(policy, self.annotation_keys))
         }
         if self.trail is not None:
             self.trail.submit(record)
@@ -454,9 +452,7 @@ class SpanRecorder:
         if self._change and decision.reason in (Reason.REVOKED, Reason.EXPIRED):
             attributes.update(self._change)
         if self._annotations and decision.policy is not None:
-            annotations = self._annotations.get(str(decision.policy))
-            if annotations:
-                attributes.update(annotations)
+            attributes.update(self._annotations.get(str(decision.policy), {}))
 
     def open(self, kind: str, client_address: str, client_port: int) -> ConnectionRecord:
         try:
@@ -504,45 +500,41 @@ class SpanRecorder:
             log.warning("audit_shutdown_failed", error=repr(exc))
 
 
-def build_recorder(settings: AuditSettings) -> SpanRecorder:
+def build_recorder(settings: Settings) -> SpanRecorder:
     """The recorder for `audit:`: the trail file (a path that cannot be opened fails here, at startup, with a clear
     error) and the OpenTelemetry exporters."""
+    audit = settings.audit
     resource = build_resource()
     trail = None
-    if settings.file is not None:
+    if audit.file is not None:
         envelope = {"resource": otlp_json.resource(resource), "scope": otlp_json.scope(TRACER_NAME, __version__)}
         key = None
-        if settings.hmac_key_file is not None:
+        if audit.hmac_key_file is not None:
             try:
-                key = settings.hmac_key_file.read_bytes().strip()
+                key = audit.hmac_key_file.read_bytes().strip()
             except OSError as exc:
-                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} cannot be read: {exc}") from exc
+                raise ValueError(f"audit.hmac_key_file {str(audit.hmac_key_file)!r} cannot be read: {exc}") from exc
             if not key:
-                raise ValueError(f"audit.hmac_key_file {str(settings.hmac_key_file)!r} is empty")
+                raise ValueError(f"audit.hmac_key_file {str(audit.hmac_key_file)!r} is empty")
+        rotation = Rotation(audit.rotate_bytes, audit.rotate_interval_s, audit.keep_files, audit.compress_rotated)
         try:
             trail = TrailWriter(
-                settings.file,
-                max_queue_size=settings.max_queue_size,
+                audit.file,
+                max_queue_size=audit.max_queue_size,
                 envelope=envelope,
                 hmac_key=key,
-                checkpoint_interval_s=settings.checkpoint_interval_s,
-                flush_interval_s=settings.flush_interval_s,
-                rotation=Rotation(
-                    max_bytes=settings.rotate_bytes,
-                    max_age_s=settings.rotate_interval_s,
-                    keep=settings.keep_files,
-                    compress=settings.compress_rotated,
-                ),
+                checkpoint_interval_s=audit.checkpoint_interval_s,
+                flush_interval_s=audit.flush_interval_s,
+                rotation=rotation,
             )
         except OSError as exc:
-            raise ValueError(f"audit.file {str(settings.file)!r} cannot be opened for appending: {exc}") from exc
-    exporters = build_exporters(settings)
+            raise ValueError(f"audit.file {str(audit.file)!r} cannot be opened for appending: {exc}") from exc
     provider = None
-    if exporters:
+    if exporters := build_exporters(audit):
         provider = build_tracer_provider(
-            exporters,
-            max_queue_size=settings.max_queue_size,
-            resource=resource,
-            otlp_retry_buffer=settings.otlp_retry_buffer,
+            exporters, max_queue_size=audit.max_queue_size, resource=resource, otlp_retry_buffer=audit.otlp_retry_buffer
         )
-    return SpanRecorder(provider, trail)
+    recorder = SpanRecorder(provider, trail)
+    recorder.config = decision_config(settings)
+    recorder.annotation_keys = tuple(audit.policy_annotations)
+    return recorder

@@ -2,7 +2,8 @@
 
 Owns: decoding OTLP/JSON span lines (AnyValue attributes), ordering rotated files oldest first, relative and
 absolute time bounds, `FlowFilter`, and the `--summary` grouping. Bad lines are counted and skipped, never fatal.
-Pure reading: imports `fields` only; must not import the proxy, the sources or the OpenTelemetry SDK.
+Pure reading: imports `fields` and the engine's reason codes only; must not import the proxy, the sources or
+the OpenTelemetry SDK.
 """
 
 from __future__ import annotations
@@ -21,6 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from egress_gateway.audit import fields
+from egress_gateway.policy.decision import Reason
+
+# Reasons the policy engine produces. Other reasons (dns_error, connection_refused, rate_limited, revoked, ...) are
+# outcomes decided around the engine; a record's policy verdict is its last decision with one of these.
+ENGINE_REASONS = frozenset(
+    str(r.value)
+    for r in (
+        Reason.INVALID_TARGET,
+        Reason.SNI_MISMATCH,
+        Reason.HOST_MISMATCH,
+        Reason.UNKNOWN_CLIENT,
+        Reason.BLOCKED_ADDRESS,
+        Reason.PRIVATE_ADDRESS,
+        Reason.DENIED_BY_RULE,
+        Reason.ALLOWED_BY_RULE,
+        Reason.NO_MATCHING_RULE,
+        Reason.NO_POLICY,
+    )
+)
 
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_REPORTED_BAD_LINES = 20
@@ -77,7 +97,7 @@ class PolicyVerdict:
     @classmethod
     def from_attributes(cls, attributes: Mapping[str, Any]) -> PolicyVerdict | None:
         decision, reason = attributes.get(fields.DECISION), attributes.get(fields.REASON)
-        if decision not in ("allow", "deny") or reason not in fields.ENGINE_REASONS:
+        if decision not in ("allow", "deny") or reason not in ENGINE_REASONS:
             return None
         policy, rule = attributes.get(fields.POLICY), attributes.get(fields.RULE)
         return cls(
