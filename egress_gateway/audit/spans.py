@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, Tracer, TracerProv
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind, Status, StatusCode, format_span_id, format_trace_id
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_span_id, format_trace_id
 
 from egress_gateway import __version__, metrics
 from egress_gateway.audit import fields, otlp_json
@@ -126,32 +125,6 @@ def build_exporters(audit: AuditSettings) -> list[tuple[str, SpanExporter]]:
     return exporters
 
 
-class RecordIds(RandomIdGenerator):
-    """The SDK's random ids, except that a record's span gets the ids the record drew when it opened (its decision
-    log lines and its trail lines carry them): `SpanRecorder.finished` hands them over right before it starts the
-    span."""
-
-    def __init__(self) -> None:
-        self._next = threading.local()
-
-    def generate_trace_id(self) -> int:
-        ids: tuple[int, int] | None = getattr(self._next, "ids", None)
-        return ids[0] if ids is not None else super().generate_trace_id()
-
-    def generate_span_id(self) -> int:
-        ids: tuple[int, int] | None = getattr(self._next, "ids", None)
-        if ids is None:
-            return super().generate_span_id()
-        self._next.ids = None
-        return ids[1]
-
-    def new_ids(self) -> tuple[int, int]:
-        return super().generate_trace_id(), super().generate_span_id()
-
-    def hand_over(self, ids: tuple[int, int]) -> None:
-        self._next.ids = ids
-
-
 def build_tracer_provider(
     exporters: Sequence[tuple[str, SpanExporter]],
     *,
@@ -164,7 +137,6 @@ def build_tracer_provider(
         resource=resource or build_resource(),
         sampler=ALWAYS_ON,
         span_limits=SPAN_LIMITS,
-        id_generator=RecordIds(),
     )
     for name, exporter in exporters:
         tracker = ExportTracker(exporter, name, max_buffered=otlp_retry_buffer if name == "otlp" else 0)
@@ -177,6 +149,7 @@ _MAX_EVENT_ATTRIBUTES = SPAN_LIMITS.max_event_attributes or 0
 _MAX_SPAN_ATTRIBUTES = SPAN_LIMITS.max_span_attributes or 0
 _DECIDED_EVENT_KEYS = (fields.DECISION, fields.REASON, fields.POLICY, fields.RULE, fields.WOULD_DENY)
 _NO_PARENT = Context()
+_RANDOM_IDS = RandomIdGenerator()  # the ids of a record without OpenTelemetry exporters (the SDK's own generator)
 
 
 def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
@@ -217,6 +190,7 @@ class SpanRecord:
         "_pending_decided",
         "_pending_line",
         "_recorder",
+        "_span",
         "_stages",
         "_start_ns",
     )
@@ -241,7 +215,20 @@ class SpanRecord:
         self._events: list[tuple[str, dict[str, Any], int, int]] = []
         self._stages: set[str] = set()  # the names of the events added, dropped or not
         self._dropped_events = 0
-        self._ids = recorder.ids.new_ids()
+        # With exporters, the SDK's span is started now (its ids are the record's: log lines and the open record
+        # carry them) and given the record's attributes and events at close.
+        self._span = (
+            None
+            if recorder.tracer is None
+            else recorder.tracer.start_span(
+                f"egress {kind}", context=_NO_PARENT, kind=SpanKind.SERVER, start_time=self._start_ns
+            )
+        )
+        if self._span is None:
+            self._ids = (_RANDOM_IDS.generate_trace_id(), _RANDOM_IDS.generate_span_id())
+        else:
+            context = self._span.get_span_context()
+            self._ids = (context.trace_id, context.span_id)
         metrics.connection_opened(kind)
 
     @property
@@ -365,6 +352,7 @@ class SpanRecord:
         attributes, dropped = _bounded({**self._attributes, **self._decision, **sent_received}, _MAX_SPAN_ATTRIBUTES)
         denied = self._decision.get(fields.DECISION) == "deny"
         self._recorder.finished(
+            self._span,
             FinishedRecord(
                 *self._ids,
                 name=f"egress {self._kind}",
@@ -375,7 +363,7 @@ class SpanRecord:
                 events=self._events,
                 dropped_events=self._dropped_events,
                 error=str(self._decision[fields.MESSAGE]) if denied else None,
-            )
+            ),
         )
 
 
@@ -388,17 +376,12 @@ class SpanRecorder:
     def __init__(self, provider: TracerProvider | None = None, trail: TrailWriter | None = None) -> None:
         self.provider = provider
         self.trail = trail
-        self._tracer: Tracer | None = None
-        ids = RecordIds()
+        self.tracer: Tracer | None = None
         if provider is not None:
             tracer = provider.get_tracer(TRACER_NAME, __version__)
             if not isinstance(tracer, Tracer):  # e.g. OTEL_SDK_DISABLED: the audit trail cannot be turned off that way
                 raise ValueError("the audit trail needs the OpenTelemetry SDK's tracer; is OTEL_SDK_DISABLED set?")
-            if not isinstance(tracer.id_generator, RecordIds):
-                raise ValueError("the tracer provider must come from build_tracer_provider (record ids)")
-            self._tracer = tracer
-            ids = tracer.id_generator
-        self.ids = ids
+            self.tracer = tracer
         self.log = decision_logger()
         self._shut = False
         self.config: dict[str, Any] = {}  # decision_config(settings), for the `policy` records
@@ -461,21 +444,13 @@ class SpanRecorder:
             _record_failure(error=repr(exc), method="open")
             return NullRecord()
 
-    def finished(self, record: FinishedRecord) -> None:
-        """A closed record: to the trail, and to OpenTelemetry as a span with the same ids and values."""
+    def finished(self, span: Span | None, record: FinishedRecord) -> None:
+        """A closed record: to the trail, and to OpenTelemetry as its span, with the same values."""
         if self.trail is not None:
             self.trail.submit(record)
-        tracer = self._tracer
-        if tracer is None:
+        if span is None:
             return
-        self.ids.hand_over((record.trace_id, record.span_id))
-        span = tracer.start_span(
-            record.name,
-            context=_NO_PARENT,
-            kind=SpanKind.SERVER,
-            attributes=record.attributes,
-            start_time=record.start_ns,
-        )
+        span.set_attributes(record.attributes)
         for name, values, time_ns, _dropped in record.events:
             span.add_event(name, values, timestamp=time_ns)
         if record.error is not None:
