@@ -1,21 +1,69 @@
-"""Process-wide logging setup for `egress-gateway run`: structlog lines on stderr, nothing else on stdout.
+"""Process-wide logging setup: structlog lines on stderr, nothing else on stdout.
 
-structlog itself is configured in one place, `audit.logs.configure_logging`; this module calls it and routes the
-standard-library loggers (mitmproxy, asyncio, the kubernetes client) through it, quietened to warnings so that the
-proxy core's per-connection chatter costs nothing on the data path. Imports structlog and the audit log setup only.
+structlog is configured here and only here (`configure_logging`, with `audit.logs.redact_secrets` on every line);
+`setup_logging`, for `egress-gateway run`, also routes the standard-library loggers (mitmproxy, asyncio, the
+kubernetes client) through it, quietened to warnings so that the proxy core's per-connection chatter costs nothing
+on the data path. Imports structlog and the audit log's redaction step only.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import sys
+from typing import Any, Literal
 
+import orjson
 import structlog
 
-from egress_gateway.audit.logs import configure_logging
+from egress_gateway.audit.logs import redact_secrets
 
 # Libraries that log per connection at INFO; their warnings and errors still come through.
 _QUIET = ("mitmproxy", "asyncio", "kubernetes", "urllib3", "watchfiles", "hpack", "aiohttp.access")
+
+
+# What `structlog.BytesLoggerFactory(sys.stderr.buffer)` / `PrintLoggerFactory(sys.stderr)` give, with the stream
+# looked up when a logger is made rather than once at configuration: whoever replaces sys.stderr later (a command run
+# in-process, a test's capture) is followed, and a logger never writes to a stream closed since.
+def _stderr_bytes_logger(*_args: Any) -> structlog.BytesLogger:
+    return structlog.BytesLogger(sys.stderr.buffer)
+
+
+def _stderr_print_logger(*_args: Any) -> structlog.PrintLogger:
+    return structlog.PrintLogger(sys.stderr)
+
+
+def configure_logging(
+    level: Literal["debug", "info", "warning", "error"] = "info",
+    fmt: Literal["json", "console"] = "json",
+    *,
+    cache_loggers: bool = False,
+) -> None:
+    """Configure structlog for the process. `egress-gateway run` configures once and caches loggers on first use
+    (`cache_loggers=True`); a cached logger keeps the configuration and the stream of its first use, so commands and
+    tests that configure more than once leave it off."""
+    renderer: Any
+    factory: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = _stderr_bytes_logger
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        factory = _stderr_print_logger
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=factory,
+        cache_logger_on_first_use=cache_loggers,
+    )
+    # The SDK's batch processor logs every dropped span; we count drops and log them rate-limited instead.
+    logging.getLogger("opentelemetry.sdk._shared_internal").setLevel(logging.ERROR)
 
 
 class StructlogHandler(logging.Handler):

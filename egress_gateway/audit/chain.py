@@ -1,15 +1,6 @@
-"""The trail's hash chain: how a record line is sealed, and how a sealed line is taken apart again for checking.
-
-A sealed line is the record's JSON object with one last member, `chain`:
-
-    {...record...,"chain":{"instance":"<writer id>","seq":<n>,"prev":"<64 hex>","alg":"sha256","hash":"<64 hex>"}}
-
-`hash` = SHA-256(prev as 32 raw bytes || M), or HMAC-SHA256(key, prev || M) with `alg` "hmac-sha256", where M is
-the line's own bytes up to (not including) `,"hash":"`: the record exactly as written plus the chain header, so
-the instance id, sequence number and the link are covered too. Nothing is re-serialized: the writer hashes the
-bytes it writes and the verifier hashes the bytes it reads. A quote inside any JSON string is escaped, so the last
-`,"hash":"` of a line is always the chain's own. `Chain` owns the writer's side (instance, next sequence number,
-last hash); `trail/verify.py` the verifier's. Pure: no I/O.
+"""The trail's hash chain, writer's side (the construction: docs/audit.md, "Tamper evidence"; the verifier:
+`trail/verify.py`). `Chain.seal` appends the `chain` member to an encoded record and hashes the line's own bytes, so
+nothing is re-serialized. Pure: no I/O.
 """
 
 from __future__ import annotations

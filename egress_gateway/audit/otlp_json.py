@@ -1,11 +1,6 @@
-"""Finished connection records as OTLP/JSON objects (plain dicts, serialized by the trail writer with orjson).
-
-Builds what the OpenTelemetry SDK's OTLP encoder + protobuf's `MessageToDict(use_integers_for_enums=True)` build
-for the span of the same record (the JSON-lines trail's format, see `audit/jsonl.py`): proto3 defaults left out,
-64-bit integers and nanosecond times as strings, ids as hex, enums as integers, fields in field-number order.
-`tests/audit/test_audit_otlp_json.py` compares the two. A value it cannot encode (an unknown type, an int outside
-int64) raises `UnsupportedValue`, and the writer drops that one record, counted. Imports only the OpenTelemetry
-SDK's types; must not import the proxy.
+"""Connection records as OTLP/JSON objects (plain dicts; the trail writer encodes them with orjson): what the SDK's
+OTLP encoder and protobuf's `MessageToDict(use_integers_for_enums=True)` give for the same span
+(tests/audit/test_audit_otlp_json.py compares them). A value OTLP has no form for raises `UnsupportedValue`.
 """
 
 from __future__ import annotations

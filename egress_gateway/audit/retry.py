@@ -1,13 +1,7 @@
-"""The exporter wrapper every OpenTelemetry exporter of the gateway sits in: counts, and retries OTLP batches.
-
-`ExportTracker(inner, name, max_buffered=N)` hands each batch from the batch processor's worker to `inner` once,
-counts what it delivers (`egress_gateway_spans_exported_total`) and how many spans it was given (`taken`, which the
-processor needs to count spans dropped on a full queue), and turns exceptions into failures. With `max_buffered`
-0 a failed batch is dropped (`export_failed`). With `max_buffered` > 0 (OTLP) it goes into a bounded buffer that
-its own thread retries, oldest first, with exponential backoff (0.5 s doubling to `max_backoff_s`); while the
-buffer holds anything, new batches queue behind it without a try, so the worker never waits on a dead receiver and
-order is kept. A full buffer drops its oldest spans (`buffer_full`); spans still buffered at shutdown after one
-last try are `export_failed`; retries are counted (`egress_gateway_span_export_retries_total`). Public SDK API only.
+"""`ExportTracker`, the wrapper every OpenTelemetry exporter sits in: counts what it delivers, drops and was given
+(`taken`, from which the batch processor counts queue drops); for OTLP (`max_buffered` > 0) a failed batch goes
+into a bounded buffer its own thread retries, oldest first, with backoff, and later batches queue behind it, so the
+batch worker never waits on a dead receiver (behaviour and metrics: docs/audit.md, "Exporters"). Public SDK API only.
 """
 
 from __future__ import annotations

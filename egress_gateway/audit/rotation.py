@@ -1,11 +1,6 @@
-"""Built-in retention of the trail file: rotate by size or age, keep N generations, gzip the rotated ones.
-
-`Rotation.due(size, opened_at)` says when the live file is to be rotated (checked by the trail writer before each
-batch); `rotate(path)` shifts `path.N[.gz]` to `path.N+1[.gz]` (the oldest beyond `keep` is deleted), renames the
-live file to `path.1` and compresses it to `path.1.gz` on a background thread (through a hidden temporary file, so
-a reader never sees a partial `.gz`), one compression at a time. The names are what `egress-gateway audit` and
-`audit verify` read oldest first; the hash chain runs on across them. External rotation (logrotate) still works
-alongside: the writer reopens its path when it was moved. Must not import the proxy.
+"""Built-in retention of the trail file (docs/audit.md, "Exporters"): `due` says when the live file is rotated, by
+size or age (the writer asks before each batch); `rotate` shifts `path.N[.gz]` up (deleting beyond `keep`), renames
+the live file to `path.1` and gzips it on a background thread, through a hidden temporary file, one at a time.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""What was in force: the trail's `policy` record, written whenever the policy set changes.
-
-`decision_config(settings)` picks the gateway configuration values that change decisions; `policy_record(...)`
-builds the record: every policy's kind/namespace/name, version, mode, tier and content hash (SHA-256 of its
-canonical JSON: sorted keys, orjson), the configuration and its hash, and the snapshot id that every connection
-record decided under it carries (`egress.policy_snapshot`). Policy annotations named in `audit.policy_annotations`
-are kept per policy, so decisions that policy made carry them. Pure: no I/O; must not import the proxy.
+"""What was in force: the trail's `policy` record (docs/audit.md, "Record types"), built whenever the policy set
+changes, and the words for a change that re-decided connections. Pure: no I/O; must not import the proxy.
 """
 
 from __future__ import annotations

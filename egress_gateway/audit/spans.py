@@ -1,11 +1,8 @@
-"""OpenTelemetry spans for the audit trail: tracer provider, exporters, and the `Recorder` the proxy uses.
+"""The `Recorder` the proxy uses (`SpanRecorder`, one `SpanRecord` per connection) and its OpenTelemetry side.
 
-One span per CONNECT tunnel or plain-HTTP request, from accept to close, named `egress CONNECT` / `egress
-GET`; attributes as `audit/fields.py` names them; status ERROR when the final decision denies. Every exporter
-sits behind its own batch processor with a bounded queue, so a slow or unreachable OTLP endpoint never blocks
-the proxy nor starves the trail file; spans lost to a full queue or a failed export are counted (metric) and
-logged, rate-limited. `SpanRecorder` never raises into the data path. Must not import the proxy, the sources
-or the engine module.
+A record goes to the trail writer and, when exporters are configured, to the SDK as one span; each exporter sits
+behind its own bounded batch processor, so a slow OTLP endpoint never blocks the proxy nor starves the trail file
+(docs/audit.md). Nothing here raises into the data path. Must not import the proxy, the sources or the engine.
 """
 
 from __future__ import annotations
@@ -53,12 +50,8 @@ _record_failure = RateLimitedWarning("audit_record_failed")
 
 
 class BoundedBatchSpanProcessor(BatchSpanProcessor):
-    """The SDK's batch processor (bounded queue, worker thread) plus a count of spans dropped on a full queue.
-
-    The SDK drops the oldest queued span when its queue of `max_queue_size` is full and only logs it. The queue's
-    length is not public, so it is kept here from what goes in (`on_end`) and what the exporter took: a span that
-    arrives while `max_queue_size` spans are waiting pushes one out, and is counted per exporter.
-    """
+    """The SDK's batch processor, counting the spans it drops on a full queue (the SDK only logs them): its queue
+    length is not public, so it is kept from what went in (`on_end`) and what the exporter took."""
 
     def __init__(self, exporter: ExportTracker, max_queue_size: int) -> None:
         super().__init__(
@@ -160,19 +153,13 @@ def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
 
 
 class SpanRecord:
-    """One connection's record, from accept to close: what the proxy set and the facts decided on
-    (`_attributes`), the latest decision's attributes (`_decision`, so a later decision (SNI after CONNECT)
-    replaces the earlier one's policy/rule instead of leaving them mixed), its events (each decision is one), its
-    ids (drawn at open: the decision log lines carry them). The first decision goes to the trail at once as an
-    `OpenedRecord`; at close the record is handed, as one `FinishedRecord`, to the trail writer and, when
-    OpenTelemetry exporters are configured, to the SDK as a span with the same ids, times, attributes and events.
-    The SDK's span limits (`SPAN_LIMITS`) apply to both.
+    """One connection's record: what the proxy set and the facts decided on (`_attributes`), the latest decision's
+    attributes (`_decision`, replaced whole, so an SNI decision's policy/rule never mixes with the CONNECT one's),
+    the stages as events, the ids. The first decision goes to the trail at once (`OpenedRecord`); the close hands one
+    `FinishedRecord` to the trail and the span, within the SDK's limits (`SPAN_LIMITS`).
 
-    Decision log lines: one per connection unless a later decision changes the outcome. The line of a tunnel's
-    allowing CONNECT decision is held until the next stage: the SNI decision replaces it when the outcome stays the
-    same (one line, with the SNI), both are written when it changes; any other stage or the close writes it.
-
-    Every public method catches its own exceptions (the audit trail must never break a connection).
+    Decision log lines: the line of a tunnel's allowing CONNECT decision is held until the next stage; an SNI
+    decision with the same outcome replaces it (one line, with the SNI), one that changes it writes both.
     """
 
     __slots__ = (
@@ -368,10 +355,8 @@ class SpanRecord:
 
 
 class SpanRecorder:
-    """The `Recorder` of the gateway: records + the trail file + OpenTelemetry spans + decision log lines + metrics.
-
-    `provider` (from `build_tracer_provider`) gets one span per record when OpenTelemetry exporters are configured;
-    `trail` writes the JSON-lines file. Either may be absent."""
+    """The gateway's `Recorder`: records to the trail file (`trail`) and, through `provider` (from
+    `build_tracer_provider`), to OpenTelemetry; either may be absent. Also writes the `policy` records."""
 
     def __init__(self, provider: TracerProvider | None = None, trail: TrailWriter | None = None) -> None:
         self.provider = provider

@@ -392,7 +392,7 @@ def vars_of(key: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from egress_gateway.audit.logs import configure_logging
+    from egress_gateway.logging import configure_logging
 
     configure_logging("warning", "console")  # stdout carries only the report (tables, JSON, CSV, YAML)
     try:

@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from egress_gateway.audit import build_recorder, spans
-from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import SpanRecorder, build_tracer_provider, otlp_http_traces_url
+from egress_gateway.logging import configure_logging
 from egress_gateway.settings import AuditSettings, Settings
 from tests.audit.conftest import allow, deny, facts, metric, span_lines
 

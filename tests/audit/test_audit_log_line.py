@@ -11,7 +11,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from egress_gateway.audit.logs import DECISION_EVENT, configure_logging, decision_logger, log_decision
+from egress_gateway.audit.logs import DECISION_EVENT, decision_logger, log_decision
+from egress_gateway.logging import configure_logging
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
 IDS = {"trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "span_id": "00f067aa0ba902b7", "name": "egress CONNECT"}

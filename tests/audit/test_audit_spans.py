@@ -8,8 +8,8 @@ import pytest
 import structlog
 from opentelemetry.trace import SpanKind, StatusCode
 
-from egress_gateway.audit.logs import configure_logging
 from egress_gateway.audit.spans import build_resource
+from egress_gateway.logging import configure_logging
 from egress_gateway.policy.decision import Decision, PolicyRef, Reason
 from tests.audit.conftest import SHOP, MemoryRecorder, allow, deny, facts, metric
 
