@@ -115,10 +115,10 @@ class ExportTracker(SpanExporter):
                     return True
             if not self._deliver(batch):
                 return False
-            delivered = {id(span) for span in batch}
             with self._lock:  # a full buffer may have dropped some of them meanwhile: pop only what was sent
-                while self._buffer and id(self._buffer[0]) in delivered:
-                    self._buffer.popleft()
+                for span in batch:
+                    if self._buffer and self._buffer[0] is span:
+                        self._buffer.popleft()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         if self._buffer:
