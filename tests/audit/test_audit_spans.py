@@ -196,6 +196,36 @@ def test_one_json_log_line_per_decision_with_trace_and_span_ids(
     assert "c2VjcmV0" not in err and "Bearer abc" not in err
 
 
+def test_a_tunnel_whose_sni_confirms_its_connect_writes_one_line_and_a_deny_is_written_at_once(
+    recorder: MemoryRecorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("info", "json")
+
+    def decision_lines() -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        return [line for line in lines if line["event"] == "egress_decision"]
+
+    try:
+        tunnel = recorder.open("CONNECT", "127.0.0.2", 40009)
+        tunnel.decided(facts(), allow())
+        assert decision_lines() == []  # the allowing CONNECT line waits for the ClientHello
+        tunnel.set(tls=True, tls_client_server_name="api.stripe.com")
+        tunnel.event("client_hello")
+        tunnel.decided(facts(sni="api.stripe.com"), allow())
+        (line,) = decision_lines()  # the SNI decision confirms it: one line, with the SNI
+        assert line["tls.client.server_name"] == "api.stripe.com" and line["egress.decision"] == "allow"
+        tunnel.close()
+        assert decision_lines() == []
+
+        denied = recorder.open("CONNECT", "127.0.0.2", 40010)
+        denied.decided(facts("evil.example.net"), deny())
+        (line,) = decision_lines()  # a deny is in the log at decision time, before the close
+        assert line["egress.decision"] == "deny"
+        denied.close()
+    finally:
+        structlog.reset_defaults()
+
+
 def test_warning_level_silences_decision_lines(recorder: MemoryRecorder, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("warning", "json")
     try:
