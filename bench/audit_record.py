@@ -1,10 +1,10 @@
 """CPU per connection record of the audit trail, in process: the recorder the app builds, driven like a tunnel.
 
-Builds the recorder exactly as `egress-gateway run` does (`egress_gateway.audit.build_recorder` from `Settings`,
-logging set up by `egress_gateway.logging.setup_logging`, Prometheus metrics on the default registry), then replays
-the proxy's per-tunnel call sequence (proxy/addon.py: open, set server, set peer, event decided, decided, set TLS,
-event client_hello, decided, event upstream_connected, event closed, close) N times and prints CPU microseconds per
-record (`time.process_time`, which covers every thread, so the trail writer's thread is included; the
+Builds the recorder as `egress-gateway run` does (`egress_gateway.audit.build_recorder` from `Settings`, built-in
+rotation off, logging set up by `egress_gateway.logging.setup_logging`, Prometheus metrics on the default registry),
+then replays the proxy's per-tunnel call sequence (proxy/addon.py: open, set server, set peer, event decided,
+decided, set TLS, event client_hello, decided, event upstream_connected, event closed, close) N times and prints CPU
+microseconds per record (`time.process_time`, which covers every thread, so the trail writer's thread is included; the
 clock stops after a final `force_flush`). Four configurations:
 
 - `spans`: the connection records and metrics, no trail file, no OTLP exporter, no decision log line;
@@ -132,7 +132,9 @@ def measure(recorder: SpanRecorder, records: int, trail: Path | None, *, busy: b
 def run(name: str, records: int, repeat: int, workdir: Path, *, busy: bool) -> list[float]:
     with_trail, with_log = CONFIGURATIONS[name]
     trail = workdir / f"audit-{name.strip('+')}.jsonl" if with_trail else None
-    recorder = build_recorder(Settings(audit=AuditSettings(file=trail)))
+    # No built-in rotation: at the default 100 MiB a pass of 20000 records would rotate and gzip the file once, and
+    # the figures would depend on where that boundary falls (and the line check below would see only the live file).
+    recorder = build_recorder(Settings(audit=AuditSettings(file=trail, rotate_bytes=0)))
     original: Callable[..., Any] = spans.log_decision
     if not with_log:
         spans.log_decision = lambda *args, **kwargs: None
