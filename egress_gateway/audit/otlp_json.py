@@ -43,11 +43,19 @@ def any_value(value: Any) -> dict[str, Any]:
 
 
 def attributes(values: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    # Text, what most values are, without the general dispatch.
-    return [
-        {"key": key, "value": {"stringValue": value} if type(value) is str else any_value(value)}
-        for key, value in (values or {}).items()
-    ]
+    out = []
+    for key, value in (values or {}).items():
+        kind = type(value)  # the primitives records hold, without the general dispatch
+        if kind is str:
+            encoded: dict[str, Any] = {"stringValue": value}
+        elif kind is bool:
+            encoded = {"boolValue": value}
+        elif kind is int and _INT64_MIN <= value <= _INT64_MAX:
+            encoded = {"intValue": str(value)}
+        else:
+            encoded = any_value(value)
+        out.append({"key": key, "value": encoded})
+    return out
 
 
 def resource(res: Resource) -> dict[str, Any]:
