@@ -29,13 +29,17 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     for key, value in event_dict.items():  # replacing values (not keys) while iterating is safe
         if key != "event" and is_secret_key(key):
             event_dict[key] = REDACTED
-        elif isinstance(value, str):
+            continue
+        kind = type(value)
+        if kind is str:
             if value[:1] in _CREDENTIAL_FIRST and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
                 event_dict[key] = REDACTED
             elif not value.isascii():
                 event_dict[key] = safe_text(value)
-        elif type(value) is int and not _INT64_MIN <= value <= _UINT64_MAX:
+        elif kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
             event_dict[key] = str(value)
+        elif isinstance(value, str) and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
+            event_dict[key] = REDACTED
     return event_dict
 
 
