@@ -1,12 +1,12 @@
-"""The checks that enforce decisions, as plain methods the sessions call and as mitmproxy hooks for plain HTTP.
+"""The registry of live sessions and the checks that enforce decisions, as plain methods the sessions (and the
+plain-HTTP engine's hooks, `http_engine.py`) call.
 
 Owns the per-connection state (`ClientState`, `Tunnel`), the request-head checks (`read_head`), the CONNECT decision
 (`open_tunnel`), the checks of what a tunnel carries (`start_tunnel` for its first bytes, `tunnel_bytes` for every
-client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), IP pinning
-for plain HTTP (`server_connect` dials only an address the gate approved), the client timers (request, ClientHello,
-connect) and revocation of open tunnels after a policy change or a change of the clients' labels.
-TLS is never terminated. Imports mitmproxy, the gate, the recorder contract and the decision types; never the
-policy sources.
+client chunk until its `TunnelInspector` is done: each ClientHello, HTTP request head, or opaque bytes), the client
+timers (request, ClientHello) and revocation of open tunnels after a policy change or a change of the clients' labels.
+TLS is never terminated. Imports mitmproxy's HTTP message types and parser, the gate, the recorder contract and the
+decision types; never the policy sources.
 """
 
 from __future__ import annotations
@@ -19,32 +19,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import structlog
-from mitmproxy import http, tcp
+from mitmproxy import http
 from mitmproxy.net.http import http1, url
-from mitmproxy.proxy import layer, server_hooks
-from mitmproxy.proxy.layers import HttpLayer
-from mitmproxy.proxy.layers.http import HTTPMode
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason, adapter_denial
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
-from egress_gateway.proxy.http_bytes import ExchangeBytes
 from egress_gateway.proxy.limits import NamespaceRateLimiter
 from egress_gateway.proxy.transparent import Transparent
-from egress_gateway.wire.heads import FRAMING_HEADERS, HeadLimits
+from egress_gateway.wire.heads import HeadLimits
 from egress_gateway.wire.inspection import Held, Inspection, Seen, TunnelInspector
 from egress_gateway.wire.request_head import Malformed, request_form_problem
 from egress_gateway.wire.request_head import read_head as read_request_head
-
-_RECORD_KEY = "egress_gateway.record"
-_FACTS_KEY = "egress_gateway.facts"
-_VERDICT_KEY = "egress_gateway.verdict"
-_BYTES_KEY = "egress_gateway.bytes"
-# Never forwarded upstream (RFC 9110 7.6.1 plus the proxy-specific ones clients send).
-_HOP_BY_HOP = ("proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive", "te", "trailer")
-_KEEP_CONNECTION_TOKENS = frozenset({"close", "keep-alive", "upgrade"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +65,6 @@ class Owner(Protocol):
 
     def abort(self) -> None: ...
 
-    def answer_and_close(self, answer: bytes) -> None: ...
-
     def held_input(self) -> tuple[int, Held]:
         """The client bytes of a request not complete yet, and what they look like."""
         ...
@@ -98,8 +84,6 @@ class ClientState:
     request_timer: asyncio.TimerHandle | None = None
     refused: Decision | None = None  # over `limits.max_connections`: every request on it gets this answer
     retry_after: str | None = None  # Retry-After of the latest rate-limited request
-    upstream_failure: Decision | None = None  # plain HTTP: why the upstream connect of the current request failed
-    pins: dict[tuple[str, int], str] = field(default_factory=dict)  # plain HTTP: (host, port) -> checked IP
 
 
 def _cancel(timer: asyncio.TimerHandle | None) -> None:
@@ -126,9 +110,6 @@ class GatewayAddon:
         self.head_limits = head_limits if head_limits is not None else HeadLimits()
         self.log = log or structlog.get_logger("egress_gateway.proxy")
         self.clients: dict[str, ClientState] = {}  # session id -> state
-        self.engine_ids: dict[str, str] = {}  # mitmproxy's id of a session's client connection -> session id
-        self._connect_timers: dict[str, asyncio.TimerHandle] = {}
-        self._timed_out: set[str] = set()
         self._ids = itertools.count(1)
 
     # ---- connection lifecycle ------------------------------------------------------------------------------
@@ -139,11 +120,22 @@ class GatewayAddon:
         # Over a limit: read the request and answer 503 (with Proxy-Status), so the client learns why; tunnels
         # already open are untouched. The request timer below bounds how long such a connection may stay.
         state.refused = self.admission.at_accept(client_id, host)
+        self.await_request(state)
+        self.clients[client_id] = state
+        return state
+
+    def await_request(self, state: ClientState) -> None:
+        """The next request head must arrive within `client_request_s` (at accept, and after each plain-HTTP response:
+        no slowloris on a kept-alive connection)."""
+        state.request_seen = False
+        _cancel(state.request_timer)
         state.request_timer = asyncio.get_running_loop().call_later(
             self.timeouts.client_request_s, self._request_timeout, state
         )
-        self.clients[client_id] = state
-        return state
+
+    def request_arrived(self, state: ClientState) -> None:
+        state.request_seen = True
+        _cancel(state.request_timer)
 
     def close_client(self, client_id: str) -> bool:
         """Close one client connection now (revocation, timers, drain). False if it is already gone."""
@@ -177,15 +169,7 @@ class GatewayAddon:
             )
             self.close_client(state.client_id)
 
-    # ---- which protocol layer comes next --------------------------------------------------------------------
-    def choose_layer(self, nextlayer: layer.NextLayer) -> None:
-        """mitmproxy's first layer of a plain-HTTP session: its HTTP/1 layer (the session checks every request head
-        before mitmproxy reads it). A CONNECT never reaches mitmproxy: the session takes the connection back."""
-        if nextlayer.layer is None and len(nextlayer.context.layers) <= 1:
-            nextlayer.layer = HttpLayer(nextlayer.context, HTTPMode.regular)
-        elif nextlayer.layer is None and (state := self._state(nextlayer.context.client.id)) is not None:
-            state.owner.abort()  # not expected: fail closed
-
+    # ---- what a tunnel carries -------------------------------------------------------------------------------
     def start_tunnel(self, tunnel: Tunnel, data: bytes) -> bool | None:
         """Check a tunnel's first client bytes (`data`: the bytes that arrived since the last call). True: the
         tunnel may dial `tunnel.verdict.address` and send `tunnel.ready` first; False: close the client (the
@@ -306,10 +290,9 @@ class GatewayAddon:
         return self._refuse_head(client_id, head, adapter_denial(reason, checked.message))
 
     def _refuse_head(self, client_id: str, head: bytes, decision: Decision) -> bytes:
-        state = self._state(client_id)
+        state = self.clients.get(client_id)
         if state is not None:
-            state.request_seen = True
-            _cancel(state.request_timer)
+            self.request_arrived(state)
         method = head.split(b" ", 1)[0]
         kind = method.decode("ascii") if method.isalpha() and method.isupper() and len(method) <= 16 else "HTTP"
         record = self.recorder.open(kind, state.address if state else "", state.port if state else 0)
@@ -334,38 +317,27 @@ class GatewayAddon:
         self.close_client(state.client_id)
 
     # ---- CONNECT --------------------------------------------------------------------------------------------
-    def _request_arrived(self, flow: http.HTTPFlow) -> ClientState | None:
-        """The client of a request that reached our hooks; its request timer stops here. None: not ours, killed."""
-        state = self._state(flow.client_conn.id)
-        if state is None:
-            flow.kill()
-            return None
-        state.request_seen = True
-        _cancel(state.request_timer)
-        return state
-
     async def open_tunnel(self, state: ClientState, request: http.Request) -> http.Response | None:
         """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (its ClientHello timer runs) and None is
         returned; denied: the response to send before closing (the record is complete). A client that left while
         the decision was pending gets its record completed and no tunnel."""
-        state.request_seen = True
-        _cancel(state.request_timer)
+        self.request_arrived(state)
         record = self.recorder.open("CONNECT", state.address, state.port)
         try:
-            verdict = await self._decide(state, record, request, host_header=None)
+            verdict = await self.decide(state, record, request, host_header=None)
         except BaseException:
             record.close()
             raise
         if not verdict.decision.allowed:
-            return self._refusal(state, record, verdict.decision)
-        tunnel = self._tunnel_for(state, record, verdict, TunnelInspector(self.head_limits))
+            return self.refusal(state, record, verdict.decision)
+        tunnel = self.tunnel_for(state, record, verdict, TunnelInspector(self.head_limits))
         if tunnel is not None:
             tunnel.hello_timer = asyncio.get_running_loop().call_later(
                 self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
             )
         return None
 
-    def _tunnel_for(
+    def tunnel_for(
         self, state: ClientState, record: ConnectionRecord, verdict: Verdict, inspector: TunnelInspector
     ) -> Tunnel | None:
         """The allowed tunnel of a client, or None: the client left while the decision was pending (recorded)."""
@@ -390,8 +362,7 @@ class GatewayAddon:
         a CONNECT to `name:mode.port`, the name taken from the ClientHello's SNI or the request's Host. Then the
         first message is checked as a CONNECT tunnel's first bytes would be (`start_inspected`). Returns the tunnel,
         or the denial (recorded; the session answers or closes)."""
-        state.request_seen = True
-        _cancel(state.request_timer)
+        self.request_arrived(state)
         record = self.recorder.open("CONNECT", state.address, state.port)
         record.set(egress_mode="transparent", egress_listener=mode.name)
         target = _transparent_target(inspection.seen[0], mode)
@@ -412,173 +383,14 @@ class GatewayAddon:
                 record.set(http_response_status_code=responses.status_for(verdict.decision.reason)[0])
             record.close()
             return verdict.decision
-        return self._tunnel_for(state, record, verdict, inspector) or verdict.decision
+        return self.tunnel_for(state, record, verdict, inspector) or verdict.decision
 
     def start_inspected(self, tunnel: Tunnel, inspection: Inspection) -> bool | None:
         """`start_tunnel` for bytes the tunnel's inspector has already read (transparent mode)."""
         return self._started(tunnel, self._checked_inspection(tunnel, inspection))
 
-    # ---- plain HTTP (absolute-form requests) ----------------------------------------------------------------
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        state = self._request_arrived(flow)
-        if state is None:
-            return
-        request = flow.request
-        record = self.recorder.open(request.method, state.address, state.port)
-        flow.metadata[_RECORD_KEY] = record
-        if request.scheme != "http":
-            decision = adapter_denial(
-                Reason.BAD_REQUEST,
-                f"{request.scheme}:// URLs are not fetched by the gateway; use CONNECT (HTTPS_PROXY)",
-            )
-            record.decided(Facts(identity=None, target=request.host, port=request.port), decision)
-            self._deny(flow, record, decision)
-            return
-        host_header = request.host_header
-        if host_header is None:
-            host_header = url.hostport("http", request.host, request.port)
-        verdict = await self._decide(state, record, request, host_header=host_header)
-        if not verdict.decision.allowed or verdict.address is None:
-            self._deny(flow, record, verdict.decision)
-            return
-        state.pins[(request.host, request.port)] = str(verdict.address)
-        flow.metadata[_FACTS_KEY] = verdict.facts
-        flow.metadata[_VERDICT_KEY] = verdict
-        _strip_hop_by_hop(request.headers)
-        flow.metadata[_BYTES_KEY] = ExchangeBytes.streaming(request)  # every body streamed through a byte counter
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        record = flow.metadata.get(_RECORD_KEY)
-        if record is not None and flow.response is not None:
-            record.set(http_response_status_code=flow.response.status_code)
-            counted = flow.metadata.get(_BYTES_KEY)
-            if counted is not None:
-                counted.request_written(flow.request)
-                counted.stream_response(flow.response)
-            else:
-                flow.response.stream = True
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        state = self._state(flow.client_conn.id)
-        if state is not None and state.tunnel is None and self._upgraded(state, flow):
-            return
-        if state is not None and state.tunnel is None:
-            # Keep-alive: the next request head must also arrive within client_request_s (no slowloris on reuse).
-            state.request_seen = False
-            _cancel(state.request_timer)
-            state.request_timer = asyncio.get_running_loop().call_later(
-                self.timeouts.client_request_s, self._request_timeout, state
-            )
-        record = flow.metadata.pop(_RECORD_KEY, None)
-        if record is not None:
-            if flow.response is not None:
-                record.set(http_response_status_code=flow.response.status_code)
-            sent, received = _exchanged(flow)
-            record.close(bytes_sent=sent, bytes_received=received)
-
-    def _upgraded(self, state: ClientState, flow: http.HTTPFlow) -> bool:
-        """101 Switching Protocols (WebSocket or any other upgrade): from here on the connection is a tunnel to the
-        checked address. Its record stays open and counts bytes (`tcp_message`), and revocation closes it like any
-        tunnel. mitmproxy relays it as raw TCP (`websocket` off, `rawtcp` on): the bytes are never reframed."""
-        verdict = flow.metadata.get(_VERDICT_KEY)
-        record = flow.metadata.get(_RECORD_KEY)
-        if flow.response is None or flow.response.status_code != 101 or verdict is None or record is None:
-            return False
-        flow.metadata.pop(_RECORD_KEY, None)
-        record.set(http_response_status_code=101)
-        record.event("upgraded", protocol=flow.response.headers.get("upgrade", ""))
-        sent, received = _exchanged(flow)  # the upgrade request and the 101 count as the tunnel's first bytes
-        state.tunnel = Tunnel(
-            record=record,
-            verdict=verdict,
-            inspector=TunnelInspector(self.head_limits),
-            opened=True,
-            bytes_sent=sent,
-            bytes_received=received,
-        )
-        return True
-
-    def tcp_message(self, flow: tcp.TCPFlow) -> None:
-        """Bytes of an upgraded connection (mitmproxy's TCP layer after a 101): counted, then dropped from the flow so
-        a long-lived connection does not keep every message in memory."""
-        tunnel = self._tunnel_of(flow.client_conn.id)
-        if flow.messages:
-            message = flow.messages[-1]
-            if tunnel is not None:
-                if message.from_client:
-                    tunnel.bytes_sent += len(message.content)
-                else:
-                    tunnel.bytes_received += len(message.content)
-            flow.messages.clear()
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        record = flow.metadata.pop(_RECORD_KEY, None)
-        state = self._state(flow.client_conn.id)
-        failure = state.upstream_failure if state is not None else None
-        facts = flow.metadata.get(_FACTS_KEY)
-        if record is not None and failure is not None and facts is not None:
-            record.decided(facts, failure)
-            record.set(http_response_status_code=responses.status_for(failure.reason)[0])
-        if record is not None:
-            if flow.error is not None:
-                record.set(error=flow.error.msg)
-            if failure is not None:  # nothing reached the origin
-                record.close()
-                return
-            counted = flow.metadata.get(_BYTES_KEY)
-            if counted is not None and flow.server_conn.timestamp_tcp_setup is not None:
-                counted.request_written(flow.request)
-            sent, received = _exchanged(flow, ended=False)
-            record.close(bytes_sent=sent, bytes_received=received)
-
-    # ---- upstream connections -------------------------------------------------------------------------------
-    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
-        try:
-            pinned = self._pinned_address(data)
-        except Exception:  # mitmproxy would log a hook error and dial anyway: fail closed instead
-            self.log.exception("server_connect_failed")
-            pinned = None
-        if pinned is None:
-            # Defence in depth: mitmproxy never dials anything the gate did not approve and pin.
-            data.server.error = "egress-gateway: upstream address was not approved"
-            return
-        data.server.address = pinned
-        if self.gate.dials_itself(*pinned) is not None:  # checked at the decision; once more at the dial
-            data.server.error = "egress-gateway: refusing to connect to itself"
-            return
-        task = asyncio.current_task()
-        if task is not None:
-            self._connect_timers[data.server.id] = asyncio.get_running_loop().call_later(
-                self.timeouts.connect_s, self._connect_timeout, data.server.id, task
-            )
-
-    def _pinned_address(self, data: server_hooks.ServerConnectionHookData) -> tuple[str, int] | None:
-        state = self._state(data.client.id)
-        address = data.server.address
-        if state is None or address is None:
-            return None
-        host, port = address[0], address[1]
-        pinned = state.pins.get((host, port)) if state.tunnel is None else None  # an upgraded one never dials again
-        return (pinned, port) if pinned is not None else None
-
-    def _connect_timeout(self, server_id: str, task: asyncio.Task[Any]) -> None:
-        self._connect_timers.pop(server_id, None)
-        self._timed_out.add(server_id)
-        task.cancel("connect timeout")
-
-    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
-        _cancel(self._connect_timers.pop(data.server.id, None))
-
-    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
-        _cancel(self._connect_timers.pop(data.server.id, None))
-        timed_out = data.server.id in self._timed_out
-        self._timed_out.discard(data.server.id)
-        state = self._state(data.client.id)
-        if data.server.address is not None and state is not None:  # recorded by `error`, answered by the session
-            host, port = data.server.address[0], data.server.address[1]
-            state.upstream_failure = self._upstream_failure(host, port, timed_out, data.server.error)
-
-    def _upstream_failure(self, host: str, port: int, timed_out: bool, error: str | None) -> Decision:
+    def connect_failure(self, host: str, port: int, timed_out: bool, error: str | None) -> Decision:
+        """Why an upstream dial failed, a tunnel's or plain HTTP's (answered 504 or 502)."""
         if timed_out:
             return adapter_denial(
                 Reason.CONNECTION_TIMEOUT, f"{host}:{port} did not accept within {self.timeouts.connect_s:g} s"
@@ -587,28 +399,9 @@ class GatewayAddon:
 
     def tunnel_connect_failed(self, tunnel: Tunnel, timed_out: bool, error: str) -> None:
         """The session could not reach the tunnel's pinned address."""
-        decision = self._upstream_failure(str(tunnel.verdict.address), tunnel.verdict.facts.port, timed_out, error)
+        decision = self.connect_failure(str(tunnel.verdict.address), tunnel.verdict.facts.port, timed_out, error)
         tunnel.closed_reason = decision.reason
         tunnel.record.decided(tunnel.verdict.facts, decision)
-
-    def answer_upstream_failure(self, client_id: str) -> None:
-        """For plain HTTP: a failed upstream connect is answered with our 502/504 and Proxy-Status, and closed
-        (before mitmproxy would send its own error page)."""
-        state = self._state(client_id)
-        if state is not None and state.upstream_failure is not None:
-            failure, state.upstream_failure = state.upstream_failure, None
-            state.owner.answer_and_close(http1.assemble_response(responses.denial(failure)))
-
-    def _state(self, client_id: str) -> ClientState | None:
-        """By session id, or by the id mitmproxy's HTTP engine gave the session's connection (hooks carry that)."""
-        state = self.clients.get(client_id)
-        if state is None and (session_id := self.engine_ids.get(client_id)) is not None:
-            state = self.clients.get(session_id)
-        return state
-
-    def _tunnel_of(self, client_id: str) -> Tunnel | None:
-        state = self._state(client_id)
-        return state.tunnel if state is not None else None
 
     # ---- hot reload -----------------------------------------------------------------------------------------
     def revoke(
@@ -685,7 +478,7 @@ class GatewayAddon:
         return f"the client's labels changed: {' and '.join(changed)}, which denies this open tunnel"
 
     # ---- shared -----------------------------------------------------------------------------------------------
-    async def _decide(
+    async def decide(
         self, state: ClientState, record: ConnectionRecord, request: http.Request, host_header: str | None
     ) -> Verdict:
         authorization = request.headers.get("Proxy-Authorization")
@@ -714,12 +507,7 @@ class GatewayAddon:
         record.decided(verdict.facts, verdict.decision)
         return verdict
 
-    def _deny(self, flow: http.HTTPFlow, record: ConnectionRecord, decision: Decision) -> None:
-        state = self._state(flow.client_conn.id)
-        flow.response = self._refusal(state, record, decision)
-        flow.metadata.pop(_RECORD_KEY, None)
-
-    def _refusal(self, state: ClientState | None, record: ConnectionRecord, decision: Decision) -> http.Response:
+    def refusal(self, state: ClientState | None, record: ConnectionRecord, decision: Decision) -> http.Response:
         """The denial response for a decided request; completes and closes its record."""
         response = responses.denial(decision)
         if decision.reason is Reason.RATE_LIMITED and state is not None and state.retry_after is not None:
@@ -733,18 +521,6 @@ def _same_sni(first: str | None, second: str | None) -> bool:
     if first is None or second is None:
         return first is second
     return first == second or same_host(first, second)
-
-
-def _exchanged(flow: http.HTTPFlow, *, ended: bool = True) -> tuple[int, int]:
-    """The bytes of a plain-HTTP exchange so far: (to the origin, to the client). `ended`: at the `response` hook."""
-    counted = flow.metadata.get(_BYTES_KEY)
-    if not isinstance(counted, ExchangeBytes):
-        return 0, 0
-    if ended:
-        counted.request_written(flow.request)
-        if flow.response is not None:
-            counted.response_ended(flow.request, flow.response)
-    return counted.sent, counted.received
 
 
 def _transparent_target(first: Seen, mode: Transparent) -> tuple[str, int] | Decision:
@@ -774,17 +550,3 @@ def _transparent_target(first: Seen, mode: Transparent) -> tuple[str, int] | Dec
             return adapter_denial(Reason.BAD_REQUEST, f"invalid Host header {hosts[0]!r}")
         return host, port if port is not None else default_port
     return adapter_denial(Reason.NO_SNI, f"the first bytes are {first.protocol.value}, not HTTP: no Host to decide")
-
-
-def _strip_hop_by_hop(headers: http.Headers) -> None:
-    """Remove hop-by-hop headers, never a framing header (a head naming one in Connection was refused already;
-    skipping them here keeps any rewrite from changing how the origin frames the message)."""
-    named = [
-        token.strip().lower()
-        for value in headers.get_all("connection")
-        for token in value.split(",")
-        if token.strip() and token.strip().lower() not in _KEEP_CONNECTION_TOKENS | FRAMING_HEADERS
-    ]
-    for name in (*_HOP_BY_HOP, *named):
-        if name in headers:
-            del headers[name]

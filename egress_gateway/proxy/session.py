@@ -4,7 +4,7 @@ Through its stages: sniff, request head, admission and decision (the addon and t
 (the tunnel's inspector), dial of the pinned address, relay (one relay: each chunk written straight to the other
 transport, the transports' flow control, half-closes passed on, one idle timer); or, for a connection that is not a
 CONNECT, plain HTTP: its client bytes still arrive here first and every request head is checked
-(`plain_bytes`) before mitmproxy's HTTP engine (`embedded.py`) reads them, and a CONNECT after plain HTTP makes
+(`plain_bytes`) before mitmproxy's HTTP engine (`http_engine.py`) reads them, and a CONNECT after plain HTTP makes
 the connection this session's again (`_take_back`). Revocation, timers and drain close a session by `abort`,
 whichever stage it is in.
 
@@ -27,6 +27,7 @@ from mitmproxy.net.http import http1
 from egress_gateway.policy.decision import Decision, IPAddress
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.addon import ClientState, Tunnel
+from egress_gateway.proxy.http_engine import EngineTransport
 from egress_gateway.proxy.transparent import original_destination
 from egress_gateway.wire.clienthello import starts_like_tls
 from egress_gateway.wire.heads import head_length
@@ -427,56 +428,6 @@ class _PlainHttpStream(asyncio.StreamReaderProtocol):
             return
         if released:
             super().data_received(released)
-
-
-class EngineTransport(asyncio.Transport):
-    """The session's socket as mitmproxy's HTTP engine sees it: writes and closes pass through until the session
-    takes the connection back for a CONNECT (`detached`); while a CONNECT waits (`held`) the session alone decides
-    when the socket is read."""
-
-    def __init__(self, transport: asyncio.Transport, session: Session) -> None:
-        super().__init__()
-        self.transport = transport
-        self.session = session
-        self.held = False
-        self.detached = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default)
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.detached:
-            self.transport.write(data)
-            self.session.last_activity = self.session.loop.time()
-
-    def can_write_eof(self) -> bool:
-        return self.transport.can_write_eof()
-
-    def write_eof(self) -> None:
-        if not self.detached:
-            self.transport.write_eof()
-
-    def is_closing(self) -> bool:
-        return self.detached or self.transport.is_closing()
-
-    def close(self) -> None:
-        if not self.detached:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if not self.detached:
-            self.transport.abort()
-
-    def get_write_buffer_size(self) -> int:
-        return self.transport.get_write_buffer_size()
-
-    def pause_reading(self) -> None:
-        if not self.detached:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if not (self.held or self.detached):
-            self.transport.resume_reading()
 
 
 class UpstreamConnection(asyncio.Protocol):
