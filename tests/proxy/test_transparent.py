@@ -434,3 +434,59 @@ def test_plain_http_with_a_mismatched_host_is_denied_in_both_modes(env: Env) -> 
     assert len(env.plain.requests) == requests_before
     assert explicit["egress.decision"] == transparent["egress.decision"] == "deny"
     assert explicit["egress.reason"] == transparent["egress.reason"] == "host_mismatch", (explicit, transparent)
+
+
+# ---- one registry for every listener ---------------------------------------------------------------------------
+
+
+def _closed(tls: ssl.SSLSocket, timeout: float) -> bool:
+    """True if the gateway closes the tunnel (EOF, reset, or TLS cut short) within `timeout`."""
+    tls.settimeout(timeout)
+    try:
+        while tls.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:  # reset, or EOF without close_notify (ssl.SSLEOFError)
+        pass
+    return True
+
+
+def test_sessions_of_two_listeners_open_at_once_are_each_revoked(env: Env, tmp_path: Path) -> None:
+    """A session of the proxy port and one of a name-routed listener, both open, are two entries of the one registry:
+    a policy change revokes both (were their ids counted per listener, one would hide the other, which then outlives
+    the policy that denies it)."""
+    config = {
+        "allowed_ranges": ["127.0.0.8/29"],
+        "identity": {"static": [{"cidr": f"{POD}/32", "namespace": "shop", "pod": "legacy-1"}]},
+        "resolver": {"hosts": HOSTS},
+        "transparent": {"tls_listen": "127.0.0.1:0"},
+    }
+    gateway = GatewayProcess(tmp_path / "gw", config, POLICIES).start()
+    tunnels: list[ssl.SSLSocket] = []
+    try:
+        listening = gateway.wait_for("gateway_listening")["transparent"]
+        tls_port = int(listening["transparent-tls"].rsplit(":", 1)[1])
+        context = env.ca.client_context()
+        for _ in range(2):  # each listener's first sessions, interleaved
+            steered = socket.create_connection(("127.0.0.1", tls_port), timeout=10, source_address=(POD, 0))
+            tunnels.append(context.wrap_socket(steered, server_hostname="allowed.test"))
+            answer = connect(gateway.proxy_port, f"allowed.test:{env.tls.port}", source=POD)
+            assert answer.status == 200
+            tunnels.append(context.wrap_socket(answer.sock, server_hostname="allowed.test"))
+        ports = {tls.getsockname()[1] for tls in tunnels}
+        gateway.write_policy("shop.yaml", POLICIES["shop.yaml"].replace("allowed.test, ", ""))
+        assert all(_closed(tls, timeout=5) for tls in tunnels), "a tunnel to a now-denied host stays open"
+
+        def revoked() -> set[int]:
+            found = gateway.find("egress_decision", lambda e: e.get("egress.reason") == "revoked")
+            return {int(e["client.port"]) for e in found}
+
+        deadline = time.monotonic() + 10
+        while revoked() != ports and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert revoked() == ports
+    finally:
+        for tls in tunnels:
+            tls.close()
+        gateway.stop()
