@@ -93,7 +93,8 @@ def load_text(text: str, source: str) -> LoadResult:
         try:
             policy = validate_object(data)
         except PolicyValidationError as exc:
-            kind = data.get("kind") if isinstance(data, dict) and data.get("kind") in KINDS else None
+            named = data.get("kind") if isinstance(data, dict) else None
+            kind = named if isinstance(named, str) and named in KINDS else None  # `kind: [..]` is not hashable
             result.errors.extend(LoadError(source, index, err, kind) for err in exc.errors)
             continue
         key = object_key(policy)

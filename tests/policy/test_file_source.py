@@ -13,7 +13,7 @@ import pytest
 from egress_gateway.policy.decision import Facts, Identity, Reason
 from egress_gateway.policy.engine import Engine
 from egress_gateway.policy.store import PolicyStore
-from egress_gateway.sources.files import FilePolicySource, load_into_store
+from egress_gateway.sources.files import FilePolicySource, load_into_store, load_text
 
 SHOP = Identity("shop", "p", MappingProxyType({"app": "payments"}))
 PUBLIC = ipaddress.ip_address("93.184.216.10")
@@ -142,3 +142,20 @@ def test_the_file_source_accepts_both_api_versions(tmp_path: Path) -> None:
     assert allowed(store, "a.example.com") and allowed(store, "b.example.com") and allowed(store, "c.example.com")
     versions = {p.source.api_version for p in store.current.policies}
     assert versions == {"egressgateway.io/v1alpha2"}  # what the engine sees is the storage version
+
+
+@pytest.mark.parametrize("field", ["apiVersion", "kind", "metadata", "spec"])
+@pytest.mark.parametrize("value", ["[80, 443]", "{a: 1}", "7", "null", "[[x]]"])
+def test_a_top_level_field_of_any_yaml_type_is_a_field_error_not_a_crash(field: str, value: str) -> None:
+    """Found by fuzz/fuzz_policy_loader.py: `kind: [80, 443]` raised TypeError (unhashable) in the loader."""
+    document = {
+        "apiVersion": "egressgateway.io/v1alpha1",
+        "kind": "EgressPolicy",
+        "metadata": "{name: p, namespace: shop}",
+        "spec": "{rules: [{name: r, hosts: [a.test]}]}",
+    }
+    document[field] = value
+    result = load_text("".join(f"{key}: {text}\n" for key, text in document.items()), "bad.yaml")
+    assert not result.objects
+    assert result.errors and all(error.file == "bad.yaml" for error in result.errors)
+    assert any(error.error.field.split(".")[0].split("[")[0] == field for error in result.errors), result.errors
