@@ -63,7 +63,7 @@ def _gzip(source: Path) -> None:
     target = Path(f"{source}.gz")
     hidden = source.parent / f".{target.name}.tmp"
     try:
-        with open(source, "rb") as plain, gzip.open(hidden, "wb", compresslevel=6) as packed:
+        with open(source, "rb") as plain, gzip.open(hidden, "wb", compresslevel=1) as packed:
             shutil.copyfileobj(plain, packed, 1 << 20)
         os.chmod(hidden, os.stat(source).st_mode & 0o777)
         hidden.rename(target)
