@@ -1,20 +1,18 @@
 """Resource limits of the proxy, as plain classes: connection accounting and per-namespace rate.
 
 Owns: `ConnectionLimit` (how many client connections are served at once), `NamespaceConnections` (each
-namespace's share of them), `TokenBucket` and `NamespaceRateLimiter` (`limits.namespace_rate`: new tunnels and
-plain-HTTP requests per namespace). Request-head size limits are `wire/heads.py`. No sockets, no mitmproxy, no
-engine: time comes from an injectable clock, so every rule is testable with plain values.
+namespace's share of them) and `NamespaceRateLimiter` (`limits.namespace_rate`: new tunnels and plain-HTTP
+requests per namespace, on `ratelimit.KeyedTokenBuckets`). Request-head size limits are `wire/heads.py`. No
+sockets, no mitmproxy, no engine: time comes from an injectable clock, so every rule is testable with plain values.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
-Clock = Callable[[], float]
+from egress_gateway.ratelimit import Clock, KeyedTokenBuckets
 
 
 class ConnectionLimit:
@@ -82,39 +80,6 @@ class NamespaceConnections:
         return self._counts.get(namespace, 0)
 
 
-class TokenBucket:
-    """`rate` tokens per second, up to `burst`; starts full. `take()` returns 0.0 or the seconds until a token."""
-
-    __slots__ = ("_clock", "_tokens", "_updated", "burst", "rate")
-
-    def __init__(self, rate: float, burst: int, clock: Clock = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._updated = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed = max(0.0, now - self._updated)  # a clock that steps back never mints tokens
-        self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate)
-        self._updated = now
-
-    def take(self) -> float:
-        self._refill()
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return 0.0
-        return (1.0 - self._tokens) / self.rate
-
-    @property
-    def full(self) -> bool:
-        self._refill()
-        return self._tokens >= self.burst
-
-
 @dataclass(frozen=True, slots=True)
 class RateVerdict:
     allowed: bool
@@ -130,46 +95,23 @@ _ALLOW = RateVerdict(True)
 
 
 class NamespaceRateLimiter:
-    """One token bucket per namespace. `per_second == 0` disables the limit.
-
-    Buckets of idle namespaces are dropped once they are full again (they would behave exactly like a new one), and
-    at most `max_namespaces` are kept, so a flood of distinct identities cannot grow memory without bound.
-    """
+    """One token bucket per namespace (`ratelimit.KeyedTokenBuckets`: idle full buckets dropped, at most
+    `max_namespaces` kept). `per_second == 0` disables the limit."""
 
     def __init__(
         self, per_second: float, burst: int, clock: Clock = time.monotonic, max_namespaces: int = 100_000
     ) -> None:
-        if per_second < 0 or burst < 1:
-            raise ValueError("per_second must be >= 0 and burst >= 1")
+        self._buckets = KeyedTokenBuckets(per_second, burst, clock, max_namespaces)
         self.per_second = per_second
         self.burst = burst
-        self.max_namespaces = max_namespaces
-        self._clock = clock
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
-        return self.per_second > 0
+        return self._buckets.enabled
 
     def acquire(self, namespace: str) -> RateVerdict:
-        if not self.enabled:
-            return _ALLOW
-        bucket = self._buckets.get(namespace)
-        if bucket is None:
-            self._evict()
-            bucket = TokenBucket(self.per_second, self.burst, self._clock)
-            self._buckets[namespace] = bucket
-        else:
-            self._buckets.move_to_end(namespace)
-        wait = bucket.take()
+        wait = self._buckets.take(namespace)
         return _ALLOW if wait == 0.0 else RateVerdict(False, wait)
-
-    def _evict(self) -> None:
-        while self._buckets:
-            oldest_name, oldest = next(iter(self._buckets.items()))
-            if len(self._buckets) < self.max_namespaces and not oldest.full:
-                return
-            del self._buckets[oldest_name]
 
     def describe(self) -> str:
         return f"{self.per_second:g} new connections/s with a burst of {self.burst}"

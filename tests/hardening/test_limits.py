@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from egress_gateway.proxy.limits import ConnectionLimit, NamespaceRateLimiter, TokenBucket
+from egress_gateway.proxy.limits import ConnectionLimit, NamespaceRateLimiter
+from egress_gateway.ratelimit import TokenBucket
 from egress_gateway.wire.heads import (
     HeadLimits,
     HeadViolation,
