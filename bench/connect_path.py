@@ -15,11 +15,16 @@ configuration: static identity for 127.0.0.1, the origin's name in `resolver.hos
   record is a no-op;
 - `clienthello`: `TunnelInspector.client_data` alone on the same bytes;
 - `resolve_dns`: `Resolver.resolve` of a name whose DNS answer (TTL 300, from a responder on loopback) is cached:
-  what each connection to a name outside `resolver.hosts` pays once the name was looked up.
+  what each connection to a name outside `resolver.hosts` pays once the name was looked up;
+- `tunnel`: one whole tunnel through a real `Listener` on loopback, one at a time: accept, CONNECT, 200, the
+  ClientHello, the dial of the pinned address (an origin in this process on `ORIGIN_ADDRESS`:443 that answers one
+  byte and closes), relay, close. The client and the origin run in the same process and are counted too (the same
+  for every checkout); what differs between two checkouts is the session's own work: tasks, timers, callbacks.
+  It runs `--number / 20` tunnels per sample.
 
 Each piece runs `--number` calls per sample, `--repeat` samples interleaved across pieces (so a burst of load on
-the shared machine hits every piece alike); the median (and min) microseconds per call are printed. Run with -O, as
-the gateway runs (mitmproxy type-checks its dataclasses only without it):
+the shared machine hits every piece alike); the median (and min) microseconds per call are printed. The event loop
+is the gateway's (uvloop). Run with -O, as the gateway runs (mitmproxy type-checks its dataclasses only without it):
 
     .venv/bin/python -O bench/connect_path.py [--number 2000] [--repeat 15] [--only read_head,admit]
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import socket
@@ -53,7 +59,7 @@ import dns.rrset
 
 from bench.gateway import gateway_config
 from bench.policies import realistic_set
-from egress_gateway.app import build_engine, build_identity
+from egress_gateway.app import build_engine, build_identity, event_loop_factory
 from egress_gateway.audit.recorder import ConnectionRecord, NullRecord
 from egress_gateway.policy.decision import Facts
 from egress_gateway.policy.engine import PolicySet
@@ -61,6 +67,7 @@ from egress_gateway.policy.store import PolicyStore
 from egress_gateway.policy.validation import validate_object
 from egress_gateway.proxy.addon import GatewayAddon, Timeouts, Tunnel
 from egress_gateway.proxy.gate import Gate
+from egress_gateway.proxy.listener import Listener
 from egress_gateway.proxy.own import OwnAddresses
 from egress_gateway.proxy.resolver import Resolver
 from egress_gateway.settings import Settings, configured_own_addresses
@@ -68,7 +75,7 @@ from egress_gateway.wire.heads import HeadLimits
 from egress_gateway.wire.inspection import TunnelInspector
 
 ORIGIN = "origin.bench.test"
-ORIGIN_ADDRESS = "127.0.0.1"
+ORIGIN_ADDRESS = "127.0.0.93"  # a loopback address of its own: the `tunnel` piece listens on it, port 443
 CLIENT = "127.0.0.1"
 PROXY_PORT = 18080
 ADMIN_PORT = 18081
@@ -117,6 +124,43 @@ class _Nameserver:
                     dns.rrset.from_text(question.name, 300, dns.rdataclass.IN, dns.rdatatype.A, "127.0.0.1")
                 )
             self.sock.sendto(response.to_wire(), peer)
+
+
+class _Origin(asyncio.Protocol):
+    """The tunnel's destination: one byte back for the first bytes, then close."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"x")  # type: ignore[attr-defined]
+        self.transport.close()
+
+
+class _Client(asyncio.Protocol):
+    """CONNECT, then the ClientHello after the 200; done when the gateway closes."""
+
+    def __init__(self, hello: bytes, done: asyncio.Future[None]) -> None:
+        self.hello = hello
+        self.done = done
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(HEAD)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered and data.startswith(b"HTTP/1.1 200"):
+            self.answered = True
+            self.transport.write(self.hello)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def _no_plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: Any) -> None:
+    writer.close()
 
 
 def client_hello(server_name: str) -> bytes:
@@ -174,6 +218,20 @@ async def pieces(addon: GatewayAddon, gate: Gate) -> dict[str, Callable[[int], A
     resolver = Resolver({}, [_Nameserver().address], 2)
     await resolver.resolve("dns.bench.test")
 
+    loop = asyncio.get_running_loop()
+    await loop.create_server(_Origin, ORIGIN_ADDRESS, 443)
+    listener = Listener(addon, _no_plain_http, idle_timeout_s=600)
+    listening = socket.create_server(("127.0.0.1", 0), backlog=128)
+    listening.setblocking(False)
+    await listener.start(listening)
+    proxy_port = listening.getsockname()[1]
+
+    async def tunnel(n: int) -> None:
+        for _ in range(n):
+            done: asyncio.Future[None] = loop.create_future()
+            await loop.create_connection(functools.partial(_Client, hello, done), "127.0.0.1", proxy_port)
+            await done
+
     async def resolve_dns(n: int) -> None:
         for _ in range(n):
             await resolver.resolve("dns.bench.test")
@@ -217,11 +275,15 @@ async def pieces(addon: GatewayAddon, gate: Gate) -> dict[str, Callable[[int], A
         "start_tunnel": start_tunnel,
         "clienthello": clienthello,
         "resolve_dns": resolve_dns,
+        "tunnel": tunnel,
     }
 
 
 def _tunnel(verdict: Any, head_limits: HeadLimits) -> Tunnel:
     return Tunnel(record=NullRecord(), verdict=verdict, inspector=TunnelInspector(head_limits))
+
+
+CALLS_PER_SAMPLE = {"tunnel": 1 / 20}  # of --number
 
 
 async def measure(only: list[str] | None, number: int, repeat: int) -> dict[str, list[float]]:
@@ -230,8 +292,9 @@ async def measure(only: list[str] | None, number: int, repeat: int) -> dict[str,
         table = await pieces(addon, gate)
         names = [name for name in table if only is None or name in only]
         samples: dict[str, list[float]] = {name: [] for name in names}
+        calls = {name: max(1, int(number * CALLS_PER_SAMPLE.get(name, 1))) for name in names}
         for name in names:  # warm-up: caches, lazily built views
-            result = table[name](number // 10 or 1)
+            result = table[name](calls[name] // 10 or 1)
             if asyncio.iscoroutine(result):
                 await result
         gc.collect()
@@ -240,10 +303,10 @@ async def measure(only: list[str] | None, number: int, repeat: int) -> dict[str,
             for _ in range(repeat):
                 for name in names:
                     started = time.perf_counter()
-                    result = table[name](number)
+                    result = table[name](calls[name])
                     if asyncio.iscoroutine(result):
                         await result
-                    samples[name].append((time.perf_counter() - started) / number * 1e6)
+                    samples[name].append((time.perf_counter() - started) / calls[name] * 1e6)
         finally:
             gc.enable()
         return samples
@@ -258,7 +321,8 @@ def main() -> None:
     if __debug__:
         print("note: run with python -O, as the gateway runs (see the docstring)", file=sys.stderr)
     only = args.only.split(",") if args.only else None
-    samples = asyncio.run(measure(only, args.number, args.repeat))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:  # uvloop, as the gateway runs
+        samples = runner.run(measure(only, args.number, args.repeat))
     print(f"{'piece':<15} {'median us':>10} {'min us':>8}")
     for name, values in samples.items():
         print(f"{name:<15} {statistics.median(values):>10.2f} {min(values):>8.2f}")
