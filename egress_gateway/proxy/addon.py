@@ -24,6 +24,7 @@ from mitmproxy.net.http import http1, url
 
 from egress_gateway.audit.recorder import ConnectionRecord, Recorder
 from egress_gateway.policy.decision import Decision, Facts, Identity, IPAddress, Reason, adapter_denial
+from egress_gateway.policy.model import Protocol as WireProtocol
 from egress_gateway.proxy import responses
 from egress_gateway.proxy.admission import Admission
 from egress_gateway.proxy.gate import Gate, Verdict, same_host
@@ -207,17 +208,18 @@ class GatewayAddon:
 
     def _check_seen(self, tunnel: Tunnel, seen: Seen) -> bool:
         """Decide one thing the tunnel carries; record it (every denial, and the first allow); False: deny."""
-        verdict = replace(tunnel.verdict, facts=replace(tunnel.verdict.facts, protocol=seen.protocol))
+        verdict = tunnel.verdict  # each branch's decision sets `facts.protocol` (the SNI's to TLS, a Host's to HTTP)
         record = tunnel.record
         if seen.problem is not None:
-            verdict = replace(verdict, decision=adapter_denial(Reason.BAD_REQUEST, seen.problem))
+            facts = replace(verdict.facts, protocol=seen.protocol)
+            verdict = Verdict(facts, adapter_denial(Reason.BAD_REQUEST, seen.problem), verdict.candidates)
         elif seen.hello is not None:
             hello = seen.hello
             record.set(tls=True, tls_client_server_name=hello.sni, tls_alpn=hello.alpn or None, tls_ech=hello.ech)
             record.event("client_hello")
             if tunnel.hellos and not _same_sni(tunnel.first_sni, hello.sni):
                 verdict = Verdict(
-                    replace(verdict.facts, sni=hello.sni),
+                    replace(verdict.facts, sni=hello.sni, protocol=seen.protocol),
                     adapter_denial(
                         Reason.SNI_MISMATCH,
                         f"the ClientHello after a HelloRetryRequest names {hello.sni!r}; the first named "
@@ -252,9 +254,9 @@ class GatewayAddon:
         hosts = request.headers.get_all("host")
         if len(hosts) != 1:
             problem = "without a Host header" if not hosts else "with more than one Host header"
-            return replace(
-                verdict, decision=adapter_denial(Reason.BAD_REQUEST, f"an HTTP request in the tunnel {problem}")
-            )
+            facts = replace(verdict.facts, protocol=WireProtocol.HTTP)
+            denial = adapter_denial(Reason.BAD_REQUEST, f"an HTTP request in the tunnel {problem}")
+            return Verdict(facts, denial, verdict.candidates)
         names = [hosts[0]]
         if request.authority and request.authority != hosts[0]:
             names.append(request.authority)

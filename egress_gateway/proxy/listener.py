@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from egress_gateway.proxy.addon import GatewayAddon
@@ -47,8 +47,15 @@ class Listener:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
-    def spawn(self, coroutine: Awaitable[Any], connection: Session | None = None) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coroutine)
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], connection: Session | None = None) -> asyncio.Task[Any]:
+        """Run `coroutine` at once, up to its first wait (`asyncio.eager_task_factory`): a decision that needs no
+        I/O (a static identity, a name in `resolver.hosts` or one resolved before) completes inside the caller's
+        callback, with no trip through the event loop; only a task still waiting is kept and watched."""
+        task = asyncio.eager_task_factory(asyncio.get_running_loop(), coroutine)
+        if task.done():
+            if connection is not None:
+                connection.task_done(task)
+            return task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if connection is not None:

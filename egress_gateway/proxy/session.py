@@ -17,7 +17,7 @@ Imports asyncio, the addon and the inspector; knows nothing about policies.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
@@ -154,7 +154,7 @@ class Session(asyncio.Protocol):
             return
         del self.buffer[: head_length(self.buffer) or len(self.buffer)]
         self._hold()
-        self.task = self.listener.spawn(self._decide(checked), self)
+        self._spawn(self._decide(checked))
 
     async def _decide(self, request: http.Request) -> None:
         state = self.state
@@ -187,7 +187,7 @@ class Session(asyncio.Protocol):
             self.abort()
             return
         self._hold()
-        self.task = self.listener.spawn(self._connect(tunnel), self)
+        self._spawn(self._connect(tunnel))
 
     async def _connect(self, tunnel: Tunnel) -> None:
         address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
@@ -247,6 +247,13 @@ class Session(asyncio.Protocol):
             self.upstream.write(data)
         self.last_activity = self.loop.time()
 
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """The stage's decision or dial, run at once up to its first wait; `task` is the one still pending (a
+        decision that completed at once may already have started the dial)."""
+        task = self.listener.spawn(coroutine, self)
+        if not task.done():
+            self.task = task
+
     def _hold(self, data: bytes = b"") -> None:
         """Stop reading from the client while a decision or a connect is pending; keep what already arrived."""
         self.buffer += data
@@ -267,7 +274,7 @@ class Session(asyncio.Protocol):
         complete = Inspection(release=bytes(self.first_release), seen=inspection.seen)
         self.first_release.clear()
         self._hold()
-        self.task = self.listener.spawn(self._decide_transparent(inspector, complete), self)
+        self._spawn(self._decide_transparent(inspector, complete))
 
     async def _decide_transparent(self, inspector: TunnelInspector, inspection: Inspection) -> None:
         state, transparent = self.state, self.listener.transparent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import yaml
@@ -94,6 +94,14 @@ def test_sni_shortcut_agrees_with_the_engine(gate: Gate, sni: str | None) -> Non
     full = gate.engine.decide(replace(verdict.facts, sni=sni, protocol="TLS"))
     assert shortcut.decision.allowed == full.allowed
     assert shortcut.decision.reason == full.reason
+
+
+def test_sni_check_keeps_every_other_fact(gate: Gate) -> None:
+    verdict = decide(gate, "api.test")
+    facts = replace(verdict.facts, host_header="api.test:443")  # every field set
+    checked = gate.decide_sni(Verdict(facts, verdict.decision, verdict.candidates), "api.test")
+    assert checked.facts == replace(facts, sni="api.test", protocol="TLS")
+    assert None not in (getattr(checked.facts, f.name) for f in fields(checked.facts))
 
 
 def test_not_ready_until_loaded() -> None:
