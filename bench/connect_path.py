@@ -23,8 +23,10 @@ configuration: static identity for 127.0.0.1, the origin's name in `resolver.hos
   It runs `--number / 20` tunnels per sample.
 
 Each piece runs `--number` calls per sample, `--repeat` samples interleaved across pieces (so a burst of load on
-the shared machine hits every piece alike); the median (and min) microseconds per call are printed. The event loop
-is the gateway's (uvloop). Run with -O, as the gateway runs (mitmproxy type-checks its dataclasses only without it):
+the shared machine hits every piece alike); the median (and min) microseconds of this process's CPU time
+(`time.process_time`: user + system, so time the machine gives other processes is not counted) per call are
+printed. The event loop is the gateway's (uvloop). Run with -O, as the gateway runs (mitmproxy type-checks its
+dataclasses only without it):
 
     .venv/bin/python -O bench/connect_path.py [--number 2000] [--repeat 15] [--only read_head,admit]
 
@@ -302,11 +304,11 @@ async def measure(only: list[str] | None, number: int, repeat: int) -> dict[str,
         try:
             for _ in range(repeat):
                 for name in names:
-                    started = time.perf_counter()
+                    started = time.process_time()
                     result = table[name](calls[name])
                     if asyncio.iscoroutine(result):
                         await result
-                    samples[name].append((time.perf_counter() - started) / calls[name] * 1e6)
+                    samples[name].append((time.process_time() - started) / calls[name] * 1e6)
         finally:
             gc.enable()
         return samples

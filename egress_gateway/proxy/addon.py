@@ -58,7 +58,6 @@ class Tunnel:
     closed_reason: Reason | None = None
     bytes_sent: int = 0
     bytes_received: int = 0
-    hello_timer: asyncio.TimerHandle | None = None
 
 
 class Owner(Protocol):
@@ -154,7 +153,6 @@ class GatewayAddon:
         _cancel(state.request_timer)
         tunnel = state.tunnel
         if tunnel is not None:
-            _cancel(tunnel.hello_timer)
             tunnel.record.event("closed")
             tunnel.record.close(bytes_sent=tunnel.bytes_sent, bytes_received=tunnel.bytes_received)
 
@@ -179,12 +177,10 @@ class GatewayAddon:
 
     def _started(self, tunnel: Tunnel, released: bytes | None) -> bool | None:
         if released is None:
-            _cancel(tunnel.hello_timer)
             return False
         tunnel.ready += released
         if not tunnel.checked:
             return None  # the ClientHello (or request head) is not complete yet; its timer runs
-        _cancel(tunnel.hello_timer)
         if tunnel.verdict.address is None:
             return False
         tunnel.opened = True
@@ -304,7 +300,8 @@ class GatewayAddon:
         record.close()
         return http1.assemble_response(response)
 
-    def _hello_timeout(self, state: ClientState, tunnel: Tunnel) -> None:
+    def hello_timed_out(self, state: ClientState, tunnel: Tunnel) -> None:
+        """`timeouts.client_hello_s` passed since the 200 (the session's timer) without a complete first message."""
         if tunnel.opened or tunnel.closed_reason is not None:
             return
         tunnel.closed_reason = Reason.CLIENT_TIMEOUT
@@ -320,7 +317,7 @@ class GatewayAddon:
 
     # ---- CONNECT --------------------------------------------------------------------------------------------
     async def open_tunnel(self, state: ClientState, request: http.Request) -> http.Response | None:
-        """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (its ClientHello timer runs) and None is
+        """Decide a CONNECT. Allowed: the client's `Tunnel` is set up (the session times its ClientHello) and None is
         returned; denied: the response to send before closing (the record is complete). A client that left while
         the decision was pending gets its record completed and no tunnel."""
         self.request_arrived(state)
@@ -332,11 +329,7 @@ class GatewayAddon:
             raise
         if not verdict.decision.allowed:
             return self.refusal(state, record, verdict.decision)
-        tunnel = self.tunnel_for(state, record, verdict, TunnelInspector(self.head_limits))
-        if tunnel is not None:
-            tunnel.hello_timer = asyncio.get_running_loop().call_later(
-                self.timeouts.client_hello_s, self._hello_timeout, state, tunnel
-            )
+        self.tunnel_for(state, record, verdict, TunnelInspector(self.head_limits))
         return None
 
     def tunnel_for(

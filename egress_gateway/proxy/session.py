@@ -62,7 +62,10 @@ class Session(asyncio.Protocol):
         self.client_eof = False
         self.upstream_eof = False
         self.last_activity = 0.0
-        self.idle_timer: asyncio.TimerHandle | None = None
+        # The one timer of a tunnel's stages (`_stage`): the ClientHello's deadline, then the dial's, then idle.
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
+        self.expired: Callable[[], None] = _nothing
         self._on_data: Callable[[bytes], None] = self._sniff
         # Plain HTTP: the request-head checks before mitmproxy reads; mitmproxy's side of the socket; how many
         # released requests still wait for mitmproxy's response.
@@ -121,8 +124,8 @@ class Session(asyncio.Protocol):
         self.closed = True
         if self.task is not None and self.tunnel is not None and not self.task.done():
             self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         if self.upstream is not None:
             self.upstream.close()
         self.addon.client_gone(self.id)
@@ -168,6 +171,7 @@ class Session(asyncio.Protocol):
             return
         self.tunnel = state.tunnel
         self.transport.write(b"%s 200 Connection established\r\n\r\n" % request.data.http_version)
+        self._stage(self.addon.timeouts.client_hello_s, self._hello_expired)
         self._on_data = self._read_first_bytes
         self.transport.resume_reading()
         if self.buffer:
@@ -192,25 +196,21 @@ class Session(asyncio.Protocol):
     async def _connect(self, tunnel: Tunnel) -> None:
         address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
         error: str | None = None
-        timed_out = False
         upstream: asyncio.BaseTransport | None = None
         if self.addon.gate.dials_itself(*address) is not None:
             error = "egress-gateway: refusing to connect to itself"
         else:
+            self._stage(self.addon.timeouts.connect_s, self._dial_expired)
             try:
-                async with asyncio.timeout(self.addon.timeouts.connect_s):
-                    upstream, _ = await self.loop.create_connection(lambda: UpstreamConnection(self), *address)
-            except TimeoutError:
-                timed_out = True
-                error = "timeout"
+                upstream, _ = await self.loop.create_connection(lambda: UpstreamConnection(self), *address)
             except OSError as exc:
                 error = str(exc) or type(exc).__name__
-        if self.closed:
+        if self.closed or tunnel.closed_reason is not None:  # e.g. the dial timed out (recorded) or was revoked
             if upstream is not None:
                 upstream.close()
             return
         if upstream is None:
-            self.addon.tunnel_connect_failed(tunnel, timed_out, error or "no transport")
+            self.addon.tunnel_connect_failed(tunnel, False, error or "no transport")
             self.abort()
             return
         if self.transport is None:
@@ -362,8 +362,7 @@ class Session(asyncio.Protocol):
         if transport is None or engine is None or stream is None or engine.detached or transport.is_closing():
             return
         engine.detached = True
-        if self.idle_timer is not None:  # re-armed when the tunnel relays
-            self.idle_timer.cancel()
+        self._stop_timer()  # the CONNECT's stages arm it again
         stream.connection_lost(None)  # EOF for mitmproxy's reader, and its pending drains end
         self.plain = None
         self.closed = False
@@ -377,8 +376,7 @@ class Session(asyncio.Protocol):
             await self.listener.hand_over(reader, writer, self)
         finally:
             if self.engine is None or not self.engine.detached:
-                if self.idle_timer is not None:
-                    self.idle_timer.cancel()
+                self._stop_timer()
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.close()
                 self.addon.client_gone(self.id)
@@ -405,18 +403,50 @@ class Session(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _arm_idle_timer(self) -> None:
-        """`timeouts.idle_s` from now, re-armed from the time of the last byte (not per chunk)."""
-        self.last_activity = self.loop.time()
-        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s, self._check_idle)
+    # ---- timers: one handle for the stages of a tunnel (and the idle time of plain HTTP) ---------------------
+    def _stage(self, timeout_s: float, expired: Callable[[], None]) -> None:
+        """`expired` runs if this stage still lasts `timeout_s` from now. The handle armed for an earlier stage is
+        kept when it fires no later than the new deadline (it then waits again until the deadline), so a short
+        tunnel arms one timer for its ClientHello, dial and relay instead of one each."""
+        self.deadline = self.loop.time() + timeout_s
+        self.expired = expired
+        if self.timer is None or self.timer.when() > self.deadline:
+            self._stop_timer()
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
-    def _check_idle(self) -> None:
-        idle = self.loop.time() - self.last_activity
-        if idle >= self.listener.idle_timeout_s:
-            log.info("tunnel_idle_timeout", client=self.state.address if self.state else "", idle_s=round(idle, 1))
-            self.abort()
+    def _on_timer(self) -> None:
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
-        self.idle_timer = self.loop.call_later(self.listener.idle_timeout_s - idle, self._check_idle)
+        self.timer = None
+        self.expired()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _hello_expired(self) -> None:
+        if self.state is not None and self.tunnel is not None:
+            self.addon.hello_timed_out(self.state, self.tunnel)
+
+    def _dial_expired(self) -> None:
+        if self.tunnel is not None:
+            self.addon.tunnel_connect_failed(self.tunnel, True, "timeout")
+        self.abort()  # the dial is cancelled when the connection is lost
+
+    def _arm_idle_timer(self) -> None:
+        """`timeouts.idle_s` from now, checked again from the time of the last byte (not per chunk)."""
+        self.last_activity = self.loop.time()
+        self._stage(self.listener.idle_timeout_s, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        idle = self.loop.time() - self.last_activity
+        if idle < self.listener.idle_timeout_s:
+            self._stage(self.listener.idle_timeout_s - idle, self._idle_expired)
+            return
+        log.info("tunnel_idle_timeout", client=self.state.address if self.state else "", idle_s=round(idle, 1))
+        self.abort()
 
 
 class _PlainHttpStream(asyncio.StreamReaderProtocol):
@@ -480,4 +510,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def _discard(data: bytes) -> None:
+    pass
+
+
+def _nothing() -> None:
     pass

@@ -187,8 +187,13 @@ def test_tunnel_to_an_upstream_that_never_accepts_is_closed_with_connection_time
     with blackhole_listener() as port:
         answer = connect(env.gateway.proxy_port, f"blackhole.test:{port}", source)
         assert answer.status == 200
+        started = time.monotonic()
         answer.sock.sendall(b"GET / HTTP/1.1\r\nHost: blackhole.test\r\n\r\n")
         assert closed_by_peer(answer.sock, timeout=15)
+        elapsed = time.monotonic() - started
+    # timeouts.connect_s = 3 from the dial, which starts once the request head is checked: the session's one timer
+    # (armed at the 200 for client_hello_s = 3) fires first and waits again until the dial's own deadline
+    assert 2.5 < elapsed < 3 + 4, elapsed
     env.decision(source, "connection_timeout")
     env.assert_still_serves()
 
