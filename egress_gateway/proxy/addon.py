@@ -300,9 +300,10 @@ class GatewayAddon:
         record.close()
         return http1.assemble_response(response)
 
-    def hello_timed_out(self, state: ClientState, tunnel: Tunnel) -> None:
+    def hello_timed_out(self, state: ClientState) -> None:
         """`timeouts.client_hello_s` passed since the 200 (the session's timer) without a complete first message."""
-        if tunnel.opened or tunnel.closed_reason is not None:
+        tunnel = state.tunnel
+        if tunnel is None or tunnel.opened or tunnel.closed_reason is not None:
             return
         tunnel.closed_reason = Reason.CLIENT_TIMEOUT
         received, shape = tunnel.inspector.received, tunnel.inspector.held_shape()

@@ -3,14 +3,14 @@
 At accept: `at_accept` (the namespace's connection share when the source address names the namespace, then
 `limits.max_connections`). Per CONNECT or plain-HTTP request, `admit` runs:
 
-1. `readiness`: policies were loaded (else `policies_not_loaded`);
-2. `identity`: who the client is (token, pod IP or the static map; a bad token -> `auth_required`, too many
-   TokenReviews from one address -> `rate_limited`, an identity source too stale to trust -> `unknown_client`);
+1. readiness (`Gate.not_ready`): policies were loaded (else `policies_not_loaded`);
+2. identity (`Gate.identify`): who the client is (token, pod IP or the static map; a bad token -> `auth_required`,
+   too many TokenReviews from one address -> `rate_limited`, an identity source too stale to trust -> `unknown_client`);
 3. `limits`: the namespace's connection share when only the identity named the namespace, then its token bucket;
 4. the gate (`Gate.decide_target`): the decision, resolution and the pinned address.
 
 The checks of what a tunnel carries (ClientHello, Host) follow later on the tunnel's bytes (`inspection.py`,
-`Gate.decide_sni` / `decide_host`). Each step is a small method with plain values in and a denial (or None) out.
+`Gate.decide_sni` / `decide_host`). Each step is a small call with plain values in and a denial (or None) out.
 No mitmproxy, no sockets, no records: the addon records what this returns.
 """
 
@@ -70,11 +70,11 @@ class Admission:
         """Steps 1-4 for one request to `facts.target:facts.port` (`refused`: the denial from `at_accept`)."""
         if refused is not None:
             return Admitted(Verdict(facts, refused))
-        not_ready = self.readiness()
+        not_ready = self.gate.not_ready()
         if not_ready is not None:
             return Admitted(Verdict(facts, not_ready))
-        try:
-            identity = await self.identity(address, authorization)
+        try:  # `AuthenticationFailed` -> 407
+            identity = await self.gate.identify(address, authorization)
         except TooManyReviews as exc:  # TokenReviews per client address (identity.review_limits)
             wait = str(max(1, math.ceil(exc.retry_after_s)))
             return Admitted(Verdict(facts, adapter_denial(Reason.RATE_LIMITED, exc.reason)), wait)
@@ -86,13 +86,6 @@ class Admission:
         if limited is not None:
             return Admitted(Verdict(replace(facts, identity=identity), limited), retry_after)
         return Admitted(await self.gate.decide_target(identity, facts.target, facts.port, facts.host_header))
-
-    def readiness(self) -> Decision | None:
-        return self.gate.not_ready()
-
-    async def identity(self, address: str, authorization: str | None) -> Identity | None:
-        """May raise `AuthenticationFailed` (-> 407)."""
-        return await self.gate.identify(address, authorization)
 
     def limits(self, client_id: str, identity: Identity | None) -> tuple[Decision | None, str | None]:
         """The namespace's connection share (a client whose namespace was not known at accept, e.g. a token

@@ -69,10 +69,6 @@ class Gate:
         self.ready = ready
         self.own = own if own is not None else OwnAddresses()
 
-    def dials_itself(self, address: IPAddress | str, port: int) -> str | None:
-        """Why `address:port` is this gateway (any of its addresses, on a port it listens on), or None."""
-        return self.own.dials_itself(address, port)
-
     def _checked(self, facts: Facts, decision: Decision, candidates: tuple[IPAddress, ...]) -> Verdict:
         """An engine decision for a pinned address, overridden when that address is the gateway itself."""
         address = facts.destination_ip

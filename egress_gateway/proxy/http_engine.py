@@ -303,7 +303,7 @@ class EngineHooks:
             data.server.error = "egress-gateway: upstream address was not approved"
             return
         data.server.address = (pinned, address[1])
-        if self.addon.gate.dials_itself(pinned, address[1]) is not None:  # checked at the decision; again at the dial
+        if self.addon.gate.own.dials_itself(pinned, address[1]) is not None:  # checked at the decision; again here
             data.server.error = "egress-gateway: refusing to connect to itself"
             return
         task = asyncio.current_task()

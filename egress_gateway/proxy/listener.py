@@ -47,17 +47,16 @@ class Listener:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, Any], connection: Session | None = None) -> asyncio.Task[Any]:
-        """Run `coroutine` at once, up to its first wait (`asyncio.eager_task_factory`): a decision that needs no
-        I/O (a static identity, a name in `resolver.hosts` or one resolved before) completes inside the caller's
-        callback, with no trip through the event loop; only a task still waiting is kept and watched."""
+    def spawn(self, coroutine: Coroutine[Any, Any, None], connection: Session | None = None) -> None:
+        """Run `coroutine` at once up to its first wait (`asyncio.eager_task_factory`): a decision needing no I/O ends
+        in the caller. A task still waiting is kept, and is the connection's pending `task` (its decision or dial)."""
         task = asyncio.eager_task_factory(asyncio.get_running_loop(), coroutine)
         if task.done():
             if connection is not None:
                 connection.task_done(task)
-            return task
+            return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if connection is not None:
+            connection.task = task
             task.add_done_callback(connection.task_done)
-        return task

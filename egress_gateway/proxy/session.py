@@ -17,7 +17,8 @@ Imports asyncio, the addon and the inspector; knows nothing about policies.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
@@ -65,7 +66,7 @@ class Session(asyncio.Protocol):
         # The one timer of a tunnel's stages (`_stage`): the ClientHello's deadline, then the dial's, then idle.
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
-        self.expired: Callable[[], None] = _nothing
+        self.expired: Callable[[], None] = self.abort  # each stage sets its own
         self._on_data: Callable[[bytes], None] = self._sniff
         # Plain HTTP: the request-head checks before mitmproxy reads; mitmproxy's side of the socket; how many
         # released requests still wait for mitmproxy's response.
@@ -124,8 +125,7 @@ class Session(asyncio.Protocol):
         self.closed = True
         if self.task is not None and self.tunnel is not None and not self.task.done():
             self.task.cancel()  # the dial; a pending decision is let finish so that it is recorded
-        if self.timer is not None:
-            self.timer.cancel()
+        self._stop_timer()
         if self.upstream is not None:
             self.upstream.close()
         self.addon.client_gone(self.id)
@@ -157,7 +157,7 @@ class Session(asyncio.Protocol):
             return
         del self.buffer[: head_length(self.buffer) or len(self.buffer)]
         self._hold()
-        self._spawn(self._decide(checked))
+        self.listener.spawn(self._decide(checked), self)
 
     async def _decide(self, request: http.Request) -> None:
         state = self.state
@@ -171,7 +171,7 @@ class Session(asyncio.Protocol):
             return
         self.tunnel = state.tunnel
         self.transport.write(b"%s 200 Connection established\r\n\r\n" % request.data.http_version)
-        self._stage(self.addon.timeouts.client_hello_s, self._hello_expired)
+        self._stage(self.addon.timeouts.client_hello_s, functools.partial(self.addon.hello_timed_out, state))
         self._on_data = self._read_first_bytes
         self.transport.resume_reading()
         if self.buffer:
@@ -191,16 +191,16 @@ class Session(asyncio.Protocol):
             self.abort()
             return
         self._hold()
-        self._spawn(self._connect(tunnel))
+        self.listener.spawn(self._connect(tunnel), self)
 
     async def _connect(self, tunnel: Tunnel) -> None:
         address = (str(tunnel.verdict.address), tunnel.verdict.facts.port)
         error: str | None = None
         upstream: asyncio.BaseTransport | None = None
-        if self.addon.gate.dials_itself(*address) is not None:
+        if self.addon.gate.own.dials_itself(*address) is not None:
             error = "egress-gateway: refusing to connect to itself"
         else:
-            self._stage(self.addon.timeouts.connect_s, self._dial_expired)
+            self._stage(self.addon.timeouts.connect_s, functools.partial(self._dial_failed, tunnel, True, "timeout"))
             try:
                 upstream, _ = await self.loop.create_connection(lambda: UpstreamConnection(self), *address)
             except OSError as exc:
@@ -210,8 +210,7 @@ class Session(asyncio.Protocol):
                 upstream.close()
             return
         if upstream is None:
-            self.addon.tunnel_connect_failed(tunnel, False, error or "no transport")
-            self.abort()
+            self._dial_failed(tunnel, False, error or "no transport")
             return
         if self.transport is None:
             upstream.close()
@@ -247,13 +246,6 @@ class Session(asyncio.Protocol):
             self.upstream.write(data)
         self.last_activity = self.loop.time()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        """The stage's decision or dial, run at once up to its first wait; `task` is the one still pending (a
-        decision that completed at once may already have started the dial)."""
-        task = self.listener.spawn(coroutine, self)
-        if not task.done():
-            self.task = task
-
     def _hold(self, data: bytes = b"") -> None:
         """Stop reading from the client while a decision or a connect is pending; keep what already arrived."""
         self.buffer += data
@@ -274,7 +266,7 @@ class Session(asyncio.Protocol):
         complete = Inspection(release=bytes(self.first_release), seen=inspection.seen)
         self.first_release.clear()
         self._hold()
-        self._spawn(self._decide_transparent(inspector, complete))
+        self.listener.spawn(self._decide_transparent(inspector, complete), self)
 
     async def _decide_transparent(self, inspector: TunnelInspector, inspection: Inspection) -> None:
         state, transparent = self.state, self.listener.transparent
@@ -405,9 +397,8 @@ class Session(asyncio.Protocol):
 
     # ---- timers: one handle for the stages of a tunnel (and the idle time of plain HTTP) ---------------------
     def _stage(self, timeout_s: float, expired: Callable[[], None]) -> None:
-        """`expired` runs if this stage still lasts `timeout_s` from now. The handle armed for an earlier stage is
-        kept when it fires no later than the new deadline (it then waits again until the deadline), so a short
-        tunnel arms one timer for its ClientHello, dial and relay instead of one each."""
+        """`expired` runs if this stage lasts `timeout_s` from now. A handle that fires no later is kept (it waits
+        again until the deadline): a short tunnel arms one timer for its ClientHello, dial and relay."""
         self.deadline = self.loop.time() + timeout_s
         self.expired = expired
         if self.timer is None or self.timer.when() > self.deadline:
@@ -426,14 +417,9 @@ class Session(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    def _hello_expired(self) -> None:
-        if self.state is not None and self.tunnel is not None:
-            self.addon.hello_timed_out(self.state, self.tunnel)
-
-    def _dial_expired(self) -> None:
-        if self.tunnel is not None:
-            self.addon.tunnel_connect_failed(self.tunnel, True, "timeout")
-        self.abort()  # the dial is cancelled when the connection is lost
+    def _dial_failed(self, tunnel: Tunnel, timed_out: bool, error: str) -> None:
+        self.addon.tunnel_connect_failed(tunnel, timed_out, error)
+        self.abort()  # a dial still pending is cancelled when the connection is lost
 
     def _arm_idle_timer(self) -> None:
         """`timeouts.idle_s` from now, checked again from the time of the last byte (not per chunk)."""
@@ -510,8 +496,4 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def _discard(data: bytes) -> None:
-    pass
-
-
-def _nothing() -> None:
     pass

@@ -281,7 +281,7 @@ def _get(env: Env, url: str) -> tuple[int, bytes]:
     ],
 )
 def test_dials_itself_is_the_one_rule_for_both_paths(address: tuple[str, int], expected: bool) -> None:
-    """The session's dial and mitmproxy's `server_connect` both ask `Gate.dials_itself`, i.e. `OwnAddresses`."""
+    """The session's dial and mitmproxy's `server_connect` both ask the gate's `OwnAddresses.dials_itself`."""
     from ipaddress import ip_address
 
     from egress_gateway.proxy.own import OwnAddresses
