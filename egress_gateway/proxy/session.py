@@ -309,8 +309,8 @@ class Session(asyncio.Protocol):
         early = bytes(self.buffer)
         self.buffer.clear()
         writer = asyncio.StreamWriter(self.engine, self.engine_stream, reader, self.loop)
-        self.listener.spawn(self._serve_http(reader, writer))
         self._arm_idle_timer()  # the one idle timer: client bytes in `plain_bytes`, bytes to it in EngineTransport
+        self.listener.spawn(self._serve_http(reader, writer))  # runs to its first read; its `finally` stops the timer
         self.engine_stream.data_received(early)
 
     def plain_bytes(self, data: bytes) -> bytes | None:
