@@ -44,15 +44,18 @@ class Chain:
         self.alg = ALG_SHA256 if key is None else ALG_HMAC
         self.seq = 0  # the next record's
         self.prev = prev  # the last written record's hash (or the link of the first)
+        # The chain member up to `seq`, and after `prev`: the same on every line (`instance` encoded by orjson).
+        self._head = _CHAIN_MARK + orjson.dumps({"instance": self.instance})[1:-1] + b',"seq":'
+        self._alg = b'","alg":' + orjson.dumps(self.alg)
 
     def seal(self, body: bytes) -> bytes:
         """`body` is one orjson-encoded JSON object; returns the sealed line (no newline) and advances the chain."""
-        header = orjson.dumps({"instance": self.instance, "seq": self.seq, "prev": self.prev, "alg": self.alg})
-        message = body[:-1] + (_CHAIN_MARK[1:] if body == b"{}" else _CHAIN_MARK) + header[1:-1]
+        head = self._head[1:] if body == b"{}" else self._head
+        message = b'%b%b%d,"prev":"%b%b' % (body[:-1], head, self.seq, self.prev.encode("ascii"), self._alg)
         hashed = digest(self.prev, message, self.key)
         self.seq += 1
         self.prev = hashed
-        return message + HASH_MARK + hashed.encode("ascii") + _TAIL
+        return b"%b%b%b%b" % (message, HASH_MARK, hashed.encode("ascii"), _TAIL)
 
 
 def last_hash(tail: bytes) -> str | None:

@@ -53,7 +53,8 @@ class TrailWriter:
     ) -> None:
         self.path = Path(path)
         self._mode = mode
-        self._envelope = envelope  # {"resource": ..., "scope": ...}, the same for every line
+        # {"resource": ..., "scope": ...}, the same on every span line: encoded once.
+        self._envelope = {name: orjson.Fragment(orjson.dumps(value)) for name, value in envelope.items()}
         self._max_queue_size = max_queue_size
         self._checkpoint_interval_s = checkpoint_interval_s
         self._flush_interval_s = flush_interval_s

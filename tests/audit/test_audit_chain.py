@@ -12,9 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
-from egress_gateway.audit.chain import GENESIS
+from egress_gateway.audit.chain import GENESIS, Chain
 from egress_gateway.audit.jsonl import TrailWriter
 from egress_gateway.audit.otlp_json import FinishedRecord
 from egress_gateway.cli import main
@@ -83,6 +84,18 @@ def test_an_untouched_rotated_and_compressed_trail_verifies(tmp_path: Path, caps
     assert "12 sealed record(s) in 3 file(s): intact" in out  # 10 spans + each writer's final checkpoint
     first, second = (open_line(line) for line in _lines(trail)[-3:-1])
     assert second.seq == 1 and first.seq == 0 and first.prev == open_line(_lines(trail)[-4]).hash
+
+
+def test_the_chain_member_reads_as_orjson_writes_it_whatever_the_instance() -> None:
+    # The writer assembles the member from parts it encoded once; the verifier hashes the bytes as written.
+    for instance, key in (('gw "1" \\ é \u2028', None), ("gw", b"k" * 32)):
+        chain = Chain(instance=instance, key=key, prev="ab" * 32)
+        for body in (orjson.dumps({}), orjson.dumps({"a": "é", "n": 1})):
+            sealed = open_line(chain.seal(body))
+            member = {"instance": instance, "seq": sealed.seq, "prev": sealed.prev, "alg": chain.alg}
+            assert sealed.message == orjson.dumps({**orjson.loads(body), "chain": member})[:-2]
+            assert sealed.intact(key)
+    assert chain.seq == 2
 
 
 @pytest.fixture
