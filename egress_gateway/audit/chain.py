@@ -16,8 +16,6 @@ GENESIS = "0" * 64  # the `prev` of the first record written to an empty trail
 ALG_SHA256 = "sha256"
 ALG_HMAC = "hmac-sha256"
 HASH_MARK = b',"hash":"'
-_CHAIN_MARK = b',"chain":{'
-_TAIL = b'"}}'
 _SEAL_AT_END = re.compile(rb',"hash":"([0-9a-f]{64})"}}$')
 
 
@@ -27,11 +25,10 @@ _UPDATE_BYTES = 2000
 
 
 def digest(prev: str, message: bytes, key: bytes | None) -> str:
-    hasher = hashlib.sha256() if key is None else hmac.new(key, digestmod=hashlib.sha256)
-    hasher.update(bytes.fromhex(prev))
-    view = memoryview(message)
-    for start in range(0, len(view), _UPDATE_BYTES):
-        hasher.update(view[start : start + _UPDATE_BYTES])
+    link = bytes.fromhex(prev)
+    hasher = hashlib.sha256(link) if key is None else hmac.new(key, link, hashlib.sha256)
+    for start in range(0, len(message), _UPDATE_BYTES):
+        hasher.update(message[start : start + _UPDATE_BYTES])
     return hasher.hexdigest()
 
 
@@ -45,7 +42,7 @@ class Chain:
         self.seq = 0  # the next record's
         self.prev = prev  # the last written record's hash (or the link of the first)
         # The chain member up to `seq`, and after `prev`: the same on every line (`instance` encoded by orjson).
-        self._head = _CHAIN_MARK + orjson.dumps({"instance": self.instance})[1:-1] + b',"seq":'
+        self._head = b',"chain":{' + orjson.dumps({"instance": self.instance})[1:-1] + b',"seq":'
         self._alg = b'","alg":' + orjson.dumps(self.alg)
 
     def seal(self, body: bytes) -> bytes:
@@ -55,7 +52,7 @@ class Chain:
         hashed = digest(self.prev, message, self.key)
         self.seq += 1
         self.prev = hashed
-        return b"%b%b%b%b" % (message, HASH_MARK, hashed.encode("ascii"), _TAIL)
+        return b'%b%b%b"}}' % (message, HASH_MARK, hashed.encode("ascii"))
 
 
 def last_hash(tail: bytes) -> str | None:

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 from opentelemetry.sdk.resources import Resource
 
-_FLAG_HAS_IS_REMOTE = 0x100
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
@@ -113,7 +112,7 @@ def open_object(record: OpenedRecord) -> dict[str, Any]:
 
 
 SPAN_KIND_SERVER = 2
-FLAGS = _FLAG_HAS_IS_REMOTE  # a root span: no remote parent
+FLAGS = 0x100  # HAS_IS_REMOTE without IS_REMOTE: a root span, no remote parent
 
 
 def record_object(record: FinishedRecord, envelope: Mapping[str, Any]) -> dict[str, Any]:
