@@ -3,14 +3,19 @@
 structlog is configured here and only here (`configure_logging`, with `audit.logs.redact_secrets` on every line);
 `setup_logging`, for `egress-gateway run`, also routes the standard-library loggers (mitmproxy, asyncio, the
 kubernetes client) through it, quietened to warnings so that the proxy core's per-connection chatter costs nothing
-on the data path. Imports structlog and the audit log's redaction step only.
+on the data path, and writes the JSON lines logged on the event loop once per loop iteration (`LineBatcher`).
+Imports structlog and the audit log's redaction step only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import logging
 import sys
-from typing import Any, Literal
+import threading
+from typing import Any, BinaryIO, Literal
 
 import orjson
 import structlog
@@ -32,20 +37,69 @@ def _stderr_print_logger(*_args: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
+class LineBatcher:
+    """A structlog logger for rendered JSON lines, like `structlog.BytesLogger` but with fewer writes: a line logged
+    on a running event loop is gathered and the loop's lines are written together, with one write, once per loop
+    iteration (`call_soon` on a batch's first line) or as soon as they reach `MAX_BATCH_BYTES`; a line logged
+    anywhere else is written at once, after what was gathered. `flush` writes what is gathered (`setup_logging`
+    registers it to run at exit, after the SIGTERM drain). A SIGKILL loses at most the lines of the current loop
+    iteration; the audit trail file, not the log, is the durable record."""
+
+    MAX_BATCH_BYTES = 64 * 1024
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self._lock = threading.Lock()  # loop threads and other threads log alike
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the gathered lines' flush is scheduled
+
+    def msg(self, message: bytes) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            if loop is not self._loop:  # off the loop, or a batch's first line: what was gathered elsewhere goes first
+                self._write()
+                self._loop = loop
+                if loop is not None:
+                    loop.call_soon(self.flush)
+            self._lines.append(message)
+            self._size += len(message)
+            if loop is None or self._size >= self.MAX_BATCH_BYTES:
+                self._write()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
+    def flush(self) -> None:
+        with self._lock, contextlib.suppress(OSError, ValueError):  # a stream closed at exit: nothing to save
+            self._loop = None
+            self._write()
+
+    def _write(self) -> None:
+        if self._lines:
+            lines, self._lines, self._size = self._lines, [], 0
+            lines.append(b"")
+            self.stream.write(b"\n".join(lines))
+            self.stream.flush()
+
+
 def configure_logging(
     level: Literal["debug", "info", "warning", "error"] = "info",
     fmt: Literal["json", "console"] = "json",
     *,
     cache_loggers: bool = False,
+    lines: LineBatcher | None = None,
 ) -> None:
     """Configure structlog for the process. `egress-gateway run` configures once and caches loggers on first use
     (`cache_loggers=True`); a cached logger keeps the configuration and the stream of its first use, so commands and
-    tests that configure more than once leave it off."""
+    tests that configure more than once leave it off. JSON lines go to `lines` when given, else to stderr at once."""
     renderer: Any
     factory: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        factory = _stderr_bytes_logger
+        factory = _stderr_bytes_logger if lines is None else lambda *_args: lines
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         factory = _stderr_print_logger
@@ -83,7 +137,10 @@ class StructlogHandler(logging.Handler):
 def setup_logging(
     level: Literal["debug", "info", "warning", "error"] = "info", fmt: Literal["json", "console"] = "json"
 ) -> None:
-    configure_logging(level, fmt, cache_loggers=True)
+    lines = LineBatcher(sys.stderr.buffer) if fmt == "json" else None
+    if lines is not None:
+        atexit.register(lines.flush)
+    configure_logging(level, fmt, cache_loggers=True, lines=lines)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
