@@ -9,6 +9,7 @@ engine.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -79,20 +80,10 @@ def namespace_label(namespace: str | None) -> str:
     return namespace or UNKNOWN_NAMESPACE
 
 
-_MAX_CACHED_CHILDREN = 10_000
-_children: dict[tuple[Any, ...], Any] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _child(metric: Any, *labels: str) -> Any:
     """`metric.labels(*labels)`, remembered: the per-connection metrics are updated with a handful of label sets."""
-    key = (metric, *labels)
-    child = _children.get(key)
-    if child is None:
-        child = metric.labels(*labels)
-        if len(_children) >= _MAX_CACHED_CHILDREN:
-            _children.clear()
-        _children[key] = child
-    return child
+    return metric.labels(*labels)
 
 
 def record_decision(namespace: str | None, decision: str, reason: str, *, would_deny_reason: str | None = None) -> None:

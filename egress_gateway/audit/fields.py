@@ -144,13 +144,14 @@ def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
     """
     out: dict[str, AttributeValue] = {}
     for key, value in values.items():
-        if is_secret_key(key):
-            continue
+        name = PROXY_KEYS.get(key)  # none of these looks like a secret
+        if name is None:
+            if is_secret_key(key):
+                continue
+            name = key if key.startswith("egress.") else "egress." + key.removeprefix("egress_")
         coerced = to_attribute_value(value)
-        if coerced is None:
-            continue
-        name = PROXY_KEYS.get(key) or (key if key.startswith("egress.") else "egress." + key.removeprefix("egress_"))
-        out[name] = coerced
+        if coerced is not None:
+            out[name] = coerced
     return out
 
 
@@ -188,9 +189,8 @@ def name_forms(name: str) -> tuple[str, str | None]:
         return safe_text(name), None
 
 
-def facts_attributes(facts: Facts, identity: dict[str, AttributeValue] | None = None) -> dict[str, AttributeValue]:
-    """`identity`: the attributes of `facts.identity` when the caller has them already."""
-    out = dict(identity) if identity is not None else identity_attributes(facts.identity)
+def add_facts_attributes(out: dict[str, AttributeValue], facts: Facts) -> None:
+    """The attributes of `facts` but its identity (`identity_attributes`), written into `out`."""
     out[SERVER_ADDRESS], display = name_forms(facts.target)
     if display is not None:
         out[SERVER_ADDRESS_UNICODE] = display
@@ -205,7 +205,6 @@ def facts_attributes(facts: Facts, identity: dict[str, AttributeValue] | None = 
         out[PROTOCOL] = str(facts.protocol)
     if facts.destination_ip is not None:
         out[NETWORK_PEER_ADDRESS] = str(facts.destination_ip)
-    return out
 
 
 def decision_attributes(decision: Decision) -> dict[str, AttributeValue]:

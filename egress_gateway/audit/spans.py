@@ -145,11 +145,9 @@ _NO_PARENT = Context()
 _RANDOM_IDS = RandomIdGenerator()  # the ids of a record without OpenTelemetry exporters (the SDK's own generator)
 
 
-def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
-    """The SDK's attribute limit: the newest `limit` keys are kept, the number dropped is counted."""
-    if len(values) <= limit:
-        return values, 0
-    return dict(list(values.items())[-limit:]), len(values) - limit
+def _newest(values: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The SDK's attribute limit: the newest `limit` keys are kept (the caller counts the dropped ones)."""
+    return dict(list(values.items())[-limit:])
 
 
 class SpanRecord:
@@ -271,7 +269,7 @@ class SpanRecord:
         if facts.identity is not self._identity:  # a tunnel's SNI decision has the same identity as its CONNECT
             self._identity = facts.identity
             self._attributes.update(fields.identity_attributes(facts.identity))
-        self._attributes.update(fields.facts_attributes(facts, {}))
+        fields.add_facts_attributes(self._attributes, facts)
         if decision is not self._decided_by:  # the SNI check mostly confirms the CONNECT decision (same object)
             self._decided_by = decision
             self._decision = fields.decision_attributes(decision)
@@ -300,12 +298,14 @@ class SpanRecord:
             self._write_line(line)
 
     def _add_event(self, name: str, values: dict[str, Any]) -> None:
-        values, dropped = _bounded(values, _MAX_EVENT_ATTRIBUTES)
+        dropped = len(values) - _MAX_EVENT_ATTRIBUTES
+        if dropped > 0:
+            values = _newest(values, _MAX_EVENT_ATTRIBUTES)
         events = self._events
         if len(events) >= _MAX_EVENTS:  # the SDK's rule: the oldest goes, and is counted
             del events[0]
             self._dropped_events += 1
-        events.append((name, values, time.time_ns(), dropped))
+        events.append((name, values, time.time_ns(), dropped if dropped > 0 else 0))
         self._stages.add(name)
 
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
@@ -336,7 +336,10 @@ class SpanRecord:
         sent_received = {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received}
         if "closed" not in self._stages:
             self._add_event("closed", sent_received)
-        attributes, dropped = _bounded({**self._attributes, **self._decision, **sent_received}, _MAX_SPAN_ATTRIBUTES)
+        attributes = {**self._attributes, **self._decision, **sent_received}
+        dropped = len(attributes) - _MAX_SPAN_ATTRIBUTES
+        if dropped > 0:
+            attributes = _newest(attributes, _MAX_SPAN_ATTRIBUTES)
         denied = self._decision.get(fields.DECISION) == "deny"
         self._recorder.finished(
             self._span,
@@ -346,7 +349,7 @@ class SpanRecord:
                 start_ns=self._start_ns,
                 end_ns=time.time_ns(),
                 attributes=attributes,
-                dropped_attributes=dropped,
+                dropped_attributes=dropped if dropped > 0 else 0,
                 events=self._events,
                 dropped_events=self._dropped_events,
                 error=str(self._decision[fields.MESSAGE]) if denied else None,
