@@ -60,6 +60,10 @@ class LineBatcher:
         except RuntimeError:
             loop = None
         with self._lock:
+            if loop is None and self._loop is None:  # off the loop with nothing gathered: as BytesLogger writes
+                self.stream.write(message + b"\n")
+                self.stream.flush()
+                return
             if loop is not self._loop:  # off the loop, or a batch's first line: what was gathered elsewhere goes first
                 self._write()
                 self._loop = loop

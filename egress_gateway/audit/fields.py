@@ -68,6 +68,9 @@ SERVICE_ACCOUNT = "egress.service_account"
 BYTES_SENT = "egress.bytes_sent"
 BYTES_RECEIVED = "egress.bytes_received"
 
+# Every attribute name above (not the prefixes).
+NAMES = frozenset(v for k, v in list(globals().items()) if k.isupper() and type(v) is str and "PREFIX" not in k)
+
 MAX_LABELS = 32
 
 # Keys the proxy passes to `ConnectionRecord.set()` -> attribute names.

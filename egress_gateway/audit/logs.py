@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import structlog
 
+from egress_gateway.audit import fields
 from egress_gateway.audit.fields import AttributeValue, is_secret_key, safe_text
 
 REDACTED = "[redacted]"
@@ -23,13 +24,19 @@ _CREDENTIAL_IN_JSON = re.compile(rb'"(?:basic|bearer|negotiate|digest) ')  # a J
 
 DECISION_EVENT = "egress_decision"
 DECISION_LOGGER = "egress_gateway.audit"
+# Keys known not to name a secret (the attribute vocabulary, the line's own); only the others are tested.
+_FAMILIAR_KEYS = frozenset(
+    key
+    for key in (*fields.NAMES, "trace_id", "span_id", "span_name", "event", "level", "timestamp", "logger")
+    if not is_secret_key(key)
+)
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: never let a credential reach a log line, whoever logged it; and write text that is not
     valid Unicode (a byte from the wire that was not UTF-8, kept as a lone surrogate) escaped, and an integer JSON
     cannot hold exactly as text, instead of failing the line."""
-    if not any(map(is_secret_key, event_dict)) and _plain_values(event_dict):
+    if not any(map(is_secret_key, event_dict.keys() - _FAMILIAR_KEYS)) and _plain_values(event_dict):
         return event_dict  # most lines: nothing to change, found without a Python step per field
     for key, value in event_dict.items():  # replacing values (not keys) while iterating is safe
         if key != "event" and is_secret_key(key):
@@ -49,11 +56,11 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
 
 
 def _plain_values(event_dict: Mapping[str, Any]) -> bool:
-    """True when the loop above would change no value: all encode to ASCII JSON as they are (orjson refuses an
-    integer beyond 64 bits, a lone surrogate, an unknown type) and no text starts like a credential. A match inside
-    a text (an escaped quote, an item of an array) only costs the loop."""
+    """True when the loop above would change no value: the line encodes to ASCII JSON as it is (orjson refuses an
+    integer beyond 64 bits, a lone surrogate, an unknown type) and no text starts like a credential. A match that is
+    not a value's start (a key, an escaped quote, an item of an array) only costs the loop."""
     try:
-        encoded = orjson.dumps(tuple(event_dict.values()))
+        encoded = orjson.dumps(event_dict)
     except TypeError:  # orjson.JSONEncodeError is a TypeError
         return False
     return encoded.isascii() and _CREDENTIAL_IN_JSON.search(encoded.lower()) is None
@@ -63,15 +70,19 @@ _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 
 def decision_logger() -> Any:
-    """The logger decision lines go through; one per recorder (it binds the configuration on first use)."""
-    return structlog.get_logger(DECISION_LOGGER)
+    """The logger decision lines go through, one per recorder: when loggers are cached on first use (as `egress-gateway
+    run` configures) the bound logger itself, which saves the lazy proxy's step per line; else the proxy, which follows
+    a later reconfiguration."""
+    logger = structlog.get_logger(DECISION_LOGGER)
+    return logger.bind() if structlog.get_config()["cache_logger_on_first_use"] else logger
 
 
 def log_decision(
     logger: Any, attributes: Mapping[str, AttributeValue], *, trace_id: str, span_id: str, name: str
 ) -> None:
-    """One line per decision: the same fields as the span, plus its ids so log and trail can be joined."""
-    logger.info(DECISION_EVENT, trace_id=trace_id, span_id=span_id, span_name=name, **attributes)
+    """One line per decision: the same fields as the span, plus its ids so log and trail can be joined. (Bound
+    rather than passed to `info`: structlog copies a context dict in C, keyword arguments once per call level.)"""
+    logger.bind(trace_id=trace_id, span_id=span_id, span_name=name, **attributes).info(DECISION_EVENT)
 
 
 class RateLimitedWarning:
