@@ -85,7 +85,9 @@ class LineBatcher:
         if self._lines:
             lines, self._lines, self._size = self._lines, [], 0
             lines.append(b"")
-            self.stream.write(b"\n".join(lines))
+            data = memoryview(b"\n".join(lines))
+            while data and (written := self.stream.write(data)):  # stderr is unbuffered: a signal may cut a write
+                data = data[written:]
             self.stream.flush()
 
 

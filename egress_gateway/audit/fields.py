@@ -125,10 +125,8 @@ def to_attribute_value(value: Any) -> AttributeValue | None:
     kind = type(value)
     if kind is str:
         return value if value.isascii() else safe_text(value)
-    if kind is bool or kind is int or kind is float:
+    if kind is bool or kind is int or kind is float or value is None:
         return value
-    if value is None:
-        return None
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, str):
@@ -136,15 +134,13 @@ def to_attribute_value(value: Any) -> AttributeValue | None:
     if isinstance(value, bool | int | float):
         return value
     if isinstance(value, tuple | list):  # an array attribute: its items as text
-        return tuple(item if type(item) is str and item.isascii() else safe_text(str(item)) for item in value)
+        return tuple([item if type(item) is str and item.isascii() else safe_text(str(item)) for item in value])
     return safe_text(str(value))
 
 
 def proxy_attributes(values: Mapping[str, Any]) -> dict[str, AttributeValue]:
-    """Map `set(**values)` keys from the proxy to attribute names; secrets and None are dropped.
-
-    Unknown keys land under `egress.` so nothing the proxy reports is silently lost.
-    """
+    """Map `set(**values)` keys from the proxy to attribute names; secrets and None are dropped, unknown keys land
+    under `egress.` so nothing the proxy reports is silently lost."""
     out: dict[str, AttributeValue] = {}
     for key, value in values.items():
         name = PROXY_KEYS.get(key)  # none of these looks like a secret

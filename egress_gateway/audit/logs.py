@@ -19,60 +19,42 @@ from egress_gateway.audit.fields import AttributeValue, is_secret_key, safe_text
 
 REDACTED = "[redacted]"
 _CREDENTIAL_PREFIXES = ("basic ", "bearer ", "negotiate ", "digest ")
-_CREDENTIAL_FIRST = frozenset("bBnNdD")  # a cheap first test: most values cannot start like a credential
-_CREDENTIAL_IN_JSON = re.compile(rb'"(?:basic|bearer|negotiate|digest) ')  # a JSON text starting like one
+_CREDENTIAL_VALUE = re.compile(rb'":"(?:basic|bearer|negotiate|digest) ')  # in a lowered JSON object
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 DECISION_EVENT = "egress_decision"
 DECISION_LOGGER = "egress_gateway.audit"
 # Keys known not to name a secret (the attribute vocabulary, the line's own); only the others are tested.
-_FAMILIAR_KEYS = frozenset(
-    key
-    for key in (*fields.NAMES, "trace_id", "span_id", "span_name", "event", "level", "timestamp", "logger")
-    if not is_secret_key(key)
-)
+_FAMILIAR_KEYS = frozenset((*fields.NAMES, "trace_id", "span_id", "span_name", "event", "level", "timestamp"))
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: never let a credential reach a log line, whoever logged it; and write text that is not
     valid Unicode (a byte from the wire that was not UTF-8, kept as a lone surrogate) escaped, and an integer JSON
     cannot hold exactly as text, instead of failing the line."""
-    if not any(map(is_secret_key, event_dict.keys() - _FAMILIAR_KEYS)) and _plain_values(event_dict):
-        return event_dict  # most lines: nothing to change, found without a Python step per field
+    if not any(map(is_secret_key, event_dict.keys() - _FAMILIAR_KEYS)):
+        try:  # most lines need nothing: one JSON encoding tells (orjson refuses a lone surrogate, an integer over
+            encoded = orjson.dumps(event_dict)  # 64 bits, an unknown type); a false match only costs the loop below
+            if encoded.isascii() and _CREDENTIAL_VALUE.search(encoded.lower()) is None:
+                return event_dict
+        except TypeError:  # orjson.JSONEncodeError is a TypeError
+            pass
     for key, value in event_dict.items():  # replacing values (not keys) while iterating is safe
         if key != "event" and is_secret_key(key):
             event_dict[key] = REDACTED
-            continue
-        kind = type(value)
-        if kind is str:
-            if value[:1] in _CREDENTIAL_FIRST and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
+        elif isinstance(value, str):
+            if value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
                 event_dict[key] = REDACTED
             elif not value.isascii():
                 event_dict[key] = safe_text(value)
-        elif kind is int and not _INT64_MIN <= value <= _UINT64_MAX:
+        elif type(value) is int and not _INT64_MIN <= value <= _UINT64_MAX:
             event_dict[key] = str(value)
-        elif isinstance(value, str) and value[:10].lower().startswith(_CREDENTIAL_PREFIXES):
-            event_dict[key] = REDACTED
     return event_dict
 
 
-def _plain_values(event_dict: Mapping[str, Any]) -> bool:
-    """True when the loop above would change no value: the line encodes to ASCII JSON as it is (orjson refuses an
-    integer beyond 64 bits, a lone surrogate, an unknown type) and no text starts like a credential. A match that is
-    not a value's start (a key, an escaped quote, an item of an array) only costs the loop."""
-    try:
-        encoded = orjson.dumps(event_dict)
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return False
-    return encoded.isascii() and _CREDENTIAL_IN_JSON.search(encoded.lower()) is None
-
-
-_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
-
-
 def decision_logger() -> Any:
-    """The logger decision lines go through, one per recorder: when loggers are cached on first use (as `egress-gateway
-    run` configures) the bound logger itself, which saves the lazy proxy's step per line; else the proxy, which follows
-    a later reconfiguration."""
+    """The logger decision lines go through, one per recorder: the bound logger itself when loggers are cached on first
+    use (as `run` configures; it saves the lazy proxy's steps per line), else the proxy (it follows reconfiguration)."""
     logger = structlog.get_logger(DECISION_LOGGER)
     return logger.bind() if structlog.get_config()["cache_logger_on_first_use"] else logger
 

@@ -145,9 +145,11 @@ _NO_PARENT = Context()
 _RANDOM_IDS = RandomIdGenerator()  # the ids of a record without OpenTelemetry exporters (the SDK's own generator)
 
 
-def _newest(values: dict[str, Any], limit: int) -> dict[str, Any]:
-    """The SDK's attribute limit: the newest `limit` keys are kept (the caller counts the dropped ones)."""
-    return dict(list(values.items())[-limit:])
+def _bounded(values: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
+    """The SDK's attribute limit: the newest `limit` keys are kept, the number dropped is counted."""
+    if len(values) <= limit:
+        return values, 0
+    return dict(list(values.items())[-limit:]), len(values) - limit
 
 
 class SpanRecord:
@@ -170,6 +172,7 @@ class SpanRecord:
         "_identity",
         "_ids",
         "_kind",
+        "_name",
         "_opened",
         "_outcome",
         "_pending_decided",
@@ -183,6 +186,7 @@ class SpanRecord:
     def __init__(self, recorder: SpanRecorder, kind: str, client_address: str, client_port: int) -> None:
         self._recorder = recorder
         self._kind = kind
+        self._name = f"egress {kind}"
         self._opened = time.monotonic()
         self._start_ns = time.time_ns()
         self._attributes: dict[str, fields.AttributeValue] = {
@@ -206,7 +210,7 @@ class SpanRecord:
             None
             if recorder.tracer is None
             else recorder.tracer.start_span(
-                f"egress {kind}", context=_NO_PARENT, kind=SpanKind.SERVER, start_time=self._start_ns
+                self._name, context=_NO_PARENT, kind=SpanKind.SERVER, start_time=self._start_ns
             )
         )
         if self._span is None:
@@ -291,27 +295,23 @@ class SpanRecord:
             self._pending_line = None  # this line says the same with more facts (the SNI): it replaces the held one
         line = {**self._attributes, **attributes}
         if first and (trail := self._recorder.trail) is not None:
-            trail.submit(OpenedRecord(*self._ids, f"egress {self._kind}", time.time_ns(), line))
+            trail.submit(OpenedRecord(*self._ids, self._name, time.time_ns(), line))
         if first and self._kind == "CONNECT" and decision.allowed:
             self._pending_line = line
         else:
             self._write_line(line)
 
     def _add_event(self, name: str, values: dict[str, Any]) -> None:
-        dropped = len(values) - _MAX_EVENT_ATTRIBUTES
-        if dropped > 0:
-            values = _newest(values, _MAX_EVENT_ATTRIBUTES)
+        values, dropped = _bounded(values, _MAX_EVENT_ATTRIBUTES)
         events = self._events
         if len(events) >= _MAX_EVENTS:  # the SDK's rule: the oldest goes, and is counted
             del events[0]
             self._dropped_events += 1
-        events.append((name, values, time.time_ns(), dropped if dropped > 0 else 0))
+        events.append((name, values, time.time_ns(), dropped))
         self._stages.add(name)
 
     def _write_line(self, line: dict[str, fields.AttributeValue]) -> None:
-        log_decision(
-            self._recorder.log, line, trace_id=self.trace_id, span_id=self.span_id, name=f"egress {self._kind}"
-        )
+        log_decision(self._recorder.log, line, trace_id=self.trace_id, span_id=self.span_id, name=self._name)
 
     def _write_pending_line(self) -> None:
         if self._pending_line is not None:
@@ -336,25 +336,14 @@ class SpanRecord:
         sent_received = {fields.BYTES_SENT: bytes_sent, fields.BYTES_RECEIVED: bytes_received}
         if "closed" not in self._stages:
             self._add_event("closed", sent_received)
-        attributes = {**self._attributes, **self._decision, **sent_received}
-        dropped = len(attributes) - _MAX_SPAN_ATTRIBUTES
-        if dropped > 0:
-            attributes = _newest(attributes, _MAX_SPAN_ATTRIBUTES)
-        denied = self._decision.get(fields.DECISION) == "deny"
-        self._recorder.finished(
-            self._span,
-            FinishedRecord(
-                *self._ids,
-                name=f"egress {self._kind}",
-                start_ns=self._start_ns,
-                end_ns=time.time_ns(),
-                attributes=attributes,
-                dropped_attributes=dropped if dropped > 0 else 0,
-                events=self._events,
-                dropped_events=self._dropped_events,
-                error=str(self._decision[fields.MESSAGE]) if denied else None,
-            ),
+        attributes, dropped = _bounded({**self._attributes, **self._decision, **sent_received}, _MAX_SPAN_ATTRIBUTES)
+        decision = self._decision
+        error = str(decision[fields.MESSAGE]) if decision.get(fields.DECISION) == "deny" else None
+        end_ns, events, dropped_events = time.time_ns(), self._events, self._dropped_events
+        record = FinishedRecord(
+            *self._ids, self._name, self._start_ns, end_ns, attributes, dropped, events, dropped_events, error
         )
+        self._recorder.finished(self._span, record)
 
 
 class SpanRecorder:
