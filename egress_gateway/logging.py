@@ -38,12 +38,13 @@ def _stderr_print_logger(*_args: Any) -> structlog.PrintLogger:
 
 
 class LineBatcher:
-    """A structlog logger for rendered JSON lines, like `structlog.BytesLogger` but with fewer writes: a line logged
-    on a running event loop is gathered and the loop's lines are written together, with one write, once per loop
-    iteration (`call_soon` on a batch's first line) or as soon as they reach `MAX_BATCH_BYTES`; a line logged
-    anywhere else is written at once, after what was gathered. `flush` writes what is gathered (`setup_logging`
-    registers it to run at exit, after the SIGTERM drain). A SIGKILL loses at most the lines of the current loop
-    iteration; the audit trail file, not the log, is the durable record."""
+    """A structlog logger for rendered JSON lines, like `structlog.BytesLogger` but with fewer writes under load: the
+    first line logged in an event-loop iteration is written at once (a lone line is as prompt as before), the lines
+    after it in the same iteration are gathered and written together, with one write, at the end of the iteration
+    (`call_soon`) or as soon as they reach `MAX_BATCH_BYTES`; a line logged off the loop is written at once, after
+    what was gathered. `flush` writes what is gathered (`setup_logging` registers it to run at exit, after the SIGTERM
+    drain). A SIGKILL loses at most the gathered lines of the current loop iteration; the audit trail file, not the
+    log, is the durable record."""
 
     MAX_BATCH_BYTES = 64 * 1024
 
@@ -52,7 +53,7 @@ class LineBatcher:
         self._lock = threading.Lock()  # loop threads and other threads log alike
         self._lines: list[bytes] = []
         self._size = 0
-        self._loop: asyncio.AbstractEventLoop | None = None  # where the gathered lines' flush is scheduled
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop whose current iteration has written a line
 
     def msg(self, message: bytes) -> None:
         try:
@@ -60,19 +61,15 @@ class LineBatcher:
         except RuntimeError:
             loop = None
         with self._lock:
-            if loop is None and self._loop is None:  # off the loop with nothing gathered: as BytesLogger writes
-                self.stream.write(message + b"\n")
-                self.stream.flush()
-                return
-            if loop is not self._loop:  # off the loop, or a batch's first line: what was gathered elsewhere goes first
-                self._write()
-                self._loop = loop
-                if loop is not None:
-                    loop.call_soon(self.flush)
             self._lines.append(message)
-            self._size += len(message)
-            if loop is None or self._size >= self.MAX_BATCH_BYTES:
-                self._write()
+            if loop is not None and loop is self._loop:  # not the iteration's first line: gathered
+                self._size += len(message)
+                if self._size < self.MAX_BATCH_BYTES:
+                    return
+            elif loop is not None:  # the iteration's first line: at once, and the flush at the iteration's end
+                self._loop = loop
+                loop.call_soon(self.flush)
+            self._write()
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
 
