@@ -61,6 +61,10 @@ class LineBatcher:
         except RuntimeError:
             loop = None
         with self._lock:
+            if loop is None and not self._lines:  # off the loop with nothing gathered: as BytesLogger writes
+                self.stream.write(message + b"\n")
+                self.stream.flush()
+                return
             self._lines.append(message)
             if loop is not None and loop is self._loop:  # not the iteration's first line: gathered
                 self._size += len(message)
