@@ -3,8 +3,8 @@
 structlog is configured here and only here (`configure_logging`, with `audit.logs.redact_secrets` on every line);
 `setup_logging`, for `egress-gateway run`, also routes the standard-library loggers (mitmproxy, asyncio, the
 kubernetes client) through it, quietened to warnings so that the proxy core's per-connection chatter costs nothing
-on the data path, and writes the JSON lines logged on the event loop once per loop iteration (`LineBatcher`).
-Imports structlog and the audit log's redaction step only.
+on the data path, and writes the JSON lines logged on the event loop with at most two writes per loop iteration
+(`LineBatcher`). Imports structlog and the audit log's redaction step only.
 """
 
 from __future__ import annotations
