@@ -55,6 +55,7 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
         self.id = ""  # the registry's, at accept
+        self.peer = ""  # the client's address, for log lines
         self.state: ClientState | None = None
         self.tunnel: Tunnel | None = None
         self.buffer = bytearray()
@@ -84,7 +85,8 @@ class Session(asyncio.Protocol):
         # A TCP listener's transport (uvloop's does not subclass asyncio.Transport, hence no isinstance check).
         self.transport = cast(asyncio.Transport, transport)
         peer = self.transport.get_extra_info("peername") or ("", 0)
-        self.state = self.addon.open_client(str(peer[0]), int(peer[1]), self)
+        self.peer = str(peer[0])
+        self.state = self.addon.open_client(self.peer, int(peer[1]), self)
         self.id = self.state.client_id
         transparent = self.listener.transparent
         if transparent is not None:
@@ -98,14 +100,14 @@ class Session(asyncio.Protocol):
         try:
             self._on_data(data)
         except Exception:  # a bug must cost this connection only, and be visible
-            log.exception("tunnel_failed", client=self.state.address if self.state else "")
+            log.exception("tunnel_failed", client=self.peer)
             self.abort()
 
     def task_done(self, task: asyncio.Task[Any]) -> None:
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error(
                 "tunnel_failed",
-                client=self.state.address if self.state else "",
+                client=self.peer,
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
             self.abort()
@@ -129,6 +131,11 @@ class Session(asyncio.Protocol):
         if self.upstream is not None:
             self.upstream.close()
         self.addon.client_gone(self.id)
+        # The session's own references back to itself (its stage handlers, its state's owner) go, so that its
+        # objects are freed here by reference counting rather than by a cyclic collection under load.
+        self._on_data = _discard
+        self.expired = _nothing
+        self.state = None
 
     def pause_writing(self) -> None:  # the client reads slower than the destination sends
         if self.upstream is not None:
@@ -431,7 +438,7 @@ class Session(asyncio.Protocol):
         if idle < self.listener.idle_timeout_s:
             self._stage(self.listener.idle_timeout_s - idle, self._idle_expired)
             return
-        log.info("tunnel_idle_timeout", client=self.state.address if self.state else "", idle_s=round(idle, 1))
+        log.info("tunnel_idle_timeout", client=self.peer, idle_s=round(idle, 1))
         self.abort()
 
 
@@ -446,7 +453,7 @@ class _PlainHttpStream(asyncio.StreamReaderProtocol):
         try:
             released = self.session.plain_bytes(data)
         except Exception:  # a bug must cost this connection only, and be visible
-            log.exception("plain_http_failed", client=self.session.state.address if self.session.state else "")
+            log.exception("plain_http_failed", client=self.session.peer)
             self.session.abort()
             return
         if released:
@@ -496,4 +503,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 def _discard(data: bytes) -> None:
+    pass
+
+
+def _nothing() -> None:
     pass
